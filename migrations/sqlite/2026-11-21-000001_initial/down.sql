@@ -1,0 +1,9 @@
+DROP TABLE play_history;
+DROP TABLE follows;
+DROP TABLE preferences;
+DROP TABLE queue_state;
+DROP TABLE tracks;
+DROP TABLE artists;
+DROP TABLE devices;
+DROP TABLE refresh_tokens;
+DROP TABLE users;

@@ -1,0 +1,211 @@
+//! Signed, short-lived access tokens (HS256 JWTs).
+
+use std::path::Path;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{DeviceId, UserId};
+use crate::settings::Settings;
+
+/// Clock skew tolerated between replicas when checking `exp`.
+const LEEWAY_SECS: u64 = 5;
+
+/// What an access token says about its bearer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// The user id, as a string (the JWT convention for `sub`).
+    pub sub: String,
+    /// The device the login was made from.
+    pub did: String,
+    /// The refresh-token family (the login session) this token belongs to.
+    pub sid: String,
+    /// Issued at, seconds since the epoch.
+    pub iat: u64,
+    /// Expires at, seconds since the epoch.
+    pub exp: u64,
+}
+
+/// Keys and lifetime for access tokens; built once at start-up.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenKeysError {
+    #[error("could not read or write the token key file {path}")]
+    KeyFile { path: String, source: std::io::Error },
+    #[error("the token key file {path} is too short; delete it to have a new key generated")]
+    ShortKey { path: String },
+}
+
+impl TokenKeys {
+    /// Uses `SEGUE_JWT_SECRET` when set; otherwise a key kept in the data directory,
+    /// generated on first start.
+    pub fn from_settings(settings: &Settings) -> Result<Self, TokenKeysError> {
+        let secret = match &settings.jwt_secret {
+            Some(secret) => secret.expose_secret().as_bytes().to_vec(),
+            None => load_or_create_key(&settings.token_key_path())?,
+        };
+        Ok(Self::from_secret(&secret, Duration::from_secs(settings.access_token_ttl_secs)))
+    }
+
+    pub fn from_secret(secret: &[u8], ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            ttl,
+        }
+    }
+
+    /// Lifetime of the tokens this issues.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Signs an access token for `user` on `device` in login session `family`.
+    pub fn issue(
+        &self,
+        user: UserId,
+        device: &DeviceId,
+        family: &str,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or_default();
+        let claims = AccessClaims {
+            sub: user.to_string(),
+            did: device.as_str().to_owned(),
+            sid: family.to_owned(),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+    }
+
+    /// Checks signature, algorithm and expiry.
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, jsonwebtoken::errors::Error> {
+        jsonwebtoken::decode::<AccessClaims>(token, &self.decoding, &self.validation)
+            .map(|data| data.claims)
+    }
+
+    /// Checks a token and turns its claims into typed ids.
+    pub fn identify(&self, token: &str) -> Result<Identity, TokenError> {
+        let claims = self.verify(token).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+            _ => TokenError::Invalid,
+        })?;
+        let user_id = claims.sub.parse().map(UserId).map_err(|_| TokenError::Invalid)?;
+        let device_id = DeviceId::parse(&claims.did).map_err(|_| TokenError::Invalid)?;
+        Ok(Identity { user_id, device_id, session: claims.sid })
+    }
+}
+
+/// Who presented a valid access token: the user, the device the login was made from, and the
+/// login session (refresh-token family), which logout revokes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub session: String,
+}
+
+/// Why an access token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token is not valid")]
+    Invalid,
+}
+
+/// Reads the generated key, or creates it (readable by the owner only).
+fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenKeysError> {
+    let io_error = |source| TokenKeysError::KeyFile { path: path.display().to_string(), source };
+    match std::fs::read(path) {
+        Ok(key) if key.len() >= 32 => return Ok(key),
+        Ok(_) => return Err(TokenKeysError::ShortKey { path: path.display().to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(e)),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_error)?;
+    }
+    let key = crate::auth::random_token(48).into_bytes();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(mut file) => {
+            std::io::Write::write_all(&mut file, &key).map_err(io_error)?;
+            Ok(key)
+        }
+        // Another process started at the same moment and wrote it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::read(path).map_err(io_error)
+        }
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::from_secret(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60))
+    }
+
+    #[test]
+    fn an_issued_token_verifies_with_its_claims() {
+        let device = DeviceId::generate();
+        let token = keys().issue(UserId(7), &device, "fam").unwrap_or_default();
+        let claims = keys().verify(&token).map_err(|e| e.to_string());
+        let claims = claims.expect("token verifies");
+        assert_eq!(claims.sub, "7");
+        assert_eq!(claims.did, device.as_str());
+        assert_eq!(claims.sid, "fam");
+    }
+
+    #[test]
+    fn a_token_signed_with_another_key_is_rejected() {
+        let other = TokenKeys::from_secret(b"another-key-another-key-another-key", Duration::from_secs(60));
+        let token = other.issue(UserId(7), &DeviceId::generate(), "fam").unwrap_or_default();
+        assert_eq!(keys().identify(&token), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn an_expired_token_is_reported_as_expired() {
+        let keys = keys();
+        let claims =
+            AccessClaims { sub: "7".into(), did: "d1".into(), sid: "fam".into(), iat: 1_000, exp: 1_060 };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding)
+            .unwrap_or_default();
+        assert_eq!(keys.identify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn garbage_is_an_invalid_token() {
+        assert_eq!(keys().identify("not.a.jwt"), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn the_key_file_is_created_once_and_reused() {
+        let dir = std::env::temp_dir().join(format!("segue-key-{}", crate::auth::random_token(6)));
+        let path = dir.join("token.key");
+        let first = load_or_create_key(&path).map_err(|e| e.to_string());
+        let second = load_or_create_key(&path).map_err(|e| e.to_string());
+        assert!(first.as_ref().is_ok_and(|k| k.len() >= 32));
+        assert_eq!(first, second);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,180 @@
+//! The one HTTP error type. Every failure a handler can meet becomes an [`ApiError`], which
+//! answers `{"detail": "<sentence>", "code": "<snake_case>"}` with the right status. Internal
+//! causes are logged with their whole chain and never sent to the client.
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::auth::PasswordError;
+use crate::domain::InvalidInput;
+use crate::store::StoreError;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The client's fault, or a state the client must handle; the detail is for the client.
+    #[error("{detail}")]
+    Client { status: StatusCode, code: &'static str, detail: String },
+    /// A part the hub depends on is away; the client may retry.
+    #[error("{part} is unavailable")]
+    Unavailable {
+        part: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// A bug or an unexpected failure.
+    #[error("internal error")]
+    Internal(#[source] BoxError),
+}
+
+/// The body of every error response.
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    detail: &'a str,
+    code: &'a str,
+}
+
+impl ApiError {
+    pub fn client(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self::Client { status, code, detail: detail.into() }
+    }
+
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::client(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    pub fn unauthorized(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::client(StatusCode::UNAUTHORIZED, code, detail)
+    }
+
+    pub fn not_found(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::client(StatusCode::NOT_FOUND, code, detail)
+    }
+
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::client(StatusCode::CONFLICT, code, detail)
+    }
+
+    pub fn internal(error: impl Into<BoxError>) -> Self {
+        Self::Internal(error.into())
+    }
+
+    /// The stable code clients switch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Client { code, .. } => code,
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Client { status, .. } => *status,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let detail = match self {
+            Self::Client { detail, .. } => detail.clone(),
+            Self::Unavailable { part, .. } => {
+                tracing::warn!(error = %chain(self), "{part} unavailable");
+                format!("The {part} is unavailable; try again shortly.")
+            }
+            Self::Internal(_) => {
+                tracing::error!(error = %chain(self), "internal error");
+                "Something went wrong on our side.".to_owned()
+            }
+        };
+        let mut response = HttpResponse::build(self.status_code())
+            .json(ErrorBody { detail: &detail, code: self.code() });
+        if self.status_code() == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// An error and all its causes on one line, for logs.
+pub fn chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(error: InvalidInput) -> Self {
+        Self::client(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", error.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        if error.is_unavailable() {
+            Self::Unavailable { part: "database", source: Box::new(error) }
+        } else {
+            Self::Internal(Box::new(error))
+        }
+    }
+}
+
+impl From<PasswordError> for ApiError {
+    fn from(error: PasswordError) -> Self {
+        Self::Internal(Box::new(error))
+    }
+}
+
+/// Turns actix's JSON body errors into the house shape.
+pub fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let api = match &error {
+        JsonPayloadError::ContentType => ApiError::client(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "The body must be JSON, sent with Content-Type: application/json.",
+        ),
+        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+            ApiError::client(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("The body is larger than the limit of {limit} bytes."),
+            )
+        }
+        JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("The body does not have the expected fields: {e}."),
+        ),
+        JsonPayloadError::Deserialize(e) => {
+            ApiError::bad_request("malformed_json", format!("The body is not valid JSON: {e}."))
+        }
+        _ => ApiError::bad_request("unreadable_body", "The body could not be read."),
+    };
+    api.into()
+}
+
+/// Turns path-parameter errors into the house shape.
+pub fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::client(StatusCode::NOT_FOUND, "not_found", format!("No such resource: {error}.")).into()
+}
+
+/// Turns query-string errors into the house shape.
+pub fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::bad_request("invalid_query", format!("The query string is invalid: {error}.")).into()
+}

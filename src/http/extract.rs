@@ -1,0 +1,68 @@
+//! `Authorization: Bearer <access token>` → [`AuthenticatedUser`].
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, web};
+
+use super::AppState;
+use crate::auth::{Identity, TokenError};
+use crate::error::ApiError;
+
+/// The caller of an authenticated endpoint: who, from which device, in which login session.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedUser(pub Identity);
+
+impl std::ops::Deref for AuthenticatedUser {
+    type Target = Identity;
+    fn deref(&self) -> &Identity {
+        &self.0
+    }
+}
+
+impl FromRequest for AuthenticatedUser {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let token = bearer_token(req).map(str::to_owned);
+        Box::pin(async move {
+            let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
+            let identity = state.keys.identify(&token?).map_err(|e| match e {
+                TokenError::Expired => {
+                    ApiError::unauthorized("token_expired", "The access token has expired; refresh it.")
+                }
+                TokenError::Invalid => {
+                    ApiError::unauthorized("invalid_token", "The access token is not valid.")
+                }
+            })?;
+            if state.sessions.is_revoked(&identity.session).await? {
+                return Err(ApiError::unauthorized(
+                    "session_revoked",
+                    "This login has ended; log in again.",
+                ));
+            }
+            Ok(Self(identity))
+        })
+    }
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer_token(req: &HttpRequest) -> Result<&str, ApiError> {
+    let malformed =
+        || ApiError::unauthorized("invalid_token", "The Authorization header must be 'Bearer <token>'.");
+    let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized(
+            "missing_token",
+            "This endpoint needs an access token (Authorization: Bearer <token>).",
+        )
+    })?;
+    let (scheme, token) = value.to_str().map_err(|_| malformed())?.split_once(' ').ok_or_else(malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(malformed());
+    }
+    Ok(token)
+}

@@ -1,0 +1,57 @@
+//! The REST API: routes, shared state and the request extractors. Handlers parse their input
+//! into domain values at the edge, call the store (or, later, the realtime layer), and answer
+//! JSON; every failure is an [`ApiError`](crate::error::ApiError).
+
+mod accounts;
+mod catalog;
+mod extract;
+mod health;
+
+use std::sync::Arc;
+
+use actix_web::{HttpResponse, web};
+
+pub use extract::AuthenticatedUser;
+
+use crate::auth::{Sessions, TokenKeys};
+use crate::error::ApiError;
+use crate::redis::RedisPool;
+use crate::settings::Settings;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// What every handler may reach; one per application, shared by its workers.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub keys: TokenKeys,
+    pub sessions: Sessions,
+    /// Present when `REDIS_URL` is set.
+    pub redis: Option<RedisPool>,
+}
+
+/// Registers every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .route("/metrics", web::get().to(health::metrics))
+        .service(
+            web::scope("/auth")
+                .route("/register", web::post().to(accounts::register))
+                .route("/login", web::post().to(accounts::login))
+                .route("/refresh", web::post().to(accounts::refresh))
+                .route("/logout", web::post().to(accounts::logout)),
+        )
+        .route("/tracks", web::post().to(catalog::upsert_tracks))
+        .route("/tracks/{id}", web::get().to(catalog::get_track));
+}
+
+/// The answer to a path no route matches, in the house error shape.
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found("not_found", "There is nothing at this path."))
+}
+
+/// Makes `Metrics` reachable from handlers and middleware.
+pub fn metrics_data(metrics: Metrics) -> web::Data<Metrics> {
+    web::Data::new(metrics)
+}

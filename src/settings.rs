@@ -1,0 +1,332 @@
+//! Typed settings, layered: defaults in code, then an optional TOML file named by
+//! `SEGUE_CONFIG`, then environment variables (`SEGUE_<FIELD>`, plus the conventional
+//! `DATABASE_URL`, `REDIS_URL` and `S3_*` names). A bad value stops start-up with one sentence
+//! that names the setting; secrets are wrapped so that they never print.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Settings read from the environment without the `SEGUE_` prefix, by their usual names.
+const UNPREFIXED: [&str; 7] = [
+    "DATABASE_URL",
+    "REDIS_URL",
+    "S3_ENDPOINT",
+    "S3_BUCKET",
+    "S3_REGION",
+    "S3_ACCESS_KEY_ID",
+    "S3_SECRET_ACCESS_KEY",
+];
+
+/// Everything the hub can be told at start-up. Field `foo_bar` is set by `SEGUE_FOO_BAR`
+/// (or the unprefixed name listed in [`UNPREFIXED`]) or by `foo_bar = ...` in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// `host:port` the HTTP server listens on; port 0 picks a free port (tests).
+    pub bind: String,
+    /// Where the embedded defaults keep their files: the SQLite database, the generated
+    /// token-signing key, local blobs.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://path`; unset means SQLite at `$data_dir/segue.db`.
+    pub database_url: Option<SecretString>,
+    /// `redis://…`; unset means the in-process bus and registries (one replica only).
+    pub redis_url: Option<SecretString>,
+    /// Prefix of every Redis key and channel, so deployments and tests can share one Redis.
+    pub redis_namespace: String,
+    /// S3-compatible endpoint URL (MinIO, R2, …); unset means AWS's own endpoints.
+    pub s3_endpoint: Option<String>,
+    /// Bucket for artwork and exports; unset means blobs live under `$data_dir/blobs`.
+    pub s3_bucket: Option<String>,
+    /// Region name sent to S3.
+    pub s3_region: String,
+    /// S3 access key id.
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key.
+    pub s3_secret_access_key: Option<SecretString>,
+    /// HMAC key for access tokens. Every replica of one deployment needs the same key; when
+    /// unset, a key is generated once and kept in `$data_dir/token.key`.
+    pub jwt_secret: Option<SecretString>,
+    /// Lifetime of an access token, in seconds.
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of a refresh token, in seconds.
+    pub refresh_token_ttl_secs: u64,
+    /// Largest accepted HTTP request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Connections per database pool.
+    pub db_pool_size: u32,
+    /// How long a request waits for a database connection before it fails with 503.
+    pub db_connect_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout` for every pooled connection.
+    pub db_statement_timeout_ms: u64,
+    /// HTTP worker threads; unset means one per core.
+    pub workers: Option<usize>,
+    /// `text` (default) or `json` log lines.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
+    pub log: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            redis_url: None,
+            redis_namespace: "segue".into(),
+            s3_endpoint: None,
+            s3_bucket: None,
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            jwt_secret: None,
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 60 * 60,
+            max_body_bytes: 1024 * 1024,
+            db_pool_size: 16,
+            db_connect_timeout_ms: 2_000,
+            db_statement_timeout_ms: 5_000,
+            workers: None,
+            log_format: LogFormat::Text,
+            log: "info".into(),
+        }
+    }
+}
+
+/// A setting that cannot be used, with the name a person would set it by.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {setting}: {problem}")]
+pub struct SettingsError {
+    /// The environment variable (or file key) at fault.
+    pub setting: String,
+    /// One sentence saying what is wrong.
+    pub problem: String,
+}
+
+impl SettingsError {
+    fn new(setting: &str, problem: impl Into<String>) -> Self {
+        Self { setting: setting.to_owned(), problem: problem.into() }
+    }
+}
+
+/// Which database the store talks to, decided once from `DATABASE_URL`.
+#[derive(Debug, Clone)]
+pub enum DatabaseTarget {
+    /// A PostgreSQL connection URL (kept secret: it may hold a password).
+    Postgres(SecretString),
+    /// Path of a SQLite database file.
+    Sqlite(PathBuf),
+}
+
+impl Settings {
+    /// Reads the layered settings from the process environment.
+    pub fn load() -> Result<Self, SettingsError> {
+        let mut figment = Figment::new();
+        if let Some(path) = std::env::var_os("SEGUE_CONFIG") {
+            let path = PathBuf::from(path);
+            if !path.is_file() {
+                return Err(SettingsError::new(
+                    "SEGUE_CONFIG",
+                    format!("no configuration file at {}", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("SEGUE_").ignore(&["config"]))
+            .merge(Env::raw().only(&UNPREFIXED));
+        let settings: Settings = figment.extract().map_err(|error| {
+            let field = error.path.last().cloned().unwrap_or_default();
+            SettingsError::new(&env_name(&field), error.kind.to_string())
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the values a type alone cannot; `load` calls it, tests building settings by
+    /// hand may too.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        self.bind_addr()?;
+        self.database()?;
+        if let Some(url) = &self.redis_url {
+            let url = url.expose_secret();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(SettingsError::new(
+                    "REDIS_URL",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+        }
+        let namespace_ok = !self.redis_namespace.is_empty()
+            && self.redis_namespace.len() <= 64
+            && self.redis_namespace.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        if !namespace_ok {
+            return Err(SettingsError::new(
+                "SEGUE_REDIS_NAMESPACE",
+                "must be 1 to 64 letters, digits, '_', '-' or '.'",
+            ));
+        }
+        if let Some(secret) = &self.jwt_secret
+            && secret.expose_secret().len() < 32
+        {
+            return Err(SettingsError::new("SEGUE_JWT_SECRET", "must be at least 32 bytes long"));
+        }
+        let positive = [
+            ("SEGUE_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
+            ("SEGUE_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),
+            ("SEGUE_MAX_BODY_BYTES", self.max_body_bytes as u64),
+            ("SEGUE_DB_POOL_SIZE", u64::from(self.db_pool_size)),
+            ("SEGUE_DB_CONNECT_TIMEOUT_MS", self.db_connect_timeout_ms),
+            ("SEGUE_DB_STATEMENT_TIMEOUT_MS", self.db_statement_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(SettingsError::new(name, "must be greater than zero"));
+        }
+        if self.workers == Some(0) {
+            return Err(SettingsError::new("SEGUE_WORKERS", "must be greater than zero"));
+        }
+        Ok(())
+    }
+
+    /// The address to listen on.
+    pub fn bind_addr(&self) -> Result<SocketAddr, SettingsError> {
+        let invalid =
+            || SettingsError::new("SEGUE_BIND", format!("must be host:port, got {:?}", self.bind));
+        if let Ok(addr) = self.bind.parse() {
+            return Ok(addr);
+        }
+        self.bind.to_socket_addrs().map_err(|_| invalid())?.next().ok_or_else(invalid)
+    }
+
+    /// The database named by `DATABASE_URL`, or the embedded SQLite file.
+    pub fn database(&self) -> Result<DatabaseTarget, SettingsError> {
+        let Some(url) = &self.database_url else {
+            return Ok(DatabaseTarget::Sqlite(self.data_dir.join("segue.db")));
+        };
+        let raw = url.expose_secret();
+        if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+            return Ok(DatabaseTarget::Postgres(url.clone()));
+        }
+        if let Some(path) = raw.strip_prefix("sqlite://") {
+            if path.is_empty() || path.contains(":memory:") {
+                return Err(SettingsError::new(
+                    "DATABASE_URL",
+                    "sqlite:// needs a file path, e.g. sqlite://./data/segue.db",
+                ));
+            }
+            return Ok(DatabaseTarget::Sqlite(PathBuf::from(path)));
+        }
+        if raw.is_empty() {
+            return Ok(DatabaseTarget::Sqlite(self.data_dir.join("segue.db")));
+        }
+        // Only the scheme is echoed back: the rest may hold a password.
+        let scheme = raw.split("://").next().unwrap_or_default();
+        Err(SettingsError::new(
+            "DATABASE_URL",
+            format!(
+                "must start with postgres://, postgresql:// or sqlite:// (got scheme {scheme:?})"
+            ),
+        ))
+    }
+
+    /// How long a request waits for a pooled database connection.
+    pub fn db_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_connect_timeout_ms)
+    }
+
+    /// Where the generated token-signing key is kept when `SEGUE_JWT_SECRET` is unset.
+    pub fn token_key_path(&self) -> PathBuf {
+        self.data_dir.join("token.key")
+    }
+
+    /// The data directory, for callers that only need to read it.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+/// The environment variable that sets `field`.
+fn env_name(field: &str) -> String {
+    let upper = field.to_ascii_uppercase();
+    if UNPREFIXED.contains(&upper.as_str()) { upper } else { format!("SEGUE_{upper}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_database(url: &str) -> Settings {
+        Settings { database_url: Some(url.into()), ..Settings::default() }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_use_sqlite_in_the_data_dir() {
+        let settings = Settings::default();
+        assert!(settings.validate().is_ok());
+        match settings.database() {
+            Ok(DatabaseTarget::Sqlite(path)) => assert_eq!(path, PathBuf::from("./data/segue.db")),
+            other => panic!("expected sqlite, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_postgres_url_selects_postgres() {
+        assert!(matches!(
+            with_database("postgres://u:p@localhost/db").database(),
+            Ok(DatabaseTarget::Postgres(_))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_scheme_is_rejected_without_echoing_the_password() {
+        let error = with_database("mysql://user:hunter2@host/db").database().err();
+        let message = error.map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("DATABASE_URL"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_bind_address_names_the_setting() {
+        let settings = Settings { bind: "not an address".into(), ..Settings::default() };
+        let message = settings.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("SEGUE_BIND"), "{message}");
+    }
+
+    #[test]
+    fn a_short_jwt_secret_is_rejected() {
+        let settings = Settings { jwt_secret: Some("short".into()), ..Settings::default() };
+        assert!(settings.validate().is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let settings = Settings {
+            jwt_secret: Some("a-very-secret-key-that-is-long-enough".into()),
+            database_url: Some("postgres://u:hunter2@localhost/db".into()),
+            ..Settings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("hunter2"));
+        assert!(!printed.contains("a-very-secret"));
+    }
+
+    #[test]
+    fn env_names_follow_the_documented_scheme() {
+        assert_eq!(env_name("database_url"), "DATABASE_URL");
+        assert_eq!(env_name("max_body_bytes"), "SEGUE_MAX_BODY_BYTES");
+    }
+}

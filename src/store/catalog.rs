@@ -1,0 +1,166 @@
+//! Artists and tracks: the catalog that queue entries are hydrated from.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+
+use super::schema::{artists, tracks};
+use super::{Conn, StoreError, run};
+use crate::domain::TrackId;
+
+/// A track as clients see it, with its artist's name joined in.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TrackView {
+    pub id: String,
+    pub title: String,
+    pub artist: String,
+    pub album: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub image_url: Option<String>,
+}
+
+/// A track to upsert, already validated.
+#[derive(Debug, Clone)]
+pub struct TrackInput {
+    pub id: TrackId,
+    pub title: String,
+    pub artist: String,
+    pub album: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub image_url: Option<String>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = artists)]
+struct NewArtist<'a> {
+    name: &'a str,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = tracks, treat_none_as_default_value = false)]
+struct NewTrack<'a> {
+    id: &'a str,
+    title: &'a str,
+    artist_id: i64,
+    album: Option<&'a str>,
+    duration_ms: Option<i64>,
+    image_url: Option<&'a str>,
+    updated_at: NaiveDateTime,
+}
+
+/// Inserts or updates `batch`: artists are created by name as needed, tracks are replaced by
+/// id. Run it inside a transaction so a failure leaves no half-written batch.
+pub async fn upsert_tracks(
+    conn: &mut Conn<'_>,
+    batch: &[TrackInput],
+    now: NaiveDateTime,
+) -> Result<usize, StoreError> {
+    let names: Vec<&str> =
+        batch.iter().map(|t| t.artist.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+    let new_artists: Vec<NewArtist<'_>> = names.iter().map(|name| NewArtist { name }).collect();
+    // SQLite cannot combine a multi-row insert with ON CONFLICT in Diesel; inside the caller's
+    // transaction, row-by-row costs it little. PostgreSQL gets one statement.
+    match conn {
+        Conn::Postgres(c) => {
+            diesel::insert_into(artists::table)
+                .values(&new_artists)
+                .on_conflict(artists::name)
+                .do_nothing()
+                .execute(&mut **c)
+                .await?;
+        }
+        Conn::Sqlite(c) => {
+            for artist in &new_artists {
+                diesel::insert_into(artists::table)
+                    .values(artist)
+                    .on_conflict(artists::name)
+                    .do_nothing()
+                    .execute(&mut **c)
+                    .await?;
+            }
+        }
+    }
+    let ids: HashMap<String, i64> = run!(conn, c => artists::table
+        .filter(artists::name.eq_any(&names))
+        .select((artists::name, artists::id))
+        .load::<(String, i64)>(c)
+        .await)?
+    .into_iter()
+    .collect();
+
+    let mut rows = Vec::with_capacity(batch.len());
+    for track in batch {
+        let artist_id = *ids.get(&track.artist).ok_or_else(|| {
+            StoreError::Corrupt(format!("artist {:?} vanished during upsert", track.artist))
+        })?;
+        rows.push(NewTrack {
+            id: track.id.as_str(),
+            title: &track.title,
+            artist_id,
+            album: track.album.as_deref(),
+            duration_ms: track.duration_ms,
+            image_url: track.image_url.as_deref(),
+            updated_at: now,
+        });
+    }
+    let changes = (
+        tracks::title.eq(excluded(tracks::title)),
+        tracks::artist_id.eq(excluded(tracks::artist_id)),
+        tracks::album.eq(excluded(tracks::album)),
+        tracks::duration_ms.eq(excluded(tracks::duration_ms)),
+        tracks::image_url.eq(excluded(tracks::image_url)),
+        tracks::updated_at.eq(excluded(tracks::updated_at)),
+    );
+    match conn {
+        Conn::Postgres(c) => Ok(diesel::insert_into(tracks::table)
+            .values(&rows)
+            .on_conflict(tracks::id)
+            .do_update()
+            .set(changes)
+            .execute(&mut **c)
+            .await?),
+        Conn::Sqlite(c) => {
+            let mut written = 0;
+            for row in &rows {
+                written += diesel::insert_into(tracks::table)
+                    .values(row)
+                    .on_conflict(tracks::id)
+                    .do_update()
+                    .set(changes)
+                    .execute(&mut **c)
+                    .await?;
+            }
+            Ok(written)
+        }
+    }
+}
+
+type TrackRow = (String, String, String, Option<String>, Option<i64>, Option<String>);
+
+fn view((id, title, artist, album, duration_ms, image_url): TrackRow) -> TrackView {
+    TrackView { id, title, artist, album, duration_ms, image_url }
+}
+
+/// The tracks among `ids` that exist, in no particular order.
+pub async fn find_tracks(
+    conn: &mut Conn<'_>,
+    ids: &[&str],
+) -> Result<Vec<TrackView>, StoreError> {
+    let rows: Vec<TrackRow> = run!(conn, c => tracks::table
+        .inner_join(artists::table)
+        .filter(tracks::id.eq_any(ids))
+        .select((
+            tracks::id,
+            tracks::title,
+            artists::name,
+            tracks::album,
+            tracks::duration_ms,
+            tracks::image_url,
+        ))
+        .load(c)
+        .await)?;
+    Ok(rows.into_iter().map(view).collect())
+}

@@ -1,0 +1,49 @@
+//! The devices an account has signed in from.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+
+use super::schema::devices;
+use super::{Conn, StoreError, run};
+
+/// A stored device.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = devices)]
+pub struct DeviceRecord {
+    pub user_id: i64,
+    pub device_id: String,
+    pub name: String,
+    pub kind: String,
+    pub created_at: NaiveDateTime,
+    pub last_seen_at: NaiveDateTime,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = devices)]
+pub struct DeviceSighting<'a> {
+    pub user_id: i64,
+    pub device_id: &'a str,
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub created_at: NaiveDateTime,
+    pub last_seen_at: NaiveDateTime,
+}
+
+/// Records that a device signed in: created on first sight, name, kind and last-seen time
+/// refreshed after.
+pub async fn upsert(conn: &mut Conn<'_>, device: &DeviceSighting<'_>) -> Result<(), StoreError> {
+    run!(conn, c => diesel::insert_into(devices::table)
+        .values(device)
+        .on_conflict((devices::user_id, devices::device_id))
+        .do_update()
+        .set((
+            devices::name.eq(excluded(devices::name)),
+            devices::kind.eq(excluded(devices::kind)),
+            devices::last_seen_at.eq(excluded(devices::last_seen_at)),
+        ))
+        .execute(c)
+        .await)?;
+    Ok(())
+}

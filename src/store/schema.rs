@@ -1,0 +1,113 @@
+//! The one portable schema both backends share, written by hand (not by `diesel
+//! print-schema`, which would describe only one backend). JSON lives in `Text` columns, ids in
+//! `BigInt` or `Text`, times in `Timestamp` (UTC, without zone).
+
+diesel::table! {
+    users (id) {
+        id -> BigInt,
+        handle -> Text,
+        display_name -> Text,
+        password_hash -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    refresh_tokens (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        family_id -> Text,
+        device_id -> Text,
+        token_hash -> Text,
+        created_at -> Timestamp,
+        expires_at -> Timestamp,
+        spent_at -> Nullable<Timestamp>,
+        revoked_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    devices (user_id, device_id) {
+        user_id -> BigInt,
+        device_id -> Text,
+        name -> Text,
+        kind -> Text,
+        created_at -> Timestamp,
+        last_seen_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    artists (id) {
+        id -> BigInt,
+        name -> Text,
+    }
+}
+
+diesel::table! {
+    tracks (id) {
+        id -> Text,
+        title -> Text,
+        artist_id -> BigInt,
+        album -> Nullable<Text>,
+        duration_ms -> Nullable<BigInt>,
+        image_url -> Nullable<Text>,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    queue_state (user_id) {
+        user_id -> BigInt,
+        state -> Text,
+        revision -> BigInt,
+        updated_at -> Timestamp,
+        updated_by_device -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    preferences (user_id) {
+        user_id -> BigInt,
+        auto_advance -> Bool,
+        extra -> Text,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    follows (follower_id, followee_id) {
+        follower_id -> BigInt,
+        followee_id -> BigInt,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    play_history (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        track_id -> Text,
+        device_id -> Nullable<Text>,
+        played_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(refresh_tokens -> users (user_id));
+diesel::joinable!(devices -> users (user_id));
+diesel::joinable!(tracks -> artists (artist_id));
+diesel::joinable!(queue_state -> users (user_id));
+diesel::joinable!(preferences -> users (user_id));
+diesel::joinable!(play_history -> users (user_id));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    refresh_tokens,
+    devices,
+    artists,
+    tracks,
+    queue_state,
+    preferences,
+    follows,
+    play_history,
+);

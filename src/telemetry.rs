@@ -1,0 +1,99 @@
+//! Logs and metrics. Logs go through `tracing` (text, or JSON with `SEGUE_LOG_FORMAT=json`);
+//! metrics live in a registry per [`Application`](crate::startup::Application), so that two
+//! replicas in one test process keep separate counts, and are served as Prometheus text.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::web;
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use tracing_subscriber::EnvFilter;
+
+use crate::settings::{LogFormat, Settings};
+
+/// Installs the global log subscriber. `RUST_LOG`, when set, wins over `SEGUE_LOG`.
+pub fn init_tracing(settings: &Settings) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second call (tests build many applications) keeps the first subscriber.
+    let _ = match settings.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The hub's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by method, route pattern and status.
+    http_requests: IntCounterVec,
+    /// Time to answer, by method and route pattern.
+    http_duration: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("segue".into()), None)?;
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests answered"),
+            &["method", "route", "status"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "Time to answer an HTTP request")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["method", "route"],
+        )?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        Ok(Self { registry, http_requests, http_duration })
+    }
+
+    /// The registry, for other parts of the hub to add their own metrics to.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Everything, in Prometheus text exposition format.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        String::from_utf8(buffer).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+/// Middleware: counts and times every request, and logs it (failures louder than successes).
+pub async fn observe_requests(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+    let response = next.call(req).await?;
+    let elapsed = started.elapsed();
+    let request = response.request();
+    // The route pattern, not the path, so ids do not explode the label set.
+    let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str();
+    let status = response.status();
+    if let Some(metrics) = metrics {
+        metrics
+            .http_requests
+            .with_label_values(&[method, route.as_str(), status.as_str()])
+            .inc();
+        metrics.http_duration.with_label_values(&[method, route.as_str()]).observe(elapsed.as_secs_f64());
+    }
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    if status.is_server_error() {
+        tracing::warn!(%method, %route, status = status.as_u16(), latency_ms, "request failed");
+    } else if status.is_client_error() {
+        tracing::info!(%method, %route, status = status.as_u16(), latency_ms, "request refused");
+    } else {
+        tracing::debug!(%method, %route, status = status.as_u16(), latency_ms, "request");
+    }
+    Ok(response)
+}
