@@ -316,13 +316,13 @@ fn pool_builder<M: bb8::ManageConnection>(settings: &Settings, size: u32) -> bb8
         .max_lifetime(Some(POOL_MAX_LIFETIME))
 }
 
-/// Per-connection SQLite settings: WAL so readers never block the writer, foreign keys on
-/// (SQLite leaves them off by default), and a busy timeout instead of an instant
-/// `database is locked`.
+/// Per-connection SQLite settings: a busy timeout instead of an instant `database is locked`
+/// (first, so the statements after it wait too), WAL so readers never block the writer, and
+/// foreign keys on (SQLite leaves them off by default).
 fn sqlite_pragmas() -> String {
     format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"
+        "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; \
+         PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
     )
 }
 

@@ -1,0 +1,495 @@
+//! The test harness: a real application per test on port 0, against a fresh SQLite file or a
+//! fresh PostgreSQL database cloned from a migrated template; per-test Redis namespaces; and
+//! private `postgres` / `redis-server` instances for tests that stop them.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use reqwest::{Client, Response};
+use secrecy::SecretString;
+use segue::settings::Settings;
+use segue::startup::Application;
+use serde_json::{Value, json};
+
+/// The signing key every test app uses, so tests can forge tokens on purpose.
+pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// The shared PostgreSQL server tests create their databases on.
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The shared Redis tests namespace their keys in.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A random lower-case suffix for names that must not collide between parallel tests.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", segue::auth::random_token(9).to_ascii_lowercase().replace('-', "_"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One running hub plus what it needs cleaned up.
+pub struct TestApp {
+    pub address: String,
+    pub client: Client,
+    pub settings: Settings,
+    /// Removed on drop.
+    data_dir: PathBuf,
+    /// Dropped on drop.
+    database: Option<String>,
+    server: actix_web::dev::ServerHandle,
+}
+
+/// A registered account and its first session.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: i64,
+    pub handle: String,
+    pub password: String,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub device_id: String,
+}
+
+/// Settings for a test app: port 0, its own data directory, the test signing key.
+pub fn test_settings(data_dir: &Path) -> Settings {
+    Settings {
+        bind: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        jwt_secret: Some(TEST_JWT_SECRET.into()),
+        workers: Some(1),
+        db_pool_size: 4,
+        ..Settings::default()
+    }
+}
+
+/// Settings with a data directory and (for PostgreSQL) a database of their own.
+async fn fresh_settings(backend: Backend) -> (Settings, PathBuf, Option<String>) {
+    let data_dir = temp_dir("app");
+    let mut settings = test_settings(&data_dir);
+    let database = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let (name, url) = fresh_postgres_database().await;
+            settings.database_url = Some(url.into());
+            Some(name)
+        }
+    };
+    (settings, data_dir, database)
+}
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(&format!("segue_{label}")));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+impl TestApp {
+    /// A hub on `backend` with a database of its own.
+    pub async fn spawn(backend: Backend) -> Self {
+        let (settings, data_dir, database) = fresh_settings(backend).await;
+        Self::spawn_with(settings, data_dir, database).await
+    }
+
+    /// A hub on `backend` that also uses the shared Redis, under a namespace of its own.
+    pub async fn spawn_with_redis(backend: Backend) -> Self {
+        let (mut settings, data_dir, database) = fresh_settings(backend).await;
+        settings.redis_url = Some(redis_url().into());
+        settings.redis_namespace = unique("segue_test");
+        Self::spawn_with(settings, data_dir, database).await
+    }
+
+    /// A hub with hand-made settings; `data_dir` is removed and `database` dropped on drop.
+    pub async fn spawn_with(settings: Settings, data_dir: PathBuf, database: Option<String>) -> Self {
+        let app = Application::build(settings.clone()).await.expect("application builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let server = app.handle();
+        actix_web::rt::spawn(app.run_until_stopped());
+        Self { address, client: Client::new(), settings, data_dir, database, server }
+    }
+
+    /// Stops the server (waiting for it), keeping data dir and database.
+    pub async fn stop(&self) {
+        self.server.stop(false).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.expect("request sent")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client.post(self.url(path)).json(body).send().await.expect("request sent")
+    }
+
+    pub async fn post_json_authed(&self, path: &str, token: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn register_raw(&self, handle: &str, password: &str) -> Response {
+        self.post_json("/auth/register", &json!({"handle": handle, "password": password})).await
+    }
+
+    pub async fn login_raw(&self, handle: &str, password: &str) -> Response {
+        self.post_json("/auth/login", &json!({"handle": handle, "password": password})).await
+    }
+
+    pub async fn refresh_raw(&self, refresh_token: &str) -> Response {
+        self.post_json("/auth/refresh", &json!({"refresh_token": refresh_token})).await
+    }
+
+    /// Registers a fresh account with a unique handle.
+    pub async fn register(&self) -> Account {
+        let handle = unique("user").replace('_', "").chars().take(20).collect::<String>();
+        let password = "correct horse battery".to_owned();
+        let response = self.register_raw(&handle, &password).await;
+        assert_eq!(response.status(), 201, "register {handle}");
+        let body: Value = response.json().await.expect("json body");
+        account_from(&body, &handle, &password)
+    }
+
+    /// Upserts catalog tracks as `account`.
+    pub async fn seed_tracks(&self, account: &Account, tracks: &Value) {
+        let response =
+            self.post_json_authed("/tracks", &account.access_token, &json!({"tracks": tracks})).await;
+        assert_eq!(response.status(), 200, "seed tracks");
+    }
+}
+
+/// Reads an account out of a register/login/refresh response.
+pub fn account_from(body: &Value, handle: &str, password: &str) -> Account {
+    Account {
+        id: body["user"]["id"].as_i64().expect("user id"),
+        handle: handle.to_owned(),
+        password: password.to_owned(),
+        access_token: body["access_token"].as_str().expect("access token").to_owned(),
+        refresh_token: body["refresh_token"].as_str().expect("refresh token").to_owned(),
+        device_id: body["device_id"].as_str().expect("device id").to_owned(),
+    }
+}
+
+/// Asserts the house error shape and returns the `code`.
+pub async fn error_code(response: Response, status: u16) -> String {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let body: Value = response.json().await.expect("error body is JSON");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "detail in {body}");
+    body["code"].as_str().expect("code").to_owned()
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let handle = self.server.clone();
+        // Stops accepting and lets workers end; the future need not be awaited for that.
+        drop(handle.stop(false));
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if let Some(name) = self.database.take() {
+            drop_database_blocking(name);
+        }
+    }
+}
+
+/// Runs `f` to completion on a runtime of its own, on a thread of its own, so that it can be
+/// called from `Drop` or from within another runtime.
+pub fn block_on_thread<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    })
+    .join()
+    .expect("helper thread")
+}
+
+fn drop_database_blocking(name: String) {
+    block_on_thread(async move {
+        if let Ok(mut admin) = AsyncPgConnection::establish(&admin_database_url()).await {
+            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+        }
+    });
+}
+
+/// The name of the migrated template, derived from the migrations' contents so a changed
+/// migration gets a new template.
+fn template_name() -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+    let mut files: Vec<PathBuf> = walk(&dir);
+    files.sort();
+    let mut hasher = DefaultHasher::new();
+    for file in files {
+        file.strip_prefix(&dir).ok().hash(&mut hasher);
+        std::fs::read(&file).expect("read migration").hash(&mut hasher);
+    }
+    format!("segue_tpl_{:016x}", hasher.finish())
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read migrations dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Creates a database cloned from the migrated template (creating the template first if this
+/// is the first test to need it, under an advisory lock so parallel test processes agree).
+/// Returns its name and URL.
+pub async fn fresh_postgres_database() -> (String, String) {
+    block_on_thread(async {
+        let admin_url = admin_database_url();
+        let mut admin = AsyncPgConnection::establish(&admin_url).await.expect(
+            "connect to PostgreSQL (is it running on 127.0.0.1:5432? see scripts/test.sh)",
+        );
+        let template = template_name();
+        ensure_template(&mut admin, &admin_url, &template).await;
+        let name = unique("segue_test");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""))
+            .await
+            .expect("create test database");
+        let url = with_database(&admin_url, &name);
+        (name, url)
+    })
+}
+
+/// `admin_url` with its database name replaced.
+pub fn with_database(admin_url: &str, name: &str) -> String {
+    let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(admin_url);
+    format!("{base}/{name}")
+}
+
+async fn ensure_template(admin: &mut AsyncPgConnection, admin_url: &str, template: &str) {
+    use diesel::sql_types::{BigInt, Text};
+    use diesel_async::RunQueryDsl;
+
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    admin.batch_execute("SELECT pg_advisory_lock(727274)").await.expect("advisory lock");
+    let found: Count = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+        .bind::<Text, _>(template)
+        .get_result(admin)
+        .await
+        .expect("look up template");
+    if found.n == 0 {
+        let building = format!("{template}_building");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"))
+            .await
+            .expect("drop stale template");
+        admin.batch_execute(&format!("CREATE DATABASE \"{building}\"")).await.expect("create template");
+        let dir = temp_dir("template");
+        let mut settings = test_settings(&dir);
+        settings.database_url = Some(SecretString::from(with_database(admin_url, &building)));
+        // Migrating is what opening a store does; the store is dropped straight after.
+        let store = segue::store::Store::connect(&settings).await.expect("migrate template");
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+        admin
+            .batch_execute(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{template}\""))
+            .await
+            .expect("publish template");
+    }
+    admin.batch_execute("SELECT pg_advisory_unlock(727274)").await.expect("advisory unlock");
+}
+
+/// A free TCP port on loopback (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Prefix for running a server binary: as `postgres` when we are root (PostgreSQL refuses
+/// to run as root).
+fn as_postgres_user(program: &str) -> Command {
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if is_root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--", program]);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Finds a PostgreSQL server binary (`initdb`, `pg_ctl`) on PATH or in Debian's location.
+fn pg_binary(name: &str) -> String {
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        versions.sort();
+        if let Some(found) = versions.iter().rev().map(|v| v.join("bin").join(name)).find(|p| p.exists()) {
+            return found.to_string_lossy().into_owned();
+        }
+    }
+    name.to_owned()
+}
+
+/// A PostgreSQL cluster of our own, on a free port, for tests that stop it.
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let dir = temp_dir("pg");
+        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
+        let data = dir.join("data");
+        let status = as_postgres_user(&pg_binary("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run initdb");
+        assert!(status.success(), "initdb failed");
+        let port = free_port();
+        let this = Self { dir, port };
+        this.resume();
+        this
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let status = as_postgres_user(&pg_binary("pg_ctl"))
+            .args(["-w", "-l"])
+            .arg(self.dir.join("log"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-o", &options, "start"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(status.success(), "pg_ctl start failed");
+    }
+
+    /// Stops the server at once (as a crash would).
+    pub fn halt(&self) {
+        let _ = as_postgres_user(&pg_binary("pg_ctl"))
+            .args(["-m", "immediate", "-w", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.halt();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `redis-server` of our own, on a free port, for tests that stop it.
+pub struct PrivateRedis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let mut this = Self { child: None, port: free_port() };
+        this.resume();
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or restarts) the server on the same port and waits until it answers.
+    pub fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Kills the server at once.
+    pub fn halt(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Generates one test per backend from `async fn name(app: TestApp)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use $crate::helpers::{Backend, TestApp};
+
+                #[actix_web::test]
+                async fn sqlite() {
+                    super::$name(TestApp::spawn(Backend::Sqlite).await).await;
+                }
+
+                #[actix_web::test]
+                async fn postgres() {
+                    super::$name(TestApp::spawn(Backend::Postgres).await).await;
+                }
+            }
+        )*
+    };
+}

@@ -1,0 +1,12 @@
+//! Segue's integration tests: one binary, one module per area. Every store-backed test runs
+//! on SQLite and on PostgreSQL (`on_both_backends!`), each with a database of its own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod helpers;
+
+mod accounts;
+mod catalog;
+mod failures;
+mod health;
+mod settings;

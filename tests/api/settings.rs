@@ -1,0 +1,63 @@
+//! Start-up with bad configuration: the real binary, one clear sentence, nothing served.
+
+use std::process::Command;
+
+use crate::helpers::temp_dir;
+
+/// Runs the `segue` binary with `env` and returns its exit code and standard error.
+fn run_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = temp_dir("config");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_segue"));
+    command.env_clear().env("SEGUE_DATA_DIR", &dir).env("SEGUE_BIND", "127.0.0.1:0");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run segue");
+    let _ = std::fs::remove_dir_all(dir);
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn a_bad_value_stops_start_up_naming_the_setting() {
+    let cases = [
+        (("SEGUE_BIND", "not-an-address"), "SEGUE_BIND"),
+        (("SEGUE_MAX_BODY_BYTES", "lots"), "SEGUE_MAX_BODY_BYTES"),
+        (("SEGUE_MAX_BODY_BYTES", "0"), "SEGUE_MAX_BODY_BYTES"),
+        (("SEGUE_LOG_FORMAT", "xml"), "SEGUE_LOG_FORMAT"),
+        (("SEGUE_JWT_SECRET", "short"), "SEGUE_JWT_SECRET"),
+        (("SEGUE_NO_SUCH_SETTING", "1"), "no_such_setting"),
+        (("REDIS_URL", "http://localhost"), "REDIS_URL"),
+        (("SEGUE_CONFIG", "/nonexistent/segue.toml"), "SEGUE_CONFIG"),
+    ];
+    for ((key, value), named) in cases {
+        let (code, stderr) = run_with(&[(key, value)]);
+        assert_eq!(code, Some(2), "{key}={value}: {stderr}");
+        assert!(stderr.contains(named), "{key}={value}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one sentence: {stderr}");
+    }
+}
+
+#[test]
+fn a_database_url_with_a_password_is_never_printed() {
+    let (code, stderr) = run_with(&[("DATABASE_URL", "mysql://admin:hunter2@db/segue")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn a_config_file_is_read_and_the_environment_wins_over_it() {
+    let dir = temp_dir("config_file");
+    let file = dir.join("segue.toml");
+    std::fs::write(&file, "max_body_bytes = 0\n").unwrap();
+    // The file's bad value is reported under the setting's name...
+    let (code, stderr) = run_with(&[("SEGUE_CONFIG", file.to_str().unwrap())]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("SEGUE_MAX_BODY_BYTES"), "{stderr}");
+    // ...and an environment variable overrides it (then start-up fails on the next bad one).
+    std::fs::write(&file, "max_body_bytes = 0\nredis_namespace = \"bad namespace\"\n").unwrap();
+    let (code, stderr) = run_with(&[("SEGUE_CONFIG", file.to_str().unwrap()), ("SEGUE_MAX_BODY_BYTES", "1000")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("SEGUE_REDIS_NAMESPACE"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
