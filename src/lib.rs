@@ -4,7 +4,9 @@
 //!
 //! * [`settings`]: typed, layered configuration (defaults, `SEGUE_CONFIG` file, environment).
 //! * [`startup`]: builds every part and binds the listener; [`startup::Application`].
-//! * [`http`]: the REST API (accounts, catalog, health) and its extractors.
+//! * [`http`]: the REST API (accounts, catalog, health), the socket upgrade, extractors.
+//! * [`realtime`]: the Phoenix socket's actors: connection, user session, hub, relay.
+//! * [`bus`]: the bus between replicas (in-process or Redis pub/sub).
 //! * [`auth`]: password hashing, access tokens, refresh-token sessions.
 //! * [`domain`]: values parsed once at the edge (`Handle`, `DeviceId`, `TrackId`, …).
 //! * [`store`]: the system of record, Diesel on PostgreSQL or SQLite.
@@ -14,19 +16,22 @@
 //!
 //! ```text
 //! client ─HTTP─▶ http (parse, authenticate) ─▶ store (Diesel) ─▶ PostgreSQL | SQLite
-//!                     │
-//!                     └─▶ auth (argon2, JWT, refresh families)
+//!   │                 └─▶ auth (argon2, JWT, refresh families)
+//!   └─WS─▶ realtime: Connection ─▶ Hub ─▶ UserSession ─▶ Connection(s) ─▶ devices
+//!                                  └─▶ bus ─▶ other replicas' Relay ─▶ Hub ─▶ …
 //! ```
 //!
-//! Dependencies point the way data flows: `http` → `auth` → `store`; nothing in `store`
-//! imports `http`.
+//! Dependencies point the way data flows: `http` → `realtime` → `store` / `bus`; nothing in
+//! `store` or `bus` imports `realtime` or `http`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 pub mod auth;
+pub mod bus;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod realtime;
 pub mod redis;
 pub mod settings;
 pub mod startup;

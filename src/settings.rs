@@ -66,6 +66,17 @@ pub struct Settings {
     pub db_statement_timeout_ms: u64,
     /// HTTP worker threads; unset means one per core.
     pub workers: Option<usize>,
+    /// Largest WebSocket message handled, in bytes (continuation frames count together).
+    pub ws_max_message_bytes: usize,
+    /// A socket that sends nothing (not even a heartbeat) for this long is closed.
+    pub ws_idle_timeout_secs: u64,
+    /// Frames queued for one socket before it counts as not reading and is closed.
+    pub ws_outbound_queue: usize,
+    /// Browser origins allowed to open sockets, comma-separated; empty means the hub's own
+    /// origin only, `*` means any. Clients that send no `Origin` (non-browsers) are allowed.
+    pub allowed_origins: String,
+    /// How long a user's session outlives their last socket on this replica, in seconds.
+    pub session_linger_secs: u64,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -101,6 +112,11 @@ impl Default for Settings {
             db_connect_timeout_ms: 2_000,
             db_statement_timeout_ms: 5_000,
             workers: None,
+            ws_max_message_bytes: 64 * 1024,
+            ws_idle_timeout_secs: 60,
+            ws_outbound_queue: 256,
+            allowed_origins: String::new(),
+            session_linger_secs: 30,
             log_format: LogFormat::Text,
             log: "info".into(),
         }
@@ -192,9 +208,21 @@ impl Settings {
             ("SEGUE_DB_POOL_SIZE", u64::from(self.db_pool_size)),
             ("SEGUE_DB_CONNECT_TIMEOUT_MS", self.db_connect_timeout_ms),
             ("SEGUE_DB_STATEMENT_TIMEOUT_MS", self.db_statement_timeout_ms),
+            ("SEGUE_WS_MAX_MESSAGE_BYTES", self.ws_max_message_bytes as u64),
+            ("SEGUE_WS_IDLE_TIMEOUT_SECS", self.ws_idle_timeout_secs),
+            ("SEGUE_WS_OUTBOUND_QUEUE", self.ws_outbound_queue as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(SettingsError::new(name, "must be greater than zero"));
+        }
+        let bad_origin = self.allowed_origins.split(',').map(str::trim).find(|o| {
+            !o.is_empty() && *o != "*" && !(o.starts_with("http://") || o.starts_with("https://"))
+        });
+        if let Some(origin) = bad_origin {
+            return Err(SettingsError::new(
+                "SEGUE_ALLOWED_ORIGINS",
+                format!("{origin:?} is not an origin like https://app.example.com (or *)"),
+            ));
         }
         if self.workers == Some(0) {
             return Err(SettingsError::new("SEGUE_WORKERS", "must be greater than zero"));
@@ -241,6 +269,18 @@ impl Settings {
                 "must start with postgres://, postgresql:// or sqlite:// (got scheme {scheme:?})"
             ),
         ))
+    }
+
+    /// The configured origin allow-list: `None` for "any origin", otherwise the list (empty:
+    /// same origin only).
+    pub fn origins(&self) -> Option<Vec<String>> {
+        let entries: Vec<String> = self
+            .allowed_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if entries.iter().any(|o| o == "*") { None } else { Some(entries) }
     }
 
     /// How long a request waits for a pooled database connection.

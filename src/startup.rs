@@ -9,6 +9,8 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
 use crate::auth::{Sessions, TokenKeys, TokenKeysError};
+use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
+use crate::realtime::{Realtime, SocketLimits};
 use crate::error;
 use crate::http::{self, AppState};
 use crate::settings::{Settings, SettingsError};
@@ -42,20 +44,49 @@ pub struct Application {
 }
 
 impl Application {
+    /// Builds a replica with the in-process bus to itself (or Redis, when configured).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        Self::build_on(settings, MemoryNetwork::new()).await
+    }
+
+    /// Builds a replica whose in-process bus is attached to `network`, so several replicas in
+    /// one process form a cluster without Redis. With `REDIS_URL` set the network is unused.
+    pub async fn build_on(settings: Settings, network: MemoryNetwork) -> Result<Self, StartupError> {
         settings.validate()?;
         let addr = settings.bind_addr()?;
         let store = Store::connect(&settings).await?;
         let keys = TokenKeys::from_settings(&settings)?;
         let redis = settings.redis_url.as_ref().map(crate::redis::build_pool).transpose()?;
         let metrics = Metrics::new()?;
+        let replica = ReplicaId::generate();
+        let (bus, notices) = match (&settings.redis_url, &redis) {
+            (Some(url), Some(pool)) => {
+                let client = ::redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
+                let (bus, notices) =
+                    RedisBus::start(client, pool.clone(), &settings.redis_namespace, replica.clone());
+                (AnyBus::Redis(bus), notices)
+            }
+            _ => {
+                let (bus, notices) = network.attach(replica.clone());
+                (AnyBus::Memory(bus), notices)
+            }
+        };
+        let limits = SocketLimits {
+            max_message_bytes: settings.ws_max_message_bytes,
+            idle_timeout: std::time::Duration::from_secs(settings.ws_idle_timeout_secs),
+            outbound_queue: settings.ws_outbound_queue,
+        };
+        let linger = std::time::Duration::from_secs(settings.session_linger_secs);
+        let bus_kind = bus.kind();
+        let realtime =
+            web::Data::new(Realtime::start(replica, bus, notices, limits, linger, metrics.clone()));
         let listener = TcpListener::bind(addr)
             .map_err(|source| StartupError::Bind { addr: addr.to_string(), source })?;
         let port = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { addr: addr.to_string(), source })?
             .port();
-        tracing::info!(%addr, port, store = store.backend_name(), redis = redis.is_some(), "segue starting");
+        tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, "segue starting");
 
         let max_body = settings.max_body_bytes;
         let workers = settings.workers;
@@ -72,6 +103,7 @@ impl Application {
                 .wrap(from_fn(telemetry::observe_requests))
                 .app_data(state.clone())
                 .app_data(metrics.clone())
+                .app_data(realtime.clone())
                 .app_data(web::JsonConfig::default().limit(max_body).error_handler(error::json_error))
                 .app_data(web::PayloadConfig::new(max_body))
                 .app_data(web::PathConfig::default().error_handler(error::path_error))

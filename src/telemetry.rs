@@ -8,7 +8,10 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::web;
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 use tracing_subscriber::EnvFilter;
 
 use crate::settings::{LogFormat, Settings};
@@ -34,6 +37,26 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     /// Time to answer, by method and route pattern.
     http_duration: HistogramVec,
+    /// Open WebSockets.
+    pub ws_open: IntGauge,
+    /// Text frames received.
+    pub ws_frames_in: IntCounter,
+    /// Frames queued for sockets.
+    pub ws_frames_out: IntCounter,
+    /// Malformed, oversized or binary frames received.
+    pub ws_bad_frames: IntCounter,
+    /// Sockets closed because the client stopped reading.
+    pub ws_slow_closed: IntCounter,
+    /// Users with a session on this replica.
+    pub sessions: IntGauge,
+    /// Events published on the bus.
+    pub bus_published: IntCounter,
+    /// Events heard from other replicas.
+    pub bus_heard: IntCounter,
+    /// Times the bus connection was lost.
+    pub bus_lost: IntCounter,
+    /// Times the bus connection came back.
+    pub bus_restored: IntCounter,
 }
 
 impl Metrics {
@@ -50,7 +73,31 @@ impl Metrics {
         )?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
-        Ok(Self { registry, http_requests, http_duration })
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let gauge = IntGauge::new(name, help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let counter = IntCounter::new(name, help)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        Ok(Self {
+            ws_open: gauge("ws_open", "Open WebSockets")?,
+            ws_frames_in: counter("ws_frames_in_total", "Text frames received")?,
+            ws_frames_out: counter("ws_frames_out_total", "Frames queued for sockets")?,
+            ws_bad_frames: counter("ws_bad_frames_total", "Malformed, oversized or binary frames")?,
+            ws_slow_closed: counter("ws_slow_closed_total", "Sockets closed for not reading")?,
+            sessions: gauge("sessions", "Users with a session on this replica")?,
+            bus_published: counter("bus_published_total", "Events published on the bus")?,
+            bus_heard: counter("bus_heard_total", "Events heard from other replicas")?,
+            bus_lost: counter("bus_lost_total", "Times the bus connection was lost")?,
+            bus_restored: counter("bus_restored_total", "Times the bus connection came back")?,
+            registry,
+            http_requests,
+            http_duration,
+        })
     }
 
     /// The registry, for other parts of the hub to add their own metrics to.

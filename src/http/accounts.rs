@@ -14,6 +14,7 @@ use super::{AppState, AuthenticatedUser};
 use crate::auth::{self, hash_refresh_token, random_token};
 use crate::domain::{DeviceId, DeviceKind, DisplayName, Handle, InvalidInput, Password, UserId};
 use crate::error::ApiError;
+use crate::realtime::Realtime;
 use crate::store::devices::{self, DeviceSighting};
 use crate::store::tokens::{self, NewRefreshToken};
 use crate::store::users::{self, NewUser, UserRecord};
@@ -306,13 +307,16 @@ pub async fn refresh(
     }
 }
 
-/// `POST /auth/logout` → 204; the session's refresh tokens and access tokens stop working.
+/// `POST /auth/logout` → 204; the session's refresh tokens and access tokens stop working,
+/// and its sockets are closed on every replica.
 pub async fn logout(
     state: web::Data<AppState>,
+    realtime: web::Data<Realtime>,
     caller: AuthenticatedUser,
 ) -> Result<HttpResponse, ApiError> {
     let mut pooled = state.store.conn().await?;
     tokens::revoke_family(&mut pooled.conn(), caller.user_id, &caller.session, store::now()).await?;
     state.sessions.mark_revoked(&caller.session).await;
+    realtime.end_session(caller.user_id, &caller.session);
     Ok(HttpResponse::NoContent().finish())
 }

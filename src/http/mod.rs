@@ -6,6 +6,7 @@ mod accounts;
 mod catalog;
 mod extract;
 mod health;
+mod socket;
 
 use std::sync::Arc;
 
@@ -42,6 +43,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/refresh", web::post().to(accounts::refresh))
                 .route("/logout", web::post().to(accounts::logout)),
         )
+        .route("/socket/websocket", web::get().to(socket::upgrade))
         .route("/tracks", web::post().to(catalog::upsert_tracks))
         .route("/tracks/{id}", web::get().to(catalog::get_track));
 }

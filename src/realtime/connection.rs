@@ -1,0 +1,335 @@
+//! The connection actor: one per socket. It owns the socket's Phoenix state (joined topics
+//! and their join refs), answers heartbeats, enforces the size, idle and garbage limits, and
+//! writes to the socket's bounded outbox. It registers with the hub in `started` and leaves
+//! only in `stopped`, so every way a socket ends (client close, idle timeout, slow reader,
+//! logout, protocol error) unregisters it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use serde_json::json;
+
+use super::channels::{self, ChannelContext};
+use super::frame::{self, Frame};
+use super::hub::{Attach, Detach, Hub, SocketId};
+use super::session::Member;
+use super::topics::Topic;
+use super::transport::{CloseKind, Inbound, Outbound, Outbox};
+use crate::auth::Identity;
+use crate::domain::DeviceId;
+use crate::telemetry::Metrics;
+
+/// Most topics one socket may have joined at once.
+pub const MAX_JOINED_TOPICS: usize = 100;
+
+/// Malformed frames tolerated per [`BAD_FRAME_WINDOW`] before the socket is closed.
+const MAX_BAD_FRAMES: u32 = 10;
+
+/// The window over which malformed frames are counted.
+const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
+
+/// Limits every socket of a replica shares.
+#[derive(Debug, Clone)]
+pub struct SocketLimits {
+    /// Largest message handled; larger ones (up to the transport's hard cap) get an error reply.
+    pub max_message_bytes: usize,
+    /// A socket that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Frames queued for a socket before it counts as not reading and is closed.
+    pub outbound_queue: usize,
+}
+
+impl SocketLimits {
+    /// The transport's hard cap: a message beyond it cannot be read at all and closes the
+    /// socket (1009). Between the two limits a message is read only to answer it.
+    pub fn hard_cap(&self) -> usize {
+        self.max_message_bytes.saturating_mul(4)
+    }
+}
+
+/// A topic this socket has joined.
+struct Joined {
+    join_ref: String,
+    topic: Topic,
+}
+
+pub struct Connection {
+    id: SocketId,
+    identity: Identity,
+    device: DeviceId,
+    hub: Addr<Hub>,
+    outbox: Outbox,
+    limits: Arc<SocketLimits>,
+    metrics: Metrics,
+    /// Joined topics by name.
+    joined: HashMap<String, Joined>,
+    last_heard: Instant,
+    bad_frames: u32,
+    bad_window_start: Instant,
+    /// Set once the socket is being closed, so nothing more is written.
+    closing: bool,
+}
+
+impl Connection {
+    pub fn new(
+        id: SocketId,
+        identity: Identity,
+        device: DeviceId,
+        hub: Addr<Hub>,
+        outbox: Outbox,
+        limits: Arc<SocketLimits>,
+        metrics: Metrics,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            id,
+            identity,
+            device,
+            hub,
+            outbox,
+            limits,
+            metrics,
+            joined: HashMap::new(),
+            last_heard: now,
+            bad_frames: 0,
+            bad_window_start: now,
+            closing: false,
+        }
+    }
+
+    /// Queues a frame; a full outbox means the client stopped reading, and the socket goes.
+    fn send(&mut self, text: ByteString, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        if self.outbox.send(Outbound::Text(text)).is_err() {
+            tracing::warn!(socket = self.id, user = %self.identity.user_id, "client not reading; closing socket");
+            self.metrics.ws_slow_closed.inc();
+            self.closing = true;
+            self.outbox.abort();
+            ctx.stop();
+        } else {
+            self.metrics.ws_frames_out.inc();
+        }
+    }
+
+    /// Closes the socket with `kind`, after what is already queued.
+    fn close(&mut self, kind: CloseKind, ctx: &mut Context<Self>) {
+        if !self.closing {
+            self.closing = true;
+            if self.outbox.send(Outbound::Close(kind)).is_err() {
+                self.outbox.abort();
+            }
+        }
+        ctx.stop();
+    }
+
+    /// Counts a malformed frame; too many in the window closes the socket.
+    fn bad_frame(&mut self, ctx: &mut Context<Self>) {
+        self.metrics.ws_bad_frames.inc();
+        if self.bad_window_start.elapsed() > BAD_FRAME_WINDOW {
+            self.bad_window_start = Instant::now();
+            self.bad_frames = 0;
+        }
+        self.bad_frames += 1;
+        if self.bad_frames > MAX_BAD_FRAMES {
+            tracing::info!(socket = self.id, "too many malformed frames; closing socket");
+            self.close(CloseKind::Policy, ctx);
+        }
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        let too_large = text.len() > self.limits.max_message_bytes;
+        match frame::decode(text) {
+            Ok(frame) if !too_large => self.on_frame(frame, ctx),
+            Ok(frame) => {
+                let reply = frame::error_reply(
+                    frame.join_ref.as_deref(),
+                    frame.reference.as_deref(),
+                    &frame.topic,
+                    "message too large",
+                );
+                self.send(reply, ctx);
+                self.bad_frame(ctx);
+            }
+            Err(malformed) => {
+                if let Some(reference) = malformed.reference.as_deref() {
+                    let topic = malformed.topic.as_deref().unwrap_or("phoenix");
+                    let reason = if too_large { "message too large" } else { malformed.reason };
+                    let reply = frame::error_reply(malformed.join_ref.as_deref(), Some(reference), topic, reason);
+                    self.send(reply, ctx);
+                }
+                self.bad_frame(ctx);
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        if frame.topic == "phoenix" && frame.event == "heartbeat" {
+            let reply = frame::reply(None, frame.reference.as_deref(), "phoenix", true, json!({}));
+            self.send(reply, ctx);
+            return;
+        }
+        match frame.event.as_str() {
+            "phx_join" => self.join(frame, ctx),
+            "phx_leave" => self.leave(frame, ctx),
+            _ => self.client_event(frame, ctx),
+        }
+    }
+
+    fn join(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        // The join's own ref is its join_ref; clients send both.
+        let join_ref = frame.join_ref.clone().or_else(|| frame.reference.clone()).unwrap_or_default();
+        let reply_error = |this: &mut Self, reason: &str, ctx: &mut Context<Self>| {
+            let reply =
+                frame::error_reply(Some(&join_ref), frame.reference.as_deref(), &frame.topic, reason);
+            this.send(reply, ctx);
+        };
+        let topic = match Topic::route(&frame.topic, &self.identity) {
+            Ok(topic) => topic,
+            Err(refusal) => return reply_error(self, refusal.reason(), ctx),
+        };
+        // Joining a joined topic again ends the old join first, as Phoenix does.
+        if let Some(old) = self.joined.remove(&frame.topic) {
+            let close = frame::encode(Some(&old.join_ref), Some(&old.join_ref), &frame.topic, "phx_close", &json!({}));
+            self.send(close, ctx);
+        } else if self.joined.len() >= MAX_JOINED_TOPICS {
+            return reply_error(self, "too many channels joined", ctx);
+        }
+        let context = ChannelContext { identity: &self.identity, device: &self.device, hub: &self.hub };
+        let outcome = channels::join(&topic, &frame.payload, &context);
+        let ok = outcome.is_ok();
+        let response = outcome.unwrap_or_else(|e| e);
+        if ok {
+            self.joined.insert(frame.topic.clone(), Joined { join_ref: join_ref.clone(), topic });
+        }
+        let reply = frame::reply(Some(&join_ref), frame.reference.as_deref(), &frame.topic, ok, response);
+        self.send(reply, ctx);
+    }
+
+    fn leave(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        let current = self.joined.get(&frame.topic).map(|j| j.join_ref.clone());
+        let stale = current.is_some() && frame.join_ref.is_some() && frame.join_ref != current;
+        if stale {
+            return;
+        }
+        let reply = frame::reply(frame.join_ref.as_deref(), frame.reference.as_deref(), &frame.topic, true, json!({}));
+        self.send(reply, ctx);
+        if let Some(join_ref) = current {
+            self.joined.remove(&frame.topic);
+            let close = frame::encode(Some(&join_ref), Some(&join_ref), &frame.topic, "phx_close", &json!({}));
+            self.send(close, ctx);
+        }
+    }
+
+    fn client_event(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        let Some(joined) = self.joined.get(&frame.topic) else {
+            let reply = frame::error_reply(
+                frame.join_ref.as_deref(),
+                frame.reference.as_deref(),
+                &frame.topic,
+                "unmatched topic",
+            );
+            return self.send(reply, ctx);
+        };
+        // A frame of an earlier join of this topic belongs to a channel that no longer exists.
+        if frame.join_ref.as_deref() != Some(joined.join_ref.as_str()) {
+            return;
+        }
+        let context = ChannelContext { identity: &self.identity, device: &self.device, hub: &self.hub };
+        let outcome = channels::handle_in(&joined.topic, &frame.event, frame.payload, &context);
+        let ok = outcome.is_ok();
+        let response = outcome.unwrap_or_else(|e| e);
+        let reply = frame::reply(frame.join_ref.as_deref(), frame.reference.as_deref(), &frame.topic, ok, response);
+        self.send(reply, ctx);
+    }
+}
+
+impl Actor for Connection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.metrics.ws_open.inc();
+        self.hub.do_send(Attach {
+            user: self.identity.user_id,
+            member: Member {
+                socket: self.id,
+                recipient: ctx.address().recipient(),
+                login_session: self.identity.session.clone(),
+                device: self.device.clone(),
+            },
+        });
+        // Checked at half the timeout, so an idle socket goes between 1 and 1.5 timeouts.
+        let check = self.limits.idle_timeout / 2;
+        ctx.run_interval(check, |this, ctx| {
+            if this.last_heard.elapsed() > this.limits.idle_timeout {
+                tracing::debug!(socket = this.id, "idle socket closed");
+                this.close(CloseKind::GoingAway, ctx);
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.metrics.ws_open.dec();
+        self.hub.do_send(Detach { user: self.identity.user_id, socket: self.id });
+    }
+}
+
+impl StreamHandler<Inbound> for Connection {
+    fn handle(&mut self, message: Inbound, ctx: &mut Context<Self>) {
+        self.last_heard = Instant::now();
+        match message {
+            Inbound::Text(text) => {
+                self.metrics.ws_frames_in.inc();
+                self.on_text(&text, ctx);
+            }
+            Inbound::Binary => self.bad_frame(ctx),
+            Inbound::Ping(bytes) => {
+                if self.outbox.send(Outbound::Pong(bytes)).is_err() {
+                    self.close(CloseKind::Policy, ctx);
+                }
+            }
+            Inbound::Pong => {}
+            Inbound::Close => self.close(CloseKind::Normal, ctx),
+            Inbound::TooLarge => {
+                self.metrics.ws_bad_frames.inc();
+                self.close(CloseKind::TooLarge, ctx);
+            }
+            Inbound::Broken => self.close(CloseKind::Policy, ctx),
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        // The client went away.
+        self.closing = true;
+        ctx.stop();
+    }
+}
+
+/// What a user's session sends to each of the user's sockets.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum ToSocket {
+    /// A broadcast for `topic`, already encoded; written only if the socket joined the topic.
+    Push { topic: Arc<str>, text: ByteString },
+    /// Close the socket (e.g. its login session ended).
+    Close(CloseKind),
+}
+
+impl Handler<ToSocket> for Connection {
+    type Result = ();
+
+    fn handle(&mut self, message: ToSocket, ctx: &mut Context<Self>) {
+        match message {
+            ToSocket::Push { topic, text } => {
+                if self.joined.contains_key(&*topic) {
+                    self.send(text, ctx);
+                }
+            }
+            ToSocket::Close(kind) => self.close(kind, ctx),
+        }
+    }
+}

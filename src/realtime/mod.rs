@@ -1,0 +1,93 @@
+//! The realtime core: the Phoenix Channels V2 socket, its actors, and the bus relay.
+//!
+//! Layers, each testable alone:
+//! * [`transport`]: bytes ↔ WebSocket messages (the only `actix_ws` user), bounded outbox;
+//! * [`frame`]: messages ↔ Phoenix frames;
+//! * [`connection`]: frames ↔ joins, replies and pushes, per socket (an actor);
+//! * [`topics`] and [`channels`]: what each topic is and does;
+//! * [`session`]: one actor per online user per replica, fanning events out to their sockets;
+//! * [`hub`]: one actor per replica, user → session, and the bus subscriptions;
+//! * [`relay`]: bus → hub, dropping this replica's own messages.
+//!
+//! ```text
+//! socket ─▶ Connection ─▶ channels ─▶ Hub::Publish ─┬─▶ UserSession ─▶ Connection(s) ─▶ sockets
+//!                                                   └─▶ bus ─▶ other replicas: Relay ─▶ Hub ─▶ …
+//! ```
+
+pub mod channels;
+pub mod connection;
+pub mod events;
+pub mod frame;
+pub mod hub;
+pub mod relay;
+pub mod session;
+pub mod topics;
+pub mod transport;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix::prelude::*;
+
+pub use connection::SocketLimits;
+
+use self::hub::{Hub, Publish};
+use crate::bus::{AnyBus, BusNotices, ReplicaId};
+use crate::domain::UserId;
+use crate::telemetry::Metrics;
+use events::UserEvent;
+
+/// The realtime side of one replica, as the HTTP layer reaches it.
+pub struct Realtime {
+    pub replica: ReplicaId,
+    pub hub: Addr<Hub>,
+    pub limits: Arc<SocketLimits>,
+    pub metrics: Metrics,
+    next_socket: AtomicU64,
+}
+
+impl Realtime {
+    /// Starts the hub and the relay on the current arbiter.
+    pub fn start(
+        replica: ReplicaId,
+        bus: AnyBus,
+        notices: BusNotices,
+        limits: SocketLimits,
+        session_linger: std::time::Duration,
+        metrics: Metrics,
+    ) -> Self {
+        let hub = Hub::new(bus, session_linger, metrics.clone()).start();
+        relay::Relay::start(replica.clone(), hub.clone(), notices);
+        Self { replica, hub, limits: Arc::new(limits), metrics, next_socket: AtomicU64::new(1) }
+    }
+
+    /// A fresh socket id.
+    pub fn next_socket_id(&self) -> hub::SocketId {
+        self.next_socket.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Completes a socket upgrade for an authenticated `identity` speaking for `device`, and
+    /// starts the socket's connection actor.
+    pub fn accept(
+        &self,
+        req: &actix_web::HttpRequest,
+        body: actix_web::web::Payload,
+        identity: crate::auth::Identity,
+        device: crate::domain::DeviceId,
+    ) -> Result<actix_web::HttpResponse, actix_web::Error> {
+        let limits = self.limits.clone();
+        let (response, inbound, outbox) =
+            transport::accept(req, body, limits.hard_cap(), limits.outbound_queue)?;
+        let (id, hub, metrics) = (self.next_socket_id(), self.hub.clone(), self.metrics.clone());
+        connection::Connection::create(move |ctx| {
+            ctx.add_stream(inbound);
+            connection::Connection::new(id, identity, device, hub, outbox, limits, metrics)
+        });
+        Ok(response)
+    }
+
+    /// Closes the sockets of one login session, on every replica.
+    pub fn end_session(&self, user: UserId, session: &str) {
+        self.hub.do_send(Publish { user, event: UserEvent::EndSession { session: session.to_owned() } });
+    }
+}

@@ -1,0 +1,127 @@
+//! A user's session on this replica: the sockets that user has here, and the one place the
+//! user's events fan out to them. One per online user per replica, started and retired by the
+//! [`Hub`](super::hub::Hub). (The queue issue adds the user's cached queue, whose changes the
+//! session serialises.)
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::connection::ToSocket;
+use super::events::UserEvent;
+use super::frame;
+use super::hub::SocketId;
+use super::transport::CloseKind;
+use crate::domain::{DeviceId, UserId};
+
+/// One socket of the user.
+pub struct Member {
+    pub socket: SocketId,
+    pub recipient: Recipient<ToSocket>,
+    /// The login session (refresh family) the socket authenticated with.
+    pub login_session: String,
+    pub device: DeviceId,
+}
+
+pub struct UserSession {
+    user: UserId,
+    members: HashMap<SocketId, Member>,
+}
+
+impl UserSession {
+    pub fn new(user: UserId) -> Self {
+        Self { user, members: HashMap::new() }
+    }
+}
+
+impl Actor for UserSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        tracing::debug!(user = %self.user, "session started");
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        tracing::debug!(user = %self.user, "session stopped");
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Join(pub Member);
+
+impl Handler<Join> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, Join(member): Join, _: &mut Context<Self>) {
+        self.members.insert(member.socket, member);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave(pub SocketId);
+
+impl Handler<Leave> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, Leave(socket): Leave, _: &mut Context<Self>) {
+        self.members.remove(&socket);
+    }
+}
+
+/// An event for this user, from this replica or another.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub UserEvent);
+
+impl Handler<Deliver> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, Deliver(event): Deliver, _: &mut Context<Self>) {
+        match event {
+            UserEvent::Push { topic, event, payload } => {
+                // Encoded once for all the user's sockets; a broadcast carries no join_ref, so
+                // the same text is right for every socket joined to the topic.
+                let text = frame::encode(None, None, &topic, &event, &payload);
+                let topic: Arc<str> = topic.into();
+                for member in self.members.values() {
+                    member.recipient.do_send(ToSocket::Push { topic: topic.clone(), text: text.clone() });
+                }
+            }
+            UserEvent::EndSession { session } => {
+                for member in self.members.values().filter(|m| m.login_session == session) {
+                    member.recipient.do_send(ToSocket::Close(CloseKind::Policy));
+                }
+            }
+        }
+    }
+}
+
+/// The bus was lost and is back: refresh anything derived from bus messages. The session
+/// holds no such state yet; the queue cache (issue 4) is dropped and re-sent here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+impl Handler<Resync> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Resync, _: &mut Context<Self>) {
+        tracing::debug!(user = %self.user, sockets = self.members.len(), "session resync");
+    }
+}
+
+/// Retire the session (sent by the hub once the user has no sockets here).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
