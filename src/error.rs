@@ -21,7 +21,11 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 pub enum ApiError {
     /// The client's fault, or a state the client must handle; the detail is for the client.
     #[error("{detail}")]
-    Client { status: StatusCode, code: &'static str, detail: String },
+    Client {
+        status: StatusCode,
+        code: &'static str,
+        detail: String,
+    },
     /// A part the hub depends on is away; the client may retry.
     #[error("{part} is unavailable")]
     Unavailable {
@@ -43,7 +47,11 @@ struct ErrorBody<'a> {
 
 impl ApiError {
     pub fn client(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self::Client { status, code, detail: detail.into() }
+        Self::Client {
+            status,
+            code,
+            detail: detail.into(),
+        }
     }
 
     pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
@@ -97,8 +105,10 @@ impl ResponseError for ApiError {
                 "Something went wrong on our side.".to_owned()
             }
         };
-        let mut response = HttpResponse::build(self.status_code())
-            .json(ErrorBody { detail: &detail, code: self.code() });
+        let mut response = HttpResponse::build(self.status_code()).json(ErrorBody {
+            detail: &detail,
+            code: self.code(),
+        });
         if self.status_code() == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -121,14 +131,21 @@ pub fn chain(error: &dyn StdError) -> String {
 
 impl From<InvalidInput> for ApiError {
     fn from(error: InvalidInput) -> Self {
-        Self::client(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", error.to_string())
+        Self::client(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+            error.to_string(),
+        )
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         if error.is_unavailable() {
-            Self::Unavailable { part: "database", source: Box::new(error) }
+            Self::Unavailable {
+                part: "database",
+                source: Box::new(error),
+            }
         } else {
             Self::Internal(Box::new(error))
         }
@@ -149,21 +166,21 @@ pub fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error 
             "unsupported_media_type",
             "The body must be JSON, sent with Content-Type: application/json.",
         ),
-        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
-            ApiError::client(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("The body is larger than the limit of {limit} bytes."),
-            )
-        }
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::client(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("The body is larger than the limit of {limit} bytes."),
+        ),
         JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::client(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
             format!("The body does not have the expected fields: {e}."),
         ),
-        JsonPayloadError::Deserialize(e) => {
-            ApiError::bad_request("malformed_json", format!("The body is not valid JSON: {e}."))
-        }
+        JsonPayloadError::Deserialize(e) => ApiError::bad_request(
+            "malformed_json",
+            format!("The body is not valid JSON: {e}."),
+        ),
         _ => ApiError::bad_request("unreadable_body", "The body could not be read."),
     };
     api.into()
@@ -171,10 +188,19 @@ pub fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error 
 
 /// Turns path-parameter errors into the house shape.
 pub fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::client(StatusCode::NOT_FOUND, "not_found", format!("No such resource: {error}.")).into()
+    ApiError::client(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("No such resource: {error}."),
+    )
+    .into()
 }
 
 /// Turns query-string errors into the house shape.
 pub fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::bad_request("invalid_query", format!("The query string is invalid: {error}.")).into()
+    ApiError::bad_request(
+        "invalid_query",
+        format!("The query string is invalid: {error}."),
+    )
+    .into()
 }

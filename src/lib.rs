@@ -24,7 +24,10 @@
 //! Dependencies point the way data flows: `http` → `realtime` → `store` / `bus`; nothing in
 //! `store` or `bus` imports `realtime` or `http`.
 
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 pub mod auth;
 pub mod bus;

@@ -135,7 +135,10 @@ pub struct SettingsError {
 
 impl SettingsError {
     fn new(setting: &str, problem: impl Into<String>) -> Self {
-        Self { setting: setting.to_owned(), problem: problem.into() }
+        Self {
+            setting: setting.to_owned(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -189,7 +192,10 @@ impl Settings {
         }
         let namespace_ok = !self.redis_namespace.is_empty()
             && self.redis_namespace.len() <= 64
-            && self.redis_namespace.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+            && self
+                .redis_namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
         if !namespace_ok {
             return Err(SettingsError::new(
                 "SEGUE_REDIS_NAMESPACE",
@@ -199,7 +205,10 @@ impl Settings {
         if let Some(secret) = &self.jwt_secret
             && secret.expose_secret().len() < 32
         {
-            return Err(SettingsError::new("SEGUE_JWT_SECRET", "must be at least 32 bytes long"));
+            return Err(SettingsError::new(
+                "SEGUE_JWT_SECRET",
+                "must be at least 32 bytes long",
+            ));
         }
         let positive = [
             ("SEGUE_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
@@ -207,8 +216,14 @@ impl Settings {
             ("SEGUE_MAX_BODY_BYTES", self.max_body_bytes as u64),
             ("SEGUE_DB_POOL_SIZE", u64::from(self.db_pool_size)),
             ("SEGUE_DB_CONNECT_TIMEOUT_MS", self.db_connect_timeout_ms),
-            ("SEGUE_DB_STATEMENT_TIMEOUT_MS", self.db_statement_timeout_ms),
-            ("SEGUE_WS_MAX_MESSAGE_BYTES", self.ws_max_message_bytes as u64),
+            (
+                "SEGUE_DB_STATEMENT_TIMEOUT_MS",
+                self.db_statement_timeout_ms,
+            ),
+            (
+                "SEGUE_WS_MAX_MESSAGE_BYTES",
+                self.ws_max_message_bytes as u64,
+            ),
             ("SEGUE_WS_IDLE_TIMEOUT_SECS", self.ws_idle_timeout_secs),
             ("SEGUE_WS_OUTBOUND_QUEUE", self.ws_outbound_queue as u64),
         ];
@@ -225,19 +240,30 @@ impl Settings {
             ));
         }
         if self.workers == Some(0) {
-            return Err(SettingsError::new("SEGUE_WORKERS", "must be greater than zero"));
+            return Err(SettingsError::new(
+                "SEGUE_WORKERS",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
 
     /// The address to listen on.
     pub fn bind_addr(&self) -> Result<SocketAddr, SettingsError> {
-        let invalid =
-            || SettingsError::new("SEGUE_BIND", format!("must be host:port, got {:?}", self.bind));
+        let invalid = || {
+            SettingsError::new(
+                "SEGUE_BIND",
+                format!("must be host:port, got {:?}", self.bind),
+            )
+        };
         if let Ok(addr) = self.bind.parse() {
             return Ok(addr);
         }
-        self.bind.to_socket_addrs().map_err(|_| invalid())?.next().ok_or_else(invalid)
+        self.bind
+            .to_socket_addrs()
+            .map_err(|_| invalid())?
+            .next()
+            .ok_or_else(invalid)
     }
 
     /// The database named by `DATABASE_URL`, or the embedded SQLite file.
@@ -280,7 +306,11 @@ impl Settings {
             .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
             .filter(|o| !o.is_empty())
             .collect();
-        if entries.iter().any(|o| o == "*") { None } else { Some(entries) }
+        if entries.iter().any(|o| o == "*") {
+            None
+        } else {
+            Some(entries)
+        }
     }
 
     /// How long a request waits for a pooled database connection.
@@ -302,7 +332,11 @@ impl Settings {
 /// The environment variable that sets `field`.
 fn env_name(field: &str) -> String {
     let upper = field.to_ascii_uppercase();
-    if UNPREFIXED.contains(&upper.as_str()) { upper } else { format!("SEGUE_{upper}") }
+    if UNPREFIXED.contains(&upper.as_str()) {
+        upper
+    } else {
+        format!("SEGUE_{upper}")
+    }
 }
 
 #[cfg(test)]
@@ -310,7 +344,10 @@ mod tests {
     use super::*;
 
     fn with_database(url: &str) -> Settings {
-        Settings { database_url: Some(url.into()), ..Settings::default() }
+        Settings {
+            database_url: Some(url.into()),
+            ..Settings::default()
+        }
     }
 
     #[test]
@@ -333,7 +370,9 @@ mod tests {
 
     #[test]
     fn an_unknown_scheme_is_rejected_without_echoing_the_password() {
-        let error = with_database("mysql://user:hunter2@host/db").database().err();
+        let error = with_database("mysql://user:hunter2@host/db")
+            .database()
+            .err();
         let message = error.map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("DATABASE_URL"), "{message}");
         assert!(!message.contains("hunter2"), "{message}");
@@ -341,14 +380,24 @@ mod tests {
 
     #[test]
     fn a_bad_bind_address_names_the_setting() {
-        let settings = Settings { bind: "not an address".into(), ..Settings::default() };
-        let message = settings.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        let settings = Settings {
+            bind: "not an address".into(),
+            ..Settings::default()
+        };
+        let message = settings
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(message.contains("SEGUE_BIND"), "{message}");
     }
 
     #[test]
     fn a_short_jwt_secret_is_rejected() {
-        let settings = Settings { jwt_secret: Some("short".into()), ..Settings::default() };
+        let settings = Settings {
+            jwt_secret: Some("short".into()),
+            ..Settings::default()
+        };
         assert!(settings.validate().is_err());
     }
 

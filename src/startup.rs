@@ -10,9 +10,9 @@ use actix_web::{App, HttpServer, web};
 
 use crate::auth::{Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
-use crate::realtime::{Realtime, SocketLimits};
 use crate::error;
 use crate::http::{self, AppState};
+use crate::realtime::{Realtime, SocketLimits};
 use crate::settings::{Settings, SettingsError};
 use crate::store::{Store, StoreInitError};
 use crate::telemetry::{self, Metrics};
@@ -32,7 +32,10 @@ pub enum StartupError {
     #[error("REDIS_URL could not be used")]
     Redis(#[from] redis::RedisError),
     #[error("could not listen on {addr}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("metrics could not be registered")]
     Metrics(#[from] prometheus::Error),
 }
@@ -51,19 +54,30 @@ impl Application {
 
     /// Builds a replica whose in-process bus is attached to `network`, so several replicas in
     /// one process form a cluster without Redis. With `REDIS_URL` set the network is unused.
-    pub async fn build_on(settings: Settings, network: MemoryNetwork) -> Result<Self, StartupError> {
+    pub async fn build_on(
+        settings: Settings,
+        network: MemoryNetwork,
+    ) -> Result<Self, StartupError> {
         settings.validate()?;
         let addr = settings.bind_addr()?;
         let store = Store::connect(&settings).await?;
         let keys = TokenKeys::from_settings(&settings)?;
-        let redis = settings.redis_url.as_ref().map(crate::redis::build_pool).transpose()?;
+        let redis = settings
+            .redis_url
+            .as_ref()
+            .map(crate::redis::build_pool)
+            .transpose()?;
         let metrics = Metrics::new()?;
         let replica = ReplicaId::generate();
         let (bus, notices) = match (&settings.redis_url, &redis) {
             (Some(url), Some(pool)) => {
                 let client = ::redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
-                let (bus, notices) =
-                    RedisBus::start(client, pool.clone(), &settings.redis_namespace, replica.clone());
+                let (bus, notices) = RedisBus::start(
+                    client,
+                    pool.clone(),
+                    &settings.redis_namespace,
+                    replica.clone(),
+                );
                 (AnyBus::Redis(bus), notices)
             }
             _ => {
@@ -78,13 +92,24 @@ impl Application {
         };
         let linger = std::time::Duration::from_secs(settings.session_linger_secs);
         let bus_kind = bus.kind();
-        let realtime =
-            web::Data::new(Realtime::start(replica, bus, notices, limits, linger, metrics.clone()));
-        let listener = TcpListener::bind(addr)
-            .map_err(|source| StartupError::Bind { addr: addr.to_string(), source })?;
+        let realtime = web::Data::new(Realtime::start(
+            replica,
+            bus,
+            notices,
+            limits,
+            linger,
+            metrics.clone(),
+        ));
+        let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
         let port = listener
             .local_addr()
-            .map_err(|source| StartupError::Bind { addr: addr.to_string(), source })?
+            .map_err(|source| StartupError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?
             .port();
         tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, "segue starting");
 
@@ -104,7 +129,11 @@ impl Application {
                 .app_data(state.clone())
                 .app_data(metrics.clone())
                 .app_data(realtime.clone())
-                .app_data(web::JsonConfig::default().limit(max_body).error_handler(error::json_error))
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(max_body)
+                        .error_handler(error::json_error),
+                )
                 .app_data(web::PayloadConfig::new(max_body))
                 .app_data(web::PathConfig::default().error_handler(error::path_error))
                 .app_data(web::QueryConfig::default().error_handler(error::query_error))
@@ -117,7 +146,10 @@ impl Application {
         }
         let server = server
             .listen(listener)
-            .map_err(|source| StartupError::Bind { addr: addr.to_string(), source })?
+            .map_err(|source| StartupError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?
             .run();
         Ok(Self { port, server })
     }

@@ -21,7 +21,9 @@ pub fn init_tracing(settings: &Settings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.log))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second call (tests build many applications) keeps the first subscriber.
     let _ = match settings.log_format {
         LogFormat::Json => builder.json().try_init(),
@@ -67,8 +69,13 @@ impl Metrics {
             &["method", "route", "status"],
         )?;
         let http_duration = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_seconds", "Time to answer an HTTP request")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "Time to answer an HTTP request",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             &["method", "route"],
         )?;
         registry.register(Box::new(http_requests.clone()))?;
@@ -87,7 +94,10 @@ impl Metrics {
             ws_open: gauge("ws_open", "Open WebSockets")?,
             ws_frames_in: counter("ws_frames_in_total", "Text frames received")?,
             ws_frames_out: counter("ws_frames_out_total", "Frames queued for sockets")?,
-            ws_bad_frames: counter("ws_bad_frames_total", "Malformed, oversized or binary frames")?,
+            ws_bad_frames: counter(
+                "ws_bad_frames_total",
+                "Malformed, oversized or binary frames",
+            )?,
             ws_slow_closed: counter("ws_slow_closed_total", "Sockets closed for not reading")?,
             sessions: gauge("sessions", "Users with a session on this replica")?,
             bus_published: counter("bus_published_total", "Events published on the bus")?,
@@ -124,7 +134,9 @@ pub async fn observe_requests(
     let elapsed = started.elapsed();
     let request = response.request();
     // The route pattern, not the path, so ids do not explode the label set.
-    let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    let route = request
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().as_str();
     let status = response.status();
     if let Some(metrics) = metrics {
@@ -132,7 +144,10 @@ pub async fn observe_requests(
             .http_requests
             .with_label_values(&[method, route.as_str(), status.as_str()])
             .inc();
-        metrics.http_duration.with_label_values(&[method, route.as_str()]).observe(elapsed.as_secs_f64());
+        metrics
+            .http_duration
+            .with_label_values(&[method, route.as_str()])
+            .observe(elapsed.as_secs_f64());
     }
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     if status.is_server_error() {

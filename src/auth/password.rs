@@ -3,9 +3,9 @@
 
 use std::sync::LazyLock;
 
+use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use argon2::Argon2;
 
 use crate::domain::Password;
 
@@ -40,12 +40,17 @@ pub async fn hash_password(password: Password) -> Result<String, PasswordError> 
 
 /// Checks `password` against a stored PHC string; with no stored hash (unknown account) it
 /// spends the same effort and answers false.
-pub async fn verify_password(password: String, stored: Option<String>) -> Result<bool, PasswordError> {
+pub async fn verify_password(
+    password: String,
+    stored: Option<String>,
+) -> Result<bool, PasswordError> {
     tokio::task::spawn_blocking(move || {
         let known = stored.is_some();
         let hash = stored.or_else(|| DUMMY_HASH.clone()).unwrap_or_default();
         let parsed = PasswordHash::new(&hash).map_err(|e| PasswordError::Hash(e.to_string()))?;
-        let matches = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
+        let matches = Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
         Ok(known && matches)
     })
     .await
@@ -62,12 +67,21 @@ mod tests {
         let hash = hash_password(password.expect("valid password")).await;
         let hash = hash.expect("hashing works");
         assert!(hash.starts_with("$argon2id$"));
-        assert!(matches!(verify_password("correct horse".into(), Some(hash.clone())).await, Ok(true)));
-        assert!(matches!(verify_password("wrong horse".into(), Some(hash)).await, Ok(false)));
+        assert!(matches!(
+            verify_password("correct horse".into(), Some(hash.clone())).await,
+            Ok(true)
+        ));
+        assert!(matches!(
+            verify_password("wrong horse".into(), Some(hash)).await,
+            Ok(false)
+        ));
     }
 
     #[tokio::test]
     async fn an_unknown_account_never_verifies() {
-        assert!(matches!(verify_password("anything at all".into(), None).await, Ok(false)));
+        assert!(matches!(
+            verify_password("anything at all".into(), None).await,
+            Ok(false)
+        ));
     }
 }

@@ -40,7 +40,10 @@ pub struct TokenKeys {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenKeysError {
     #[error("could not read or write the token key file {path}")]
-    KeyFile { path: String, source: std::io::Error },
+    KeyFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the token key file {path} is too short; delete it to have a new key generated")]
     ShortKey { path: String },
 }
@@ -53,7 +56,10 @@ impl TokenKeys {
             Some(secret) => secret.expose_secret().as_bytes().to_vec(),
             None => load_or_create_key(&settings.token_key_path())?,
         };
-        Ok(Self::from_secret(&secret, Duration::from_secs(settings.access_token_ttl_secs)))
+        Ok(Self::from_secret(
+            &secret,
+            Duration::from_secs(settings.access_token_ttl_secs),
+        ))
     }
 
     pub fn from_secret(secret: &[u8], ttl: Duration) -> Self {
@@ -103,9 +109,17 @@ impl TokenKeys {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
             _ => TokenError::Invalid,
         })?;
-        let user_id = claims.sub.parse().map(UserId).map_err(|_| TokenError::Invalid)?;
+        let user_id = claims
+            .sub
+            .parse()
+            .map(UserId)
+            .map_err(|_| TokenError::Invalid)?;
         let device_id = DeviceId::parse(&claims.did).map_err(|_| TokenError::Invalid)?;
-        Ok(Identity { user_id, device_id, session: claims.sid })
+        Ok(Identity {
+            user_id,
+            device_id,
+            session: claims.sid,
+        })
     }
 }
 
@@ -129,10 +143,17 @@ pub enum TokenError {
 
 /// Reads the generated key, or creates it (readable by the owner only).
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenKeysError> {
-    let io_error = |source| TokenKeysError::KeyFile { path: path.display().to_string(), source };
+    let io_error = |source| TokenKeysError::KeyFile {
+        path: path.display().to_string(),
+        source,
+    };
     match std::fs::read(path) {
         Ok(key) if key.len() >= 32 => return Ok(key),
-        Ok(_) => return Err(TokenKeysError::ShortKey { path: path.display().to_string() }),
+        Ok(_) => {
+            return Err(TokenKeysError::ShortKey {
+                path: path.display().to_string(),
+            });
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error(e)),
     }
@@ -178,16 +199,26 @@ mod tests {
 
     #[test]
     fn a_token_signed_with_another_key_is_rejected() {
-        let other = TokenKeys::from_secret(b"another-key-another-key-another-key", Duration::from_secs(60));
-        let token = other.issue(UserId(7), &DeviceId::generate(), "fam").unwrap_or_default();
+        let other = TokenKeys::from_secret(
+            b"another-key-another-key-another-key",
+            Duration::from_secs(60),
+        );
+        let token = other
+            .issue(UserId(7), &DeviceId::generate(), "fam")
+            .unwrap_or_default();
         assert_eq!(keys().identify(&token), Err(TokenError::Invalid));
     }
 
     #[test]
     fn an_expired_token_is_reported_as_expired() {
         let keys = keys();
-        let claims =
-            AccessClaims { sub: "7".into(), did: "d1".into(), sid: "fam".into(), iat: 1_000, exp: 1_060 };
+        let claims = AccessClaims {
+            sub: "7".into(),
+            did: "d1".into(),
+            sid: "fam".into(),
+            iat: 1_000,
+            exp: 1_060,
+        };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding)
             .unwrap_or_default();
         assert_eq!(keys.identify(&token), Err(TokenError::Expired));

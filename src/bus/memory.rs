@@ -37,7 +37,13 @@ impl MemoryNetwork {
     pub fn attach(&self, replica: ReplicaId) -> (MemoryBus, BusNotices) {
         let (sender, notices) = mpsc::unbounded_channel();
         self.lock().replicas.insert(replica.clone(), sender);
-        (MemoryBus { network: self.clone(), replica }, notices)
+        (
+            MemoryBus {
+                network: self.clone(),
+                replica,
+            },
+            notices,
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Members> {
@@ -59,7 +65,11 @@ impl Bus for MemoryBus {
         if let Some(listeners) = channels.get(&user) {
             for replica in listeners {
                 if let Some(queue) = replicas.get(replica) {
-                    let message = BusMessage { user, origin: self.replica.clone(), body: body.clone() };
+                    let message = BusMessage {
+                        user,
+                        origin: self.replica.clone(),
+                        body: body.clone(),
+                    };
                     let _ = queue.send(BusNotice::Message(message));
                 }
             }
@@ -68,7 +78,12 @@ impl Bus for MemoryBus {
     }
 
     async fn subscribe(&self, user: UserId) -> Result<(), SubscribeError> {
-        self.network.lock().channels.entry(user).or_default().insert(self.replica.clone());
+        self.network
+            .lock()
+            .channels
+            .entry(user)
+            .or_default()
+            .insert(self.replica.clone());
         Ok(())
     }
 

@@ -125,10 +125,12 @@ impl Future for Published {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().0 {
-            PublishedInner::Ready(result) => Poll::Ready(result.take().unwrap_or(Err(PublishError::Closed))),
-            PublishedInner::Pending(receiver) => {
-                Pin::new(receiver).poll(cx).map(|r| r.unwrap_or(Err(PublishError::Closed)))
+            PublishedInner::Ready(result) => {
+                Poll::Ready(result.take().unwrap_or(Err(PublishError::Closed)))
             }
+            PublishedInner::Pending(receiver) => Pin::new(receiver)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(PublishError::Closed))),
         }
     }
 }

@@ -75,11 +75,18 @@ impl RedisBus {
         namespace: &str,
         replica: ReplicaId,
     ) -> (Self, BusNotices) {
-        let channels = Channels { prefix: format!("{namespace}:user:") };
+        let channels = Channels {
+            prefix: format!("{namespace}:user:"),
+        };
         let (publish, publish_queue) = mpsc::unbounded_channel();
         let (control, control_queue) = mpsc::unbounded_channel();
         let (notify, notices) = mpsc::unbounded_channel();
-        tokio::spawn(run_publisher(pool, channels.clone(), replica.clone(), publish_queue));
+        tokio::spawn(run_publisher(
+            pool,
+            channels.clone(),
+            replica.clone(),
+            publish_queue,
+        ));
         tokio::spawn(run_subscriber(client, channels, control_queue, notify));
         (Self { publish, control }, notices)
     }
@@ -89,7 +96,9 @@ impl RedisBus {
         make: impl FnOnce(oneshot::Sender<Result<(), SubscribeError>>) -> Control,
     ) -> Result<(), SubscribeError> {
         let (done, result) = oneshot::channel();
-        self.control.send(make(done)).map_err(|_| SubscribeError::Closed)?;
+        self.control
+            .send(make(done))
+            .map_err(|_| SubscribeError::Closed)?;
         result.await.unwrap_or(Err(SubscribeError::Closed))
     }
 }
@@ -126,7 +135,10 @@ fn decode(wire: &[u8]) -> Option<(ReplicaId, Bytes)> {
     let split = wire.iter().position(|&b| b == b'\n')?;
     let (origin, rest) = wire.split_at(split);
     let origin = std::str::from_utf8(origin).ok()?;
-    Some((ReplicaId(origin.into()), Bytes::copy_from_slice(rest.get(1..)?)))
+    Some((
+        ReplicaId(origin.into()),
+        Bytes::copy_from_slice(rest.get(1..)?),
+    ))
 }
 
 async fn run_publisher(
@@ -178,8 +190,14 @@ async fn run_subscriber(
     control: mpsc::UnboundedReceiver<Control>,
     notify: mpsc::UnboundedSender<BusNotice>,
 ) {
-    let mut subscriber =
-        Subscriber { client, channels, control, notify, live: HashSet::new(), lost: false };
+    let mut subscriber = Subscriber {
+        client,
+        channels,
+        control,
+        notify,
+        live: HashSet::new(),
+        lost: false,
+    };
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
         match subscriber.connected().await {
@@ -262,12 +280,19 @@ impl Subscriber {
 
     /// Hands a heard message to the replica.
     fn forward(&self, message: &redis::Msg) {
-        let Some(user) = self.channels.user(message.get_channel_name()) else { return };
-        let Some((origin, body)) = decode(message.get_payload_bytes()) else {
-            tracing::warn!(channel = message.get_channel_name(), "unreadable bus message dropped");
+        let Some(user) = self.channels.user(message.get_channel_name()) else {
             return;
         };
-        let _ = self.notify.send(BusNotice::Message(BusMessage { user, origin, body }));
+        let Some((origin, body)) = decode(message.get_payload_bytes()) else {
+            tracing::warn!(
+                channel = message.get_channel_name(),
+                "unreadable bus message dropped"
+            );
+            return;
+        };
+        let _ = self
+            .notify
+            .send(BusNotice::Message(BusMessage { user, origin, body }));
     }
 
     fn mark_lost(&mut self) {
@@ -325,7 +350,9 @@ mod tests {
 
     #[test]
     fn channel_names_map_back_to_users() {
-        let channels = Channels { prefix: "segue:user:".into() };
+        let channels = Channels {
+            prefix: "segue:user:".into(),
+        };
         assert_eq!(channels.name(UserId(42)), "segue:user:42");
         assert_eq!(channels.user("segue:user:42"), Some(UserId(42)));
         assert_eq!(channels.user("other:user:42"), None);

@@ -22,8 +22,13 @@ impl Handle {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         let handle = raw.trim().to_ascii_lowercase();
         let length_ok = (HANDLE_MIN..=HANDLE_MAX).contains(&handle.len());
-        let chars_ok = handle.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c));
-        let starts_ok = handle.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let chars_ok = handle
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c));
+        let starts_ok = handle
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
         if length_ok && chars_ok && starts_ok {
             Ok(Self(handle))
         } else {
@@ -96,7 +101,10 @@ mod tests {
 
     #[test]
     fn a_handle_is_kept_in_lower_case() {
-        assert_eq!(Handle::parse("  Alice_99 ").map(|h| h.0), Ok("alice_99".to_owned()));
+        assert_eq!(
+            Handle::parse("  Alice_99 ").map(|h| h.0),
+            Ok("alice_99".to_owned())
+        );
     }
 
     #[test]

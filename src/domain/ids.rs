@@ -30,7 +30,9 @@ impl DeviceId {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         let ok = !raw.is_empty()
             && raw.len() <= DEVICE_ID_MAX
-            && raw.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
         if ok {
             Ok(Self(raw.to_owned()))
         } else {
@@ -109,7 +111,10 @@ impl TrackId {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         let text = parse_text("track id", raw, 1, TRACK_ID_MAX)?;
         if text.len() != raw.len() {
-            return Err(InvalidInput::new("track id", "must not start or end with spaces"));
+            return Err(InvalidInput::new(
+                "track id",
+                "must not start or end with spaces",
+            ));
         }
         Ok(Self(text))
     }

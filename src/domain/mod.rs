@@ -19,7 +19,10 @@ pub struct InvalidInput {
 
 impl InvalidInput {
     pub fn new(field: &'static str, problem: impl Into<String>) -> Self {
-        Self { field, problem: problem.into() }
+        Self {
+            field,
+            problem: problem.into(),
+        }
     }
 }
 
@@ -34,10 +37,16 @@ pub(crate) fn parse_text(
     let text = raw.trim();
     let length = text.chars().count();
     if length < min || length > max {
-        return Err(InvalidInput::new(field, format!("must be {min} to {max} characters long")));
+        return Err(InvalidInput::new(
+            field,
+            format!("must be {min} to {max} characters long"),
+        ));
     }
     if text.chars().any(char::is_control) {
-        return Err(InvalidInput::new(field, "must not contain control characters"));
+        return Err(InvalidInput::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(text.to_owned())
 }

@@ -66,7 +66,12 @@ struct DeviceInput {
 impl DeviceInput {
     fn parse(body: &Credentials) -> Result<Self, InvalidInput> {
         let id = body.device_id.as_deref().map(DeviceId::parse).transpose()?;
-        let kind = body.device_kind.as_deref().map(DeviceKind::parse).transpose()?.unwrap_or_default();
+        let kind = body
+            .device_kind
+            .as_deref()
+            .map(DeviceKind::parse)
+            .transpose()?
+            .unwrap_or_default();
         let name = match body.device_name.as_deref() {
             Some(name) => crate::domain::DisplayName::parse(name)
                 .map_err(|e| InvalidInput::new("device_name", e.problem))?
@@ -74,7 +79,11 @@ impl DeviceInput {
                 .to_owned(),
             None => format!("{} device", kind.as_str()),
         };
-        Ok(Self { id: id.unwrap_or_else(DeviceId::generate), name, kind })
+        Ok(Self {
+            id: id.unwrap_or_else(DeviceId::generate),
+            name,
+            kind,
+        })
     }
 }
 
@@ -119,7 +128,9 @@ async fn issue_refresh(
 ) -> Result<String, StoreError> {
     let token = random_token(32);
     let now = store::now();
-    let ttl = TimeDelta::seconds(i64::try_from(state.settings.refresh_token_ttl_secs).unwrap_or(i64::MAX));
+    let ttl = TimeDelta::seconds(
+        i64::try_from(state.settings.refresh_token_ttl_secs).unwrap_or(i64::MAX),
+    );
     tokens::insert(
         conn,
         &NewRefreshToken {
@@ -128,7 +139,9 @@ async fn issue_refresh(
             device_id: device.as_str(),
             token_hash: &hash_refresh_token(&token),
             created_at: now,
-            expires_at: now.checked_add_signed(ttl).unwrap_or(chrono::NaiveDateTime::MAX),
+            expires_at: now
+                .checked_add_signed(ttl)
+                .unwrap_or(chrono::NaiveDateTime::MAX),
         },
     )
     .await?;
@@ -142,10 +155,16 @@ fn token_response(
     device: &DeviceId,
     refresh: IssuedRefresh,
 ) -> Result<TokenResponse, ApiError> {
-    let access_token =
-        state.keys.issue(user.user_id(), device, &refresh.family).map_err(ApiError::internal)?;
+    let access_token = state
+        .keys
+        .issue(user.user_id(), device, &refresh.family)
+        .map_err(ApiError::internal)?;
     Ok(TokenResponse {
-        user: UserView { id: user.user_id(), handle: user.handle.clone(), display_name: user.display_name.clone() },
+        user: UserView {
+            id: user.user_id(),
+            handle: user.handle.clone(),
+            display_name: user.display_name.clone(),
+        },
         access_token,
         refresh_token: refresh.token,
         token_type: "Bearer",
@@ -189,7 +208,10 @@ pub async fn register(
         .await;
     let (user, refresh, device) = match outcome {
         Err(e) if e.is_unique_violation() => {
-            return Err(ApiError::conflict("handle_taken", "That handle is already taken."));
+            return Err(ApiError::conflict(
+                "handle_taken",
+                "That handle is already taken.",
+            ));
         }
         other => other?,
     };
@@ -203,8 +225,12 @@ pub async fn login(
     body: web::Json<Credentials>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let wrong =
-        || ApiError::unauthorized("invalid_credentials", "The handle or the password is wrong.");
+    let wrong = || {
+        ApiError::unauthorized(
+            "invalid_credentials",
+            "The handle or the password is wrong.",
+        )
+    };
     let device = DeviceInput::parse(&body)?;
     let mut pooled = state.store.conn().await?;
     // A handle that cannot exist is just a wrong handle; the hash check still runs so that
@@ -234,7 +260,11 @@ pub async fn login(
 
 /// What presenting a refresh token came to.
 enum RefreshOutcome {
-    Rotated { user: UserRecord, device: DeviceId, refresh: IssuedRefresh },
+    Rotated {
+        user: UserRecord,
+        device: DeviceId,
+        refresh: IssuedRefresh,
+    },
     Reused,
     Revoked,
     Expired,
@@ -261,9 +291,17 @@ pub async fn refresh(
                         .await?
                         .ok_or_else(|| StoreError::Corrupt("refresh token without user".into()))?;
                     let token =
-                        issue_refresh(conn, state_ref, spent.user_id, &spent.family_id, &device).await?;
-                    let refresh = IssuedRefresh { token, family: spent.family_id };
-                    return Ok::<_, StoreError>(RefreshOutcome::Rotated { user, device, refresh });
+                        issue_refresh(conn, state_ref, spent.user_id, &spent.family_id, &device)
+                            .await?;
+                    let refresh = IssuedRefresh {
+                        token,
+                        family: spent.family_id,
+                    };
+                    return Ok::<_, StoreError>(RefreshOutcome::Rotated {
+                        user,
+                        device,
+                        refresh,
+                    });
                 }
                 let Some(known) = tokens::find(conn, &presented).await? else {
                     return Ok(RefreshOutcome::Unknown);
@@ -273,9 +311,13 @@ pub async fn refresh(
                 } else if known.spent_at.is_some() {
                     // Committed with the transaction: the revocation must stick even though
                     // the request fails.
-                    tokens::revoke_family(conn, UserId(known.user_id), &known.family_id, now).await?;
+                    tokens::revoke_family(conn, UserId(known.user_id), &known.family_id, now)
+                        .await?;
                     state_ref.sessions.mark_revoked(&known.family_id).await;
-                    tracing::warn!(user = known.user_id, "refresh token reused; session revoked");
+                    tracing::warn!(
+                        user = known.user_id,
+                        "refresh token reused; session revoked"
+                    );
                     Ok(RefreshOutcome::Reused)
                 } else {
                     Ok(RefreshOutcome::Expired)
@@ -285,9 +327,11 @@ pub async fn refresh(
         })
         .await?;
     match outcome {
-        RefreshOutcome::Rotated { user, device, refresh } => {
-            Ok(HttpResponse::Ok().json(token_response(&state, &user, &device, refresh)?))
-        }
+        RefreshOutcome::Rotated {
+            user,
+            device,
+            refresh,
+        } => Ok(HttpResponse::Ok().json(token_response(&state, &user, &device, refresh)?)),
         RefreshOutcome::Reused => Err(ApiError::unauthorized(
             "refresh_token_reused",
             "This refresh token was already used; the session has been ended. Log in again.",
@@ -315,7 +359,13 @@ pub async fn logout(
     caller: AuthenticatedUser,
 ) -> Result<HttpResponse, ApiError> {
     let mut pooled = state.store.conn().await?;
-    tokens::revoke_family(&mut pooled.conn(), caller.user_id, &caller.session, store::now()).await?;
+    tokens::revoke_family(
+        &mut pooled.conn(),
+        caller.user_id,
+        &caller.session,
+        store::now(),
+    )
+    .await?;
     state.sessions.mark_revoked(&caller.session).await;
     realtime.end_session(caller.user_id, &caller.session);
     Ok(HttpResponse::NoContent().finish())

@@ -37,16 +37,24 @@ struct TrackBody {
 
 impl TrackBody {
     fn parse(self) -> Result<TrackInput, InvalidInput> {
-        let duration_ok = self.duration_ms.is_none_or(|ms| (0..=MAX_DURATION_MS).contains(&ms));
+        let duration_ok = self
+            .duration_ms
+            .is_none_or(|ms| (0..=MAX_DURATION_MS).contains(&ms));
         if !duration_ok {
-            return Err(InvalidInput::new("duration_ms", "must be between 0 and 86400000"));
+            return Err(InvalidInput::new(
+                "duration_ms",
+                "must be between 0 and 86400000",
+            ));
         }
         let image_url = self.image_url.map(|url| parse_url(&url)).transpose()?;
         Ok(TrackInput {
             id: TrackId::parse(&self.id)?,
             title: parse_text("title", &self.title, 1, 512)?,
             artist: parse_text("artist", &self.artist, 1, 256)?,
-            album: self.album.map(|a| parse_text("album", &a, 1, 512)).transpose()?,
+            album: self
+                .album
+                .map(|a| parse_text("album", &a, 1, 512))
+                .transpose()?,
             duration_ms: self.duration_ms,
             image_url,
         })
@@ -59,7 +67,10 @@ fn parse_url(raw: &str) -> Result<String, InvalidInput> {
     if url.starts_with("https://") || url.starts_with("http://") {
         Ok(url)
     } else {
-        Err(InvalidInput::new("image_url", "must be an http:// or https:// URL"))
+        Err(InvalidInput::new(
+            "image_url",
+            "must be an http:// or https:// URL",
+        ))
     }
 }
 
@@ -82,12 +93,18 @@ pub async fn upsert_tracks(
     let mut seen = HashSet::new();
     for (index, track) in body.tracks.into_iter().enumerate() {
         let track = track.parse().map_err(|e| {
-            InvalidInput::new("tracks", format!("track {index}: {}: {}", e.field, e.problem))
+            InvalidInput::new(
+                "tracks",
+                format!("track {index}: {}: {}", e.field, e.problem),
+            )
         })?;
         if !seen.insert(track.id.clone()) {
             return Err(InvalidInput::new(
                 "tracks",
-                format!("track {index}: id {:?} appears twice in the batch", track.id.as_str()),
+                format!(
+                    "track {index}: id {:?} appears twice in the batch",
+                    track.id.as_str()
+                ),
             )
             .into());
         }

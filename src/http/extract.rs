@@ -31,9 +31,10 @@ impl FromRequest for AuthenticatedUser {
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
             let identity = state.keys.identify(&token?).map_err(|e| match e {
-                TokenError::Expired => {
-                    ApiError::unauthorized("token_expired", "The access token has expired; refresh it.")
-                }
+                TokenError::Expired => ApiError::unauthorized(
+                    "token_expired",
+                    "The access token has expired; refresh it.",
+                ),
                 TokenError::Invalid => {
                     ApiError::unauthorized("invalid_token", "The access token is not valid.")
                 }
@@ -51,15 +52,23 @@ impl FromRequest for AuthenticatedUser {
 
 /// The token of an `Authorization: Bearer` header.
 fn bearer_token(req: &HttpRequest) -> Result<&str, ApiError> {
-    let malformed =
-        || ApiError::unauthorized("invalid_token", "The Authorization header must be 'Bearer <token>'.");
+    let malformed = || {
+        ApiError::unauthorized(
+            "invalid_token",
+            "The Authorization header must be 'Bearer <token>'.",
+        )
+    };
     let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
         ApiError::unauthorized(
             "missing_token",
             "This endpoint needs an access token (Authorization: Bearer <token>).",
         )
     })?;
-    let (scheme, token) = value.to_str().map_err(|_| malformed())?.split_once(' ').ok_or_else(malformed)?;
+    let (scheme, token) = value
+        .to_str()
+        .map_err(|_| malformed())?
+        .split_once(' ')
+        .ok_or_else(malformed)?;
     let token = token.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
         return Err(malformed());

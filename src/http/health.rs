@@ -27,7 +27,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         failing.push("store");
     }
     if let Some(pool) = &state.redis
-        && !matches!(tokio::time::timeout(READINESS_TIMEOUT, crate::redis::ping(pool)).await, Ok(Ok(())))
+        && !matches!(
+            tokio::time::timeout(READINESS_TIMEOUT, crate::redis::ping(pool)).await,
+            Ok(Ok(()))
+        )
     {
         failing.push("redis");
     }
@@ -49,5 +52,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 /// Prometheus text exposition.
 pub async fn metrics(metrics: web::Data<Metrics>) -> Result<HttpResponse, ApiError> {
     let body = metrics.render().map_err(ApiError::internal)?;
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(body))
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body))
 }

@@ -50,7 +50,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// The answer to a path no route matches, in the house error shape.
 pub async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::not_found("not_found", "There is nothing at this path."))
+    Err(ApiError::not_found(
+        "not_found",
+        "There is nothing at this path.",
+    ))
 }
 
 /// Makes `Metrics` reachable from handlers and middleware.

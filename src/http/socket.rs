@@ -56,7 +56,11 @@ fn forbidden(detail: &str) -> ApiError {
 /// A browser's `Origin` must be the hub's own or on the allow-list; clients that send none
 /// (native apps, servers) are not subject to the check.
 fn origin_allowed(req: &HttpRequest, allowed: Option<&[String]>) -> bool {
-    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+    let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    else {
         return true;
     };
     let origin = origin.trim_end_matches('/').to_ascii_lowercase();
@@ -64,8 +68,15 @@ fn origin_allowed(req: &HttpRequest, allowed: Option<&[String]>) -> bool {
     if allowed.contains(&origin) {
         return true;
     }
-    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or_default();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
     !host.is_empty() && origin_host == host.to_ascii_lowercase()
 }
 
@@ -102,7 +113,12 @@ pub async fn upgrade(
         Some(raw) => DeviceId::parse(raw)?,
         None => DeviceId::generate(),
     };
-    let kind = params.device_kind.as_deref().map(DeviceKind::parse).transpose()?.unwrap_or_default();
+    let kind = params
+        .device_kind
+        .as_deref()
+        .map(DeviceKind::parse)
+        .transpose()?
+        .unwrap_or_default();
     let name = match params.device_name.as_deref() {
         Some(name) => crate::domain::DisplayName::parse(name)?.as_str().to_owned(),
         None => format!("{} device", kind.as_str()),

@@ -30,7 +30,7 @@ fn refuse(reason: &str) -> Reply {
 /// Answers a join of `topic` (already authorised by [`Topic::route`]).
 pub fn join(topic: &Topic, _payload: &Map<String, Value>, _ctx: &ChannelContext<'_>) -> Reply {
     match topic {
-        Topic::Echo(_) => Ok(json!({})),
+        Topic::Echo(..) => Ok(json!({})),
     }
 }
 
@@ -42,7 +42,7 @@ pub fn handle_in(
     ctx: &ChannelContext<'_>,
 ) -> Reply {
     match topic {
-        Topic::Echo(user) => match event {
+        Topic::Echo(user, _) => match event {
             "ping" => Ok(Value::Object(payload)),
             "broadcast" => {
                 let Some(Value::String(name)) = payload.get("event") else {
@@ -58,7 +58,11 @@ pub fn handle_in(
                 };
                 ctx.hub.do_send(Publish {
                     user: *user,
-                    event: UserEvent::Push { topic: topic.to_string(), event: name.clone(), payload: body },
+                    event: UserEvent::Push {
+                        topic: topic.to_string(),
+                        event: name.clone(),
+                        payload: body,
+                    },
                 });
                 Ok(json!({}))
             }

@@ -136,7 +136,10 @@ impl Connection {
         }
         self.bad_frames += 1;
         if self.bad_frames > MAX_BAD_FRAMES {
-            tracing::info!(socket = self.id, "too many malformed frames; closing socket");
+            tracing::info!(
+                socket = self.id,
+                "too many malformed frames; closing socket"
+            );
             self.close(CloseKind::Policy, ctx);
         }
     }
@@ -158,8 +161,17 @@ impl Connection {
             Err(malformed) => {
                 if let Some(reference) = malformed.reference.as_deref() {
                     let topic = malformed.topic.as_deref().unwrap_or("phoenix");
-                    let reason = if too_large { "message too large" } else { malformed.reason };
-                    let reply = frame::error_reply(malformed.join_ref.as_deref(), Some(reference), topic, reason);
+                    let reason = if too_large {
+                        "message too large"
+                    } else {
+                        malformed.reason
+                    };
+                    let reply = frame::error_reply(
+                        malformed.join_ref.as_deref(),
+                        Some(reference),
+                        topic,
+                        reason,
+                    );
                     self.send(reply, ctx);
                 }
                 self.bad_frame(ctx);
@@ -182,10 +194,18 @@ impl Connection {
 
     fn join(&mut self, frame: Frame, ctx: &mut Context<Self>) {
         // The join's own ref is its join_ref; clients send both.
-        let join_ref = frame.join_ref.clone().or_else(|| frame.reference.clone()).unwrap_or_default();
+        let join_ref = frame
+            .join_ref
+            .clone()
+            .or_else(|| frame.reference.clone())
+            .unwrap_or_default();
         let reply_error = |this: &mut Self, reason: &str, ctx: &mut Context<Self>| {
-            let reply =
-                frame::error_reply(Some(&join_ref), frame.reference.as_deref(), &frame.topic, reason);
+            let reply = frame::error_reply(
+                Some(&join_ref),
+                frame.reference.as_deref(),
+                &frame.topic,
+                reason,
+            );
             this.send(reply, ctx);
         };
         let topic = match Topic::route(&frame.topic, &self.identity) {
@@ -194,19 +214,41 @@ impl Connection {
         };
         // Joining a joined topic again ends the old join first, as Phoenix does.
         if let Some(old) = self.joined.remove(&frame.topic) {
-            let close = frame::encode(Some(&old.join_ref), Some(&old.join_ref), &frame.topic, "phx_close", &json!({}));
+            let close = frame::encode(
+                Some(&old.join_ref),
+                Some(&old.join_ref),
+                &frame.topic,
+                "phx_close",
+                &json!({}),
+            );
             self.send(close, ctx);
         } else if self.joined.len() >= MAX_JOINED_TOPICS {
             return reply_error(self, "too many channels joined", ctx);
         }
-        let context = ChannelContext { identity: &self.identity, device: &self.device, hub: &self.hub };
+        let context = ChannelContext {
+            identity: &self.identity,
+            device: &self.device,
+            hub: &self.hub,
+        };
         let outcome = channels::join(&topic, &frame.payload, &context);
         let ok = outcome.is_ok();
         let response = outcome.unwrap_or_else(|e| e);
         if ok {
-            self.joined.insert(frame.topic.clone(), Joined { join_ref: join_ref.clone(), topic });
+            self.joined.insert(
+                frame.topic.clone(),
+                Joined {
+                    join_ref: join_ref.clone(),
+                    topic,
+                },
+            );
         }
-        let reply = frame::reply(Some(&join_ref), frame.reference.as_deref(), &frame.topic, ok, response);
+        let reply = frame::reply(
+            Some(&join_ref),
+            frame.reference.as_deref(),
+            &frame.topic,
+            ok,
+            response,
+        );
         self.send(reply, ctx);
     }
 
@@ -216,11 +258,23 @@ impl Connection {
         if stale {
             return;
         }
-        let reply = frame::reply(frame.join_ref.as_deref(), frame.reference.as_deref(), &frame.topic, true, json!({}));
+        let reply = frame::reply(
+            frame.join_ref.as_deref(),
+            frame.reference.as_deref(),
+            &frame.topic,
+            true,
+            json!({}),
+        );
         self.send(reply, ctx);
         if let Some(join_ref) = current {
             self.joined.remove(&frame.topic);
-            let close = frame::encode(Some(&join_ref), Some(&join_ref), &frame.topic, "phx_close", &json!({}));
+            let close = frame::encode(
+                Some(&join_ref),
+                Some(&join_ref),
+                &frame.topic,
+                "phx_close",
+                &json!({}),
+            );
             self.send(close, ctx);
         }
     }
@@ -239,11 +293,21 @@ impl Connection {
         if frame.join_ref.as_deref() != Some(joined.join_ref.as_str()) {
             return;
         }
-        let context = ChannelContext { identity: &self.identity, device: &self.device, hub: &self.hub };
+        let context = ChannelContext {
+            identity: &self.identity,
+            device: &self.device,
+            hub: &self.hub,
+        };
         let outcome = channels::handle_in(&joined.topic, &frame.event, frame.payload, &context);
         let ok = outcome.is_ok();
         let response = outcome.unwrap_or_else(|e| e);
-        let reply = frame::reply(frame.join_ref.as_deref(), frame.reference.as_deref(), &frame.topic, ok, response);
+        let reply = frame::reply(
+            frame.join_ref.as_deref(),
+            frame.reference.as_deref(),
+            &frame.topic,
+            ok,
+            response,
+        );
         self.send(reply, ctx);
     }
 }
@@ -274,7 +338,10 @@ impl Actor for Connection {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.metrics.ws_open.dec();
-        self.hub.do_send(Detach { user: self.identity.user_id, socket: self.id });
+        self.hub.do_send(Detach {
+            user: self.identity.user_id,
+            socket: self.id,
+        });
     }
 }
 

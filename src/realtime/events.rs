@@ -9,7 +9,11 @@ use serde_json::Value;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum UserEvent {
     /// Push `event` with `payload` to the user's sockets joined to `topic`.
-    Push { topic: String, event: String, payload: Value },
+    Push {
+        topic: String,
+        event: String,
+        payload: Value,
+    },
     /// Close the sockets of one login session (the user logged out).
     EndSession { session: String },
 }
@@ -35,8 +39,14 @@ mod tests {
     #[test]
     fn events_round_trip_through_their_bus_encoding() {
         let events = [
-            UserEvent::Push { topic: "echo:1".into(), event: "said".into(), payload: json!({"a": 1}) },
-            UserEvent::EndSession { session: "abc".into() },
+            UserEvent::Push {
+                topic: "echo:1".into(),
+                event: "said".into(),
+                payload: json!({"a": 1}),
+            },
+            UserEvent::EndSession {
+                session: "abc".into(),
+            },
         ];
         for event in events {
             assert_eq!(UserEvent::decode(&event.encode()), Some(event));

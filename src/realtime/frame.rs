@@ -32,19 +32,32 @@ const NAME_MAX: usize = 256;
 
 /// Decodes a text frame.
 pub fn decode(text: &str) -> Result<Frame, Malformed> {
-    let malformed = |reason| Malformed { join_ref: None, reference: None, topic: None, reason };
+    let malformed = |reason| Malformed {
+        join_ref: None,
+        reference: None,
+        topic: None,
+        reason,
+    };
     let value: Value = serde_json::from_str(text).map_err(|_| malformed("invalid JSON"))?;
     let Value::Array(items) = value else {
         return Err(malformed("a frame must be a JSON array"));
     };
     let mut items = items.into_iter();
-    let (join_ref, reference, topic, event, payload) =
-        match (items.next(), items.next(), items.next(), items.next(), items.next(), items.next()) {
-            (Some(a), Some(b), Some(c), Some(d), Some(e), None) => (a, b, c, d, e),
-            _ => return Err(malformed("a frame must have exactly 5 elements")),
-        };
-    let join_ref = reference_of(join_ref).ok_or_else(|| malformed("join_ref must be a string or null"))?;
-    let reference = reference_of(reference).ok_or_else(|| malformed("ref must be a string or null"))?;
+    let (join_ref, reference, topic, event, payload) = match (
+        items.next(),
+        items.next(),
+        items.next(),
+        items.next(),
+        items.next(),
+        items.next(),
+    ) {
+        (Some(a), Some(b), Some(c), Some(d), Some(e), None) => (a, b, c, d, e),
+        _ => return Err(malformed("a frame must have exactly 5 elements")),
+    };
+    let join_ref =
+        reference_of(join_ref).ok_or_else(|| malformed("join_ref must be a string or null"))?;
+    let reference =
+        reference_of(reference).ok_or_else(|| malformed("ref must be a string or null"))?;
     let with_refs = |topic: Option<String>, reason| Malformed {
         join_ref: join_ref.clone(),
         reference: reference.clone(),
@@ -62,7 +75,13 @@ pub fn decode(text: &str) -> Result<Frame, Malformed> {
     let Value::Object(payload) = payload else {
         return Err(with_refs(Some(topic), "payload must be an object"));
     };
-    Ok(Frame { join_ref, reference, topic, event, payload })
+    Ok(Frame {
+        join_ref,
+        reference,
+        topic,
+        event,
+        payload,
+    })
 }
 
 /// Refs are strings; the JS client always sends strings, some ports send numbers.
@@ -107,8 +126,19 @@ pub fn reply(
 }
 
 /// An error reply carrying `{"reason": ...}`.
-pub fn error_reply(join_ref: Option<&str>, reference: Option<&str>, topic: &str, reason: &str) -> ByteString {
-    reply(join_ref, reference, topic, false, serde_json::json!({ "reason": reason }))
+pub fn error_reply(
+    join_ref: Option<&str>,
+    reference: Option<&str>,
+    topic: &str,
+    reason: &str,
+) -> ByteString {
+    reply(
+        join_ref,
+        reference,
+        topic,
+        false,
+        serde_json::json!({ "reason": reason }),
+    )
 }
 
 #[cfg(test)]
@@ -136,7 +166,10 @@ mod tests {
     #[test]
     fn non_json_and_wrong_shapes_are_malformed() {
         assert_eq!(decode("hello").unwrap_err().reason, "invalid JSON");
-        assert_eq!(decode(r#"{"a":1}"#).unwrap_err().reason, "a frame must be a JSON array");
+        assert_eq!(
+            decode(r#"{"a":1}"#).unwrap_err().reason,
+            "a frame must be a JSON array"
+        );
         assert!(decode(r#"[null,"1","t","e"]"#).is_err());
         assert!(decode(r#"[null,"1","t","e",{},6]"#).is_err());
         assert!(decode(r#"[{},"1","t","e",{}]"#).is_err());
@@ -152,8 +185,17 @@ mod tests {
 
     #[test]
     fn replies_encode_as_phoenix_expects() {
-        let text = reply(Some("3"), Some("4"), "queue:42", true, json!({"revision": 8}));
-        assert_eq!(&*text, r#"["3","4","queue:42","phx_reply",{"response":{"revision":8},"status":"ok"}]"#);
+        let text = reply(
+            Some("3"),
+            Some("4"),
+            "queue:42",
+            true,
+            json!({"revision": 8}),
+        );
+        assert_eq!(
+            &*text,
+            r#"["3","4","queue:42","phx_reply",{"response":{"revision":8},"status":"ok"}]"#
+        );
         let push = encode(None, None, "echo:1", "said", &json!({}));
         assert_eq!(&*push, r#"[null,null,"echo:1","said",{}]"#);
     }

@@ -38,7 +38,12 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(bus: AnyBus, linger: Duration, metrics: Metrics) -> Self {
-        Self { bus, sessions: HashMap::new(), linger, metrics }
+        Self {
+            bus,
+            sessions: HashMap::new(),
+            linger,
+            metrics,
+        }
     }
 
     fn retire(&mut self, user: UserId, generation: u64, ctx: &mut Context<Self>) {
@@ -90,7 +95,11 @@ impl Handler<Attach> for Hub {
                     tracing::warn!(%error, %user, "bus subscribe failed");
                 }
             });
-            Entry { session: UserSession::new(user).start(), sockets: 0, generation: 0 }
+            Entry {
+                session: UserSession::new(user).start(),
+                sockets: 0,
+                generation: 0,
+            }
         });
         entry.sockets += 1;
         entry.generation += 1;
@@ -111,12 +120,16 @@ impl Handler<Detach> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Detach, ctx: &mut Context<Self>) {
-        let Some(entry) = self.sessions.get_mut(&msg.user) else { return };
+        let Some(entry) = self.sessions.get_mut(&msg.user) else {
+            return;
+        };
         entry.session.do_send(session::Leave(msg.socket));
         entry.sockets = entry.sockets.saturating_sub(1);
         if entry.sockets == 0 {
             let (user, generation) = (msg.user, entry.generation);
-            ctx.run_later(self.linger, move |hub, ctx| hub.retire(user, generation, ctx));
+            ctx.run_later(self.linger, move |hub, ctx| {
+                hub.retire(user, generation, ctx)
+            });
         }
     }
 }
@@ -158,7 +171,9 @@ impl Handler<Heard> for Hub {
 
     fn handle(&mut self, msg: Heard, _: &mut Context<Self>) {
         self.metrics.bus_heard.inc();
-        let Some(entry) = self.sessions.get(&msg.user) else { return };
+        let Some(entry) = self.sessions.get(&msg.user) else {
+            return;
+        };
         match UserEvent::decode(&msg.body) {
             Some(event) => entry.session.do_send(session::Deliver(event)),
             None => tracing::warn!(user = %msg.user, "unreadable bus event dropped"),

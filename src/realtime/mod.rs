@@ -58,7 +58,13 @@ impl Realtime {
     ) -> Self {
         let hub = Hub::new(bus, session_linger, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
-        Self { replica, hub, limits: Arc::new(limits), metrics, next_socket: AtomicU64::new(1) }
+        Self {
+            replica,
+            hub,
+            limits: Arc::new(limits),
+            metrics,
+            next_socket: AtomicU64::new(1),
+        }
     }
 
     /// A fresh socket id.
@@ -78,7 +84,11 @@ impl Realtime {
         let limits = self.limits.clone();
         let (response, inbound, outbox) =
             transport::accept(req, body, limits.hard_cap(), limits.outbound_queue)?;
-        let (id, hub, metrics) = (self.next_socket_id(), self.hub.clone(), self.metrics.clone());
+        let (id, hub, metrics) = (
+            self.next_socket_id(),
+            self.hub.clone(),
+            self.metrics.clone(),
+        );
         connection::Connection::create(move |ctx| {
             ctx.add_stream(inbound);
             connection::Connection::new(id, identity, device, hub, outbox, limits, metrics)
@@ -88,6 +98,11 @@ impl Realtime {
 
     /// Closes the sockets of one login session, on every replica.
     pub fn end_session(&self, user: UserId, session: &str) {
-        self.hub.do_send(Publish { user, event: UserEvent::EndSession { session: session.to_owned() } });
+        self.hub.do_send(Publish {
+            user,
+            event: UserEvent::EndSession {
+                session: session.to_owned(),
+            },
+        });
     }
 }

@@ -35,7 +35,10 @@ impl StreamHandler<BusNotice> for Relay {
         match notice {
             BusNotice::Message(message) if message.origin == self.replica => {}
             BusNotice::Message(message) => {
-                self.hub.do_send(Heard { user: message.user, body: message.body });
+                self.hub.do_send(Heard {
+                    user: message.user,
+                    body: message.body,
+                });
             }
             BusNotice::Lost => self.hub.do_send(BusLost),
             BusNotice::Restored => self.hub.do_send(BusRestored),

@@ -31,7 +31,10 @@ pub struct UserSession {
 
 impl UserSession {
     pub fn new(user: UserId) -> Self {
-        Self { user, members: HashMap::new() }
+        Self {
+            user,
+            members: HashMap::new(),
+        }
     }
 }
 
@@ -81,13 +84,20 @@ impl Handler<Deliver> for UserSession {
 
     fn handle(&mut self, Deliver(event): Deliver, _: &mut Context<Self>) {
         match event {
-            UserEvent::Push { topic, event, payload } => {
+            UserEvent::Push {
+                topic,
+                event,
+                payload,
+            } => {
                 // Encoded once for all the user's sockets; a broadcast carries no join_ref, so
                 // the same text is right for every socket joined to the topic.
                 let text = frame::encode(None, None, &topic, &event, &payload);
                 let topic: Arc<str> = topic.into();
                 for member in self.members.values() {
-                    member.recipient.do_send(ToSocket::Push { topic: topic.clone(), text: text.clone() });
+                    member.recipient.do_send(ToSocket::Push {
+                        topic: topic.clone(),
+                        text: text.clone(),
+                    });
                 }
             }
             UserEvent::EndSession { session } => {

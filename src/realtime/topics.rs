@@ -11,11 +11,14 @@ use crate::domain::UserId;
 /// A joinable topic, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
-    /// `echo:{user_id}`: a diagnostic channel across the user's own devices. `ping` is
-    /// answered with its payload; `broadcast {event, payload}` is pushed to every socket of
-    /// the user joined to it, on every replica.
-    Echo(UserId),
+    /// `echo:{user_id}` or `echo:{user_id}:{label}`: diagnostic channels across the user's
+    /// own devices. `ping` is answered with its payload; `broadcast {event, payload}` is pushed
+    /// to every socket of the user joined to the same topic, on every replica.
+    Echo(UserId, Option<String>),
 }
+
+/// Longest label of an `echo:{user_id}:{label}` topic.
+const LABEL_MAX: usize = 64;
 
 /// Why a join was refused; the text is the `reason` the client sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,20 +42,32 @@ impl Topic {
     /// Parses `name` and checks that `identity` may join it.
     pub fn route(name: &str, identity: &Identity) -> Result<Self, JoinRefusal> {
         let (kind, rest) = name.split_once(':').ok_or(JoinRefusal::Unmatched)?;
-        let owner = || -> Result<UserId, JoinRefusal> {
-            let id: i64 = rest.parse().map_err(|_| JoinRefusal::Unmatched)?;
-            if id == identity.user_id.0 { Ok(UserId(id)) } else { Err(JoinRefusal::Unauthorized) }
+        let (owner, label) = match rest.split_once(':') {
+            Some((owner, label)) => (owner, Some(label)),
+            None => (rest, None),
         };
-        match kind {
-            "echo" => owner().map(Topic::Echo),
-            _ => Err(JoinRefusal::Unmatched),
+        let owner: i64 = owner.parse().map_err(|_| JoinRefusal::Unmatched)?;
+        let label_ok = label.is_none_or(|l| {
+            !l.is_empty()
+                && l.len() <= LABEL_MAX
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        });
+        let topic = match kind {
+            "echo" if label_ok => Topic::Echo(UserId(owner), label.map(str::to_owned)),
+            _ => return Err(JoinRefusal::Unmatched),
+        };
+        if topic.user() == identity.user_id {
+            Ok(topic)
+        } else {
+            Err(JoinRefusal::Unauthorized)
         }
     }
 
     /// The user whose broadcasts this topic receives.
     pub fn user(&self) -> UserId {
         match self {
-            Self::Echo(user) => *user,
+            Self::Echo(user, _) => *user,
         }
     }
 }
@@ -60,7 +75,8 @@ impl Topic {
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Echo(user) => write!(f, "echo:{user}"),
+            Self::Echo(user, None) => write!(f, "echo:{user}"),
+            Self::Echo(user, Some(label)) => write!(f, "echo:{user}:{label}"),
         }
     }
 }
@@ -71,24 +87,51 @@ mod tests {
     use crate::domain::DeviceId;
 
     fn alice() -> Identity {
-        Identity { user_id: UserId(42), device_id: DeviceId::generate(), session: "s".into() }
+        Identity {
+            user_id: UserId(42),
+            device_id: DeviceId::generate(),
+            session: "s".into(),
+        }
     }
 
     #[test]
     fn a_user_may_join_their_own_echo_topic() {
-        assert_eq!(Topic::route("echo:42", &alice()), Ok(Topic::Echo(UserId(42))));
-        assert_eq!(Topic::Echo(UserId(42)).to_string(), "echo:42");
+        assert_eq!(
+            Topic::route("echo:42", &alice()),
+            Ok(Topic::Echo(UserId(42), None))
+        );
+        assert_eq!(Topic::Echo(UserId(42), None).to_string(), "echo:42");
+        let labelled = Topic::route("echo:42:room-1", &alice());
+        assert_eq!(
+            labelled.map(|t| t.to_string()),
+            Ok("echo:42:room-1".to_owned())
+        );
     }
 
     #[test]
     fn another_users_topic_is_unauthorized() {
-        assert_eq!(Topic::route("echo:43", &alice()), Err(JoinRefusal::Unauthorized));
+        assert_eq!(
+            Topic::route("echo:43", &alice()),
+            Err(JoinRefusal::Unauthorized)
+        );
     }
 
     #[test]
     fn unknown_topics_are_unmatched() {
-        for name in ["nowhere:1", "echo", "echo:x", "echo:", "phoenix"] {
-            assert_eq!(Topic::route(name, &alice()), Err(JoinRefusal::Unmatched), "{name}");
+        for name in [
+            "nowhere:1",
+            "echo",
+            "echo:x",
+            "echo:",
+            "phoenix",
+            "echo:42:",
+            "echo:42:a b",
+        ] {
+            assert_eq!(
+                Topic::route(name, &alice()),
+                Err(JoinRefusal::Unmatched),
+                "{name}"
+            );
         }
     }
 }

@@ -13,7 +13,9 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc};
 
 /// The subprotocol a Phoenix client offers and the server echoes.
 pub const SUBPROTOCOL: &str = "phoenix";
@@ -60,7 +62,9 @@ pub enum Outbound {
 /// The sending half of a socket.
 pub struct Outbox {
     queue: mpsc::Sender<Outbound>,
-    abort: Option<oneshot::Sender<()>>,
+    /// Tells the writer to drop the socket now. A `Notify` rather than a oneshot: dropping
+    /// the outbox must let the writer finish what is queued, not abort it.
+    abort: Arc<Notify>,
 }
 
 /// The outbox is full: the client is not reading.
@@ -75,9 +79,7 @@ impl Outbox {
 
     /// Drops the socket without flushing what is queued.
     pub fn abort(&mut self) {
-        if let Some(abort) = self.abort.take() {
-            let _ = abort.send(());
-        }
+        self.abort.notify_one();
     }
 }
 
@@ -104,9 +106,16 @@ pub fn accept(
             Err(_) => Inbound::Broken,
         });
     let (sender, receiver) = mpsc::channel(queue);
-    let (abort, aborted) = oneshot::channel();
-    actix_web::rt::spawn(write(session, receiver, aborted));
-    Ok((response, inbound, Outbox { queue: sender, abort: Some(abort) }))
+    let abort = Arc::new(Notify::new());
+    actix_web::rt::spawn(write(session, receiver, abort.clone()));
+    Ok((
+        response,
+        inbound,
+        Outbox {
+            queue: sender,
+            abort,
+        },
+    ))
 }
 
 fn close_reason(kind: CloseKind) -> CloseReason {
@@ -116,26 +125,33 @@ fn close_reason(kind: CloseKind) -> CloseReason {
         CloseKind::TooLarge => CloseCode::Size,
         CloseKind::Policy => CloseCode::Policy,
     };
-    CloseReason { code, description: None }
+    CloseReason {
+        code,
+        description: None,
+    }
 }
 
 /// The writer task: drains the outbox into the socket, one message at a time.
 async fn write(
     mut session: actix_ws::Session,
     mut queue: mpsc::Receiver<Outbound>,
-    mut aborted: oneshot::Receiver<()>,
+    aborted: Arc<Notify>,
 ) {
     loop {
         let message = tokio::select! {
             biased;
-            _ = &mut aborted => return,
+            () = aborted.notified() => return,
             message = queue.recv() => message,
         };
         let written = match message {
-            Some(Outbound::Text(text)) => bounded(&mut aborted, session.text(text)).await,
-            Some(Outbound::Pong(bytes)) => bounded(&mut aborted, session.pong(&bytes)).await,
+            Some(Outbound::Text(text)) => bounded(&aborted, session.text(text)).await,
+            Some(Outbound::Pong(bytes)) => bounded(&aborted, session.pong(&bytes)).await,
             Some(Outbound::Close(kind)) => {
-                let _ = tokio::time::timeout(WRITE_STALL_TIMEOUT, session.close(Some(close_reason(kind)))).await;
+                let _ = tokio::time::timeout(
+                    WRITE_STALL_TIMEOUT,
+                    session.close(Some(close_reason(kind))),
+                )
+                .await;
                 return;
             }
             None => {
@@ -153,12 +169,12 @@ async fn write(
 
 /// Waits for one write, unless the socket is aborted or the client stalls it too long.
 async fn bounded(
-    aborted: &mut oneshot::Receiver<()>,
+    aborted: &Notify,
     write: impl std::future::Future<Output = Result<(), actix_ws::Closed>>,
 ) -> bool {
     tokio::select! {
         biased;
-        _ = aborted => false,
+        () = aborted.notified() => false,
         written = tokio::time::timeout(WRITE_STALL_TIMEOUT, write) => matches!(written, Ok(Ok(()))),
     }
 }

@@ -58,8 +58,12 @@ pub async fn upsert_tracks(
     batch: &[TrackInput],
     now: NaiveDateTime,
 ) -> Result<usize, StoreError> {
-    let names: Vec<&str> =
-        batch.iter().map(|t| t.artist.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+    let names: Vec<&str> = batch
+        .iter()
+        .map(|t| t.artist.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let new_artists: Vec<NewArtist<'_>> = names.iter().map(|name| NewArtist { name }).collect();
     // SQLite cannot combine a multi-row insert with ON CONFLICT in Diesel; inside the caller's
     // transaction, row-by-row costs it little. PostgreSQL gets one statement.
@@ -138,17 +142,28 @@ pub async fn upsert_tracks(
     }
 }
 
-type TrackRow = (String, String, String, Option<String>, Option<i64>, Option<String>);
+type TrackRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
 
 fn view((id, title, artist, album, duration_ms, image_url): TrackRow) -> TrackView {
-    TrackView { id, title, artist, album, duration_ms, image_url }
+    TrackView {
+        id,
+        title,
+        artist,
+        album,
+        duration_ms,
+        image_url,
+    }
 }
 
 /// The tracks among `ids` that exist, in no particular order.
-pub async fn find_tracks(
-    conn: &mut Conn<'_>,
-    ids: &[&str],
-) -> Result<Vec<TrackView>, StoreError> {
+pub async fn find_tracks(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Vec<TrackView>, StoreError> {
     let rows: Vec<TrackRow> = run!(conn, c => tracks::table
         .inner_join(artists::table)
         .filter(tracks::id.eq_any(ids))

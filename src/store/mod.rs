@@ -76,14 +76,23 @@ impl StoreError {
         matches!(
             self,
             Self::Unavailable(_)
-                | Self::Query(DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _))
+                | Self::Query(DieselError::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection,
+                    _
+                ))
                 | Self::Query(DieselError::BrokenTransactionManager)
         )
     }
 
     /// True when an insert hit a unique constraint.
     pub fn is_unique_violation(&self) -> bool {
-        matches!(self, Self::Query(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)))
+        matches!(
+            self,
+            Self::Query(DieselError::DatabaseError(
+                DatabaseErrorKind::UniqueViolation,
+                _
+            ))
+        )
     }
 }
 
@@ -91,7 +100,10 @@ impl StoreError {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreInitError {
     #[error("could not create the data directory {path}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("could not connect to the database to run migrations")]
     Connect(#[source] diesel::ConnectionError),
     #[error("could not run database migrations")]
@@ -150,9 +162,9 @@ pub(crate) use run;
 impl Store {
     /// Runs pending migrations, then builds the pool for the configured backend.
     pub async fn connect(settings: &Settings) -> Result<Self, StoreInitError> {
-        let target = settings.database().map_err(|e| {
-            StoreInitError::Migrate(Box::new(std::io::Error::other(e.to_string())))
-        })?;
+        let target = settings
+            .database()
+            .map_err(|e| StoreInitError::Migrate(Box::new(std::io::Error::other(e.to_string()))))?;
         if let DatabaseTarget::Sqlite(path) = &target
             && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         {
@@ -183,7 +195,9 @@ impl Store {
                     url.expose_secret().to_owned(),
                     config,
                 );
-                Pools::Postgres(pool_builder(settings, settings.db_pool_size).build_unchecked(manager))
+                Pools::Postgres(
+                    pool_builder(settings, settings.db_pool_size).build_unchecked(manager),
+                )
             }
             DatabaseTarget::Sqlite(path) => {
                 let mut config = ManagerConfig::<SqliteConn>::default();
@@ -204,7 +218,9 @@ impl Store {
                 );
                 // SQLite serialises writers; a few connections give concurrent readers (WAL)
                 // without piling writers up on the file lock.
-                Pools::Sqlite(pool_builder(settings, settings.db_pool_size.min(4)).build_unchecked(manager))
+                Pools::Sqlite(
+                    pool_builder(settings, settings.db_pool_size.min(4)).build_unchecked(manager),
+                )
             }
         };
         Ok(Self { pools })
@@ -336,9 +352,7 @@ async fn run_migrations(target: DatabaseTarget) -> Result<(), StoreInitError> {
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let outcome = match target {
-            DatabaseTarget::Postgres(url) => {
-                migrate_postgres(url.expose_secret()).map(|_| ())
-            }
+            DatabaseTarget::Postgres(url) => migrate_postgres(url.expose_secret()).map(|_| ()),
             DatabaseTarget::Sqlite(path) => migrate_sqlite(&path),
         };
         let _ = done.send(outcome);
@@ -349,15 +363,18 @@ async fn run_migrations(target: DatabaseTarget) -> Result<(), StoreInitError> {
 fn migrate_postgres(url: &str) -> Result<(), StoreInitError> {
     let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(url)
         .map_err(StoreInitError::Connect)?;
-    conn.run_pending_migrations(POSTGRES_MIGRATIONS).map_err(StoreInitError::Migrate)?;
+    conn.run_pending_migrations(POSTGRES_MIGRATIONS)
+        .map_err(StoreInitError::Migrate)?;
     Ok(())
 }
 
 fn migrate_sqlite(path: &Path) -> Result<(), StoreInitError> {
     let mut conn = <SqliteConnection as Connection>::establish(&path.to_string_lossy())
         .map_err(StoreInitError::Connect)?;
-    conn.batch_execute(&sqlite_pragmas()).map_err(StoreInitError::Sqlite)?;
-    conn.run_pending_migrations(SQLITE_MIGRATIONS).map_err(StoreInitError::Migrate)?;
+    conn.batch_execute(&sqlite_pragmas())
+        .map_err(StoreInitError::Sqlite)?;
+    conn.run_pending_migrations(SQLITE_MIGRATIONS)
+        .map_err(StoreInitError::Migrate)?;
     Ok(())
 }
 

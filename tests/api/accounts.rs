@@ -21,12 +21,16 @@ crate::on_both_backends!(
 /// A protected endpoint to probe tokens with.
 async fn probe(app: &TestApp, token: &str) -> reqwest::Response {
     let track = json!([{"id": "probe", "title": "Probe", "artist": "Tester"}]);
-    app.post_json_authed("/tracks", token, &json!({ "tracks": track })).await
+    app.post_json_authed("/tracks", token, &json!({ "tracks": track }))
+        .await
 }
 
 async fn register_answers_201_with_a_session(app: TestApp) {
     let response = app
-        .post_json("/auth/register", &json!({"handle": "Alice", "password": "correct horse", "display_name": "Alice L."}))
+        .post_json(
+            "/auth/register",
+            &json!({"handle": "Alice", "password": "correct horse", "display_name": "Alice L."}),
+        )
         .await;
     assert_eq!(response.status(), 201);
     let body: Value = response.json().await.unwrap();
@@ -41,41 +45,77 @@ async fn register_answers_201_with_a_session(app: TestApp) {
 
 async fn a_duplicate_handle_is_refused_whatever_its_case(app: TestApp) {
     assert_eq!(app.register_raw("bob", "correct horse").await.status(), 201);
-    assert_eq!(error_code(app.register_raw("BOB", "another password").await, 409).await, "handle_taken");
+    assert_eq!(
+        error_code(app.register_raw("BOB", "another password").await, 409).await,
+        "handle_taken"
+    );
     // The first account is untouched: its password still works, the second one's does not.
     assert_eq!(app.login_raw("bob", "correct horse").await.status(), 200);
     assert_eq!(app.login_raw("bob", "another password").await.status(), 401);
 }
 
 async fn invalid_registrations_are_refused_and_store_nothing(app: TestApp) {
-    for (handle, password) in [("a b", "correct horse"), ("ab", "correct horse"), ("carol", "short")] {
+    for (handle, password) in [
+        ("a b", "correct horse"),
+        ("ab", "correct horse"),
+        ("carol", "short"),
+    ] {
         let code = error_code(app.register_raw(handle, password).await, 422).await;
         assert_eq!(code, "invalid_input", "{handle}/{password}");
     }
     let bad_device = app
-        .post_json("/auth/register", &json!({"handle": "carol", "password": "correct horse", "device_id": "has space"}))
+        .post_json(
+            "/auth/register",
+            &json!({"handle": "carol", "password": "correct horse", "device_id": "has space"}),
+        )
         .await;
     assert_eq!(error_code(bad_device, 422).await, "invalid_input");
     // Nothing was stored: the handle is still free.
-    assert_eq!(app.register_raw("carol", "correct horse").await.status(), 201);
+    assert_eq!(
+        app.register_raw("carol", "correct horse").await.status(),
+        201
+    );
 }
 
 async fn bad_bodies_get_clear_errors(app: TestApp) {
     let url = app.url("/auth/register");
-    let malformed = app.client.post(&url).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let malformed = app
+        .client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(malformed, 400).await, "malformed_json");
 
-    let wrong_type = app.client.post(&url).header("content-type", "text/plain").body("{}").send().await.unwrap();
+    let wrong_type = app
+        .client
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(wrong_type, 415).await, "unsupported_media_type");
 
-    let missing_field = app.post_json("/auth/register", &json!({"handle": "dave"})).await;
+    let missing_field = app
+        .post_json("/auth/register", &json!({"handle": "dave"}))
+        .await;
     assert_eq!(error_code(missing_field, 422).await, "invalid_body");
 
-    let wrong_field_type = app.post_json("/auth/register", &json!({"handle": 7, "password": "x"})).await;
+    let wrong_field_type = app
+        .post_json("/auth/register", &json!({"handle": 7, "password": "x"}))
+        .await;
     assert_eq!(error_code(wrong_field_type, 422).await, "invalid_body");
 
     let huge = "x".repeat(app.settings.max_body_bytes + 1);
-    let oversized = app.post_json("/auth/register", &json!({"handle": "dave", "password": huge})).await;
+    let oversized = app
+        .post_json(
+            "/auth/register",
+            &json!({"handle": "dave", "password": huge}),
+        )
+        .await;
     assert_eq!(error_code(oversized, 413).await, "payload_too_large");
 
     // None of it created the account.
@@ -84,7 +124,9 @@ async fn bad_bodies_get_clear_errors(app: TestApp) {
 
 async fn login_works_and_wrong_credentials_do_not(app: TestApp) {
     let account = app.register().await;
-    let response = app.login_raw(&account.handle.to_uppercase(), &account.password).await;
+    let response = app
+        .login_raw(&account.handle.to_uppercase(), &account.password)
+        .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["user"]["id"], account.id);
@@ -92,9 +134,18 @@ async fn login_works_and_wrong_credentials_do_not(app: TestApp) {
     assert_ne!(session.refresh_token, account.refresh_token);
     assert_eq!(probe(&app, &session.access_token).await.status(), 200);
 
-    assert_eq!(error_code(app.login_raw(&account.handle, "wrong password").await, 401).await, "invalid_credentials");
-    assert_eq!(error_code(app.login_raw("nosuchuser", "correct horse").await, 401).await, "invalid_credentials");
-    assert_eq!(error_code(app.login_raw("no such user", "correct horse").await, 401).await, "invalid_credentials");
+    assert_eq!(
+        error_code(app.login_raw(&account.handle, "wrong password").await, 401).await,
+        "invalid_credentials"
+    );
+    assert_eq!(
+        error_code(app.login_raw("nosuchuser", "correct horse").await, 401).await,
+        "invalid_credentials"
+    );
+    assert_eq!(
+        error_code(app.login_raw("no such user", "correct horse").await, 401).await,
+        "invalid_credentials"
+    );
 }
 
 async fn the_device_sent_at_login_is_kept(app: TestApp) {
@@ -115,7 +166,12 @@ async fn the_device_sent_at_login_is_kept(app: TestApp) {
 }
 
 fn sign(claims: &Value, secret: &[u8]) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret)).unwrap()
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
 }
 
 async fn access_tokens_are_checked(app: TestApp) {
@@ -125,28 +181,62 @@ async fn access_tokens_are_checked(app: TestApp) {
         json!({"sub": account.id.to_string(), "did": account.device_id, "sid": "x", "iat": now, "exp": now + exp})
     };
 
-    let no_header = app.client.post(app.url("/tracks")).json(&json!({"tracks": []})).send().await.unwrap();
-    assert_eq!(no_header.headers().get("www-authenticate").map(|v| v.as_bytes()), Some(&b"Bearer"[..]));
+    let no_header = app
+        .client
+        .post(app.url("/tracks"))
+        .json(&json!({"tracks": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        no_header
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.as_bytes()),
+        Some(&b"Bearer"[..])
+    );
     assert_eq!(error_code(no_header, 401).await, "missing_token");
 
-    let basic = app.client.post(app.url("/tracks")).header("authorization", "Basic Zm9vOmJhcg==").json(&json!({})).send().await.unwrap();
+    let basic = app
+        .client
+        .post(app.url("/tracks"))
+        .header("authorization", "Basic Zm9vOmJhcg==")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(basic, 401).await, "invalid_token");
 
-    assert_eq!(error_code(probe(&app, "garbage").await, 401).await, "invalid_token");
+    assert_eq!(
+        error_code(probe(&app, "garbage").await, 401).await,
+        "invalid_token"
+    );
 
     // Tampered: the payload changed, the signature kept.
     let mut parts: Vec<String> = account.access_token.split('.').map(str::to_owned).collect();
     let forged_payload = sign(&session_claims(600), b"irrelevant-irrelevant-irrelevant-!");
     parts[1] = forged_payload.split('.').nth(1).unwrap().to_owned();
-    assert_eq!(error_code(probe(&app, &parts.join(".")).await, 401).await, "invalid_token");
+    assert_eq!(
+        error_code(probe(&app, &parts.join(".")).await, 401).await,
+        "invalid_token"
+    );
 
     // Forged: well-formed, signed with another key.
-    let forged = sign(&session_claims(600), b"not-the-servers-key-not-the-servers-key");
-    assert_eq!(error_code(probe(&app, &forged).await, 401).await, "invalid_token");
+    let forged = sign(
+        &session_claims(600),
+        b"not-the-servers-key-not-the-servers-key",
+    );
+    assert_eq!(
+        error_code(probe(&app, &forged).await, 401).await,
+        "invalid_token"
+    );
 
     // Expired: signed with the right key, but past its `exp`.
     let expired = sign(&session_claims(-120), TEST_JWT_SECRET.as_bytes());
-    assert_eq!(error_code(probe(&app, &expired).await, 401).await, "token_expired");
+    assert_eq!(
+        error_code(probe(&app, &expired).await, 401).await,
+        "token_expired"
+    );
 
     // The genuine token still works after all that.
     assert_eq!(probe(&app, &account.access_token).await.status(), 200);
@@ -164,22 +254,44 @@ async fn refresh_rotates_the_pair(app: TestApp) {
     assert_eq!(probe(&app, &next.access_token).await.status(), 200);
     // The successor refreshes in turn.
     assert_eq!(app.refresh_raw(&next.refresh_token).await.status(), 200);
-    assert_eq!(error_code(app.refresh_raw("made-up-token").await, 401).await, "invalid_refresh_token");
+    assert_eq!(
+        error_code(app.refresh_raw("made-up-token").await, 401).await,
+        "invalid_refresh_token"
+    );
 }
 
 async fn reusing_a_spent_refresh_token_revokes_the_family(app: TestApp) {
     let account = app.register().await;
-    let other_login: Value = app.login_raw(&account.handle, &account.password).await.json().await.unwrap();
+    let other_login: Value = app
+        .login_raw(&account.handle, &account.password)
+        .await
+        .json()
+        .await
+        .unwrap();
     let other = account_from(&other_login, &account.handle, &account.password);
 
-    let rotated: Value = app.refresh_raw(&account.refresh_token).await.json().await.unwrap();
+    let rotated: Value = app
+        .refresh_raw(&account.refresh_token)
+        .await
+        .json()
+        .await
+        .unwrap();
     let rotated = account_from(&rotated, &account.handle, &account.password);
 
     // The thief (or a replay) presents the spent token again.
-    assert_eq!(error_code(app.refresh_raw(&account.refresh_token).await, 401).await, "refresh_token_reused");
+    assert_eq!(
+        error_code(app.refresh_raw(&account.refresh_token).await, 401).await,
+        "refresh_token_reused"
+    );
     // The whole family is dead: the legitimate successor and its access token too.
-    assert_eq!(error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await, "session_revoked");
-    assert_eq!(error_code(probe(&app, &rotated.access_token).await, 401).await, "session_revoked");
+    assert_eq!(
+        error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
+        "session_revoked"
+    );
+    assert_eq!(
+        error_code(probe(&app, &rotated.access_token).await, 401).await,
+        "session_revoked"
+    );
     // Another login of the same account is a different family and lives on.
     assert_eq!(probe(&app, &other.access_token).await.status(), 200);
     assert_eq!(app.refresh_raw(&other.refresh_token).await.status(), 200);
@@ -187,15 +299,37 @@ async fn reusing_a_spent_refresh_token_revokes_the_family(app: TestApp) {
 
 async fn logout_ends_the_session(app: TestApp) {
     let account = app.register().await;
-    let unauthenticated = app.client.post(app.url("/auth/logout")).send().await.unwrap();
+    let unauthenticated = app
+        .client
+        .post(app.url("/auth/logout"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(unauthenticated, 401).await, "missing_token");
 
-    let response = app.client.post(app.url("/auth/logout")).bearer_auth(&account.access_token).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url("/auth/logout"))
+        .bearer_auth(&account.access_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 204);
-    assert_eq!(error_code(app.refresh_raw(&account.refresh_token).await, 401).await, "session_revoked");
-    assert_eq!(error_code(probe(&app, &account.access_token).await, 401).await, "session_revoked");
+    assert_eq!(
+        error_code(app.refresh_raw(&account.refresh_token).await, 401).await,
+        "session_revoked"
+    );
+    assert_eq!(
+        error_code(probe(&app, &account.access_token).await, 401).await,
+        "session_revoked"
+    );
     // Logging in again starts a fresh session.
-    assert_eq!(app.login_raw(&account.handle, &account.password).await.status(), 200);
+    assert_eq!(
+        app.login_raw(&account.handle, &account.password)
+            .await
+            .status(),
+        200
+    );
 }
 
 #[actix_web::test]
@@ -210,7 +344,13 @@ async fn accounts_and_tokens_survive_a_restart_on_the_embedded_defaults() {
     drop(first);
 
     let second = TestApp::spawn_with(settings, dir, None).await;
-    assert_eq!(second.login_raw(&account.handle, &account.password).await.status(), 200);
+    assert_eq!(
+        second
+            .login_raw(&account.handle, &account.password)
+            .await
+            .status(),
+        200
+    );
     // The same generated key signs and checks tokens after the restart.
     assert_eq!(probe(&second, &account.access_token).await.status(), 200);
     assert!(second.settings.data_dir.join("segue.db").exists());

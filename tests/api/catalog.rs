@@ -16,7 +16,9 @@ async fn tracks_are_upserted_and_read_back(app: TestApp) {
         {"id": "t1", "title": "Blue in Green", "artist": "Miles Davis", "album": "Kind of Blue", "duration_ms": 337000, "image_url": "https://img.example/kob.jpg"},
         {"id": "at://did:plc:x/fm.plyr.track/2", "title": "So What", "artist": "Miles Davis"},
     ]);
-    let response = app.post_json_authed("/tracks", &account.access_token, &json!({"tracks": tracks})).await;
+    let response = app
+        .post_json_authed("/tracks", &account.access_token, &json!({"tracks": tracks}))
+        .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["upserted"], 2);
@@ -26,7 +28,9 @@ async fn tracks_are_upserted_and_read_back(app: TestApp) {
         t1,
         json!({"id": "t1", "title": "Blue in Green", "artist": "Miles Davis", "album": "Kind of Blue", "duration_ms": 337000, "image_url": "https://img.example/kob.jpg"})
     );
-    let t2 = app.get("/tracks/at:%2F%2Fdid:plc:x%2Ffm.plyr.track%2F2").await;
+    let t2 = app
+        .get("/tracks/at:%2F%2Fdid:plc:x%2Ffm.plyr.track%2F2")
+        .await;
     assert_eq!(t2.status(), 200);
     let t2: Value = t2.json().await.unwrap();
     assert_eq!(t2["title"], "So What");
@@ -35,11 +39,18 @@ async fn tracks_are_upserted_and_read_back(app: TestApp) {
 
 async fn an_upsert_replaces_a_track_and_reuses_artists(app: TestApp) {
     let account = app.register().await;
-    app.seed_tracks(&account, &json!([{"id": "t1", "title": "Old", "artist": "A", "duration_ms": 1000}])).await;
-    app.seed_tracks(&account, &json!([
-        {"id": "t1", "title": "New", "artist": "B"},
-        {"id": "t2", "title": "Other", "artist": "A"},
-    ]))
+    app.seed_tracks(
+        &account,
+        &json!([{"id": "t1", "title": "Old", "artist": "A", "duration_ms": 1000}]),
+    )
+    .await;
+    app.seed_tracks(
+        &account,
+        &json!([
+            {"id": "t1", "title": "New", "artist": "B"},
+            {"id": "t2", "title": "Other", "artist": "A"},
+        ]),
+    )
     .await;
     let t1: Value = app.get("/tracks/t1").await.json().await.unwrap();
     assert_eq!(t1["title"], "New");
@@ -60,23 +71,40 @@ async fn an_invalid_batch_stores_nothing(app: TestApp) {
         json!([]),
     ];
     for tracks in cases {
-        let response = app.post_json_authed("/tracks", &account.access_token, &json!({"tracks": tracks})).await;
+        let response = app
+            .post_json_authed("/tracks", &account.access_token, &json!({"tracks": tracks}))
+            .await;
         assert_eq!(error_code(response, 422).await, "invalid_input", "{tracks}");
     }
-    let too_many: Vec<Value> =
-        (0..1001).map(|i| json!({"id": format!("t{i}"), "title": "T", "artist": "A"})).collect();
-    let response = app.post_json_authed("/tracks", &account.access_token, &json!({"tracks": too_many})).await;
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"id": format!("t{i}"), "title": "T", "artist": "A"}))
+        .collect();
+    let response = app
+        .post_json_authed(
+            "/tracks",
+            &account.access_token,
+            &json!({"tracks": too_many}),
+        )
+        .await;
     assert_eq!(error_code(response, 422).await, "invalid_input");
     assert_eq!(app.get("/tracks/ok").await.status(), 404);
     assert_eq!(app.get("/tracks/t0").await.status(), 404);
 }
 
 async fn unknown_tracks_are_404(app: TestApp) {
-    assert_eq!(error_code(app.get("/tracks/nope").await, 404).await, "track_not_found");
+    assert_eq!(
+        error_code(app.get("/tracks/nope").await, 404).await,
+        "track_not_found"
+    );
 }
 
 async fn writing_the_catalog_needs_a_token(app: TestApp) {
-    let response = app.post_json("/tracks", &json!({"tracks": [{"id": "t", "title": "T", "artist": "A"}]})).await;
+    let response = app
+        .post_json(
+            "/tracks",
+            &json!({"tracks": [{"id": "t", "title": "T", "artist": "A"}]}),
+        )
+        .await;
     assert_eq!(error_code(response, 401).await, "missing_token");
     assert_eq!(app.get("/tracks/t").await.status(), 404);
 }

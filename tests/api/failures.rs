@@ -11,8 +11,13 @@ use crate::helpers::{PrivatePostgres, PrivateRedis, TestApp, error_code, temp_di
 async fn app_on_private_postgres(pg: &PrivatePostgres) -> TestApp {
     let url = pg.url("postgres");
     let setup = async move {
-        let mut admin = AsyncPgConnection::establish(&url).await.expect("connect private pg");
-        admin.batch_execute("CREATE DATABASE segue").await.expect("create db");
+        let mut admin = AsyncPgConnection::establish(&url)
+            .await
+            .expect("connect private pg");
+        admin
+            .batch_execute("CREATE DATABASE segue")
+            .await
+            .expect("create db");
     };
     crate::helpers::block_on_thread(setup);
     let dir = temp_dir("pg_failure");
@@ -27,7 +32,12 @@ async fn a_fresh_postgres_database_is_migrated_at_start_up() {
     let app = app_on_private_postgres(&pg).await;
     // Registration writes users, refresh_tokens and devices: the migrations ran.
     let account = app.register().await;
-    assert_eq!(app.login_raw(&account.handle, &account.password).await.status(), 200);
+    assert_eq!(
+        app.login_raw(&account.handle, &account.password)
+            .await
+            .status(),
+        200
+    );
 }
 
 #[actix_web::test]
@@ -48,7 +58,10 @@ async fn readyz_reports_a_stopped_database_and_requests_fail_fast() {
     let response = app.login_raw(&account.handle, &account.password).await;
     let elapsed = started.elapsed();
     assert_eq!(error_code(response, 503).await, "unavailable");
-    assert!(elapsed < Duration::from_secs(3), "login took {elapsed:?} with the database down");
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "login took {elapsed:?} with the database down"
+    );
 
     // Back up: the hub recovers without a restart.
     pg.resume();
@@ -61,7 +74,12 @@ async fn readyz_reports_a_stopped_database_and_requests_fail_fast() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "readyz never recovered");
-    assert_eq!(app.login_raw(&account.handle, &account.password).await.status(), 200);
+    assert_eq!(
+        app.login_raw(&account.handle, &account.password)
+            .await
+            .status(),
+        200
+    );
 }
 
 #[actix_web::test]
@@ -80,7 +98,10 @@ async fn readyz_reports_a_stopped_redis() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["failing"], serde_json::json!(["redis"]));
     // The store is unaffected: accounts still work without Redis.
-    assert_eq!(app.register_raw("erin", "correct horse").await.status(), 201);
+    assert_eq!(
+        app.register_raw("erin", "correct horse").await.status(),
+        201
+    );
 
     redis.resume();
     let mut ready = false;

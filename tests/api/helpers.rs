@@ -10,6 +10,7 @@ use std::time::Duration;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use reqwest::{Client, Response};
 use secrecy::SecretString;
+use segue::bus::MemoryNetwork;
 use segue::settings::Settings;
 use segue::startup::Application;
 use serde_json::{Value, json};
@@ -30,7 +31,12 @@ pub fn redis_url() -> String {
 
 /// A random lower-case suffix for names that must not collide between parallel tests.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", segue::auth::random_token(9).to_ascii_lowercase().replace('-', "_"))
+    format!(
+        "{prefix}_{}",
+        segue::auth::random_token(9)
+            .to_ascii_lowercase()
+            .replace('-', "_")
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,13 +117,43 @@ impl TestApp {
         Self::spawn_with(settings, data_dir, database).await
     }
 
+    /// A hub on `backend` with some settings changed.
+    pub async fn spawn_tuned(backend: Backend, tune: impl FnOnce(&mut Settings)) -> Self {
+        let (mut settings, data_dir, database) = fresh_settings(backend).await;
+        tune(&mut settings);
+        Self::spawn_with(settings, data_dir, database).await
+    }
+
     /// A hub with hand-made settings; `data_dir` is removed and `database` dropped on drop.
-    pub async fn spawn_with(settings: Settings, data_dir: PathBuf, database: Option<String>) -> Self {
-        let app = Application::build(settings.clone()).await.expect("application builds");
+    pub async fn spawn_with(
+        settings: Settings,
+        data_dir: PathBuf,
+        database: Option<String>,
+    ) -> Self {
+        Self::spawn_on(settings, data_dir, database, MemoryNetwork::new()).await
+    }
+
+    /// Like [`spawn_with`](Self::spawn_with), with the in-process bus on `network`.
+    pub async fn spawn_on(
+        settings: Settings,
+        data_dir: PathBuf,
+        database: Option<String>,
+        network: MemoryNetwork,
+    ) -> Self {
+        let app = Application::build_on(settings.clone(), network)
+            .await
+            .expect("application builds");
         let address = format!("http://127.0.0.1:{}", app.port());
         let server = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
-        Self { address, client: Client::new(), settings, data_dir, database, server }
+        Self {
+            address,
+            client: Client::new(),
+            settings,
+            data_dir,
+            database,
+            server,
+        }
     }
 
     /// Stops the server (waiting for it), keeping data dir and database.
@@ -130,11 +166,20 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        self.client.get(self.url(path)).send().await.expect("request sent")
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {
-        self.client.post(self.url(path)).json(body).send().await.expect("request sent")
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
     }
 
     pub async fn post_json_authed(&self, path: &str, token: &str, body: &Value) -> Response {
@@ -148,20 +193,33 @@ impl TestApp {
     }
 
     pub async fn register_raw(&self, handle: &str, password: &str) -> Response {
-        self.post_json("/auth/register", &json!({"handle": handle, "password": password})).await
+        self.post_json(
+            "/auth/register",
+            &json!({"handle": handle, "password": password}),
+        )
+        .await
     }
 
     pub async fn login_raw(&self, handle: &str, password: &str) -> Response {
-        self.post_json("/auth/login", &json!({"handle": handle, "password": password})).await
+        self.post_json(
+            "/auth/login",
+            &json!({"handle": handle, "password": password}),
+        )
+        .await
     }
 
     pub async fn refresh_raw(&self, refresh_token: &str) -> Response {
-        self.post_json("/auth/refresh", &json!({"refresh_token": refresh_token})).await
+        self.post_json("/auth/refresh", &json!({"refresh_token": refresh_token}))
+            .await
     }
 
     /// Registers a fresh account with a unique handle.
     pub async fn register(&self) -> Account {
-        let handle = unique("user").replace('_', "").chars().take(20).collect::<String>();
+        let handle = unique("user")
+            .replace('_', "")
+            .chars()
+            .take(20)
+            .collect::<String>();
         let password = "correct horse battery".to_owned();
         let response = self.register_raw(&handle, &password).await;
         assert_eq!(response.status(), 201, "register {handle}");
@@ -171,10 +229,40 @@ impl TestApp {
 
     /// Upserts catalog tracks as `account`.
     pub async fn seed_tracks(&self, account: &Account, tracks: &Value) {
-        let response =
-            self.post_json_authed("/tracks", &account.access_token, &json!({"tracks": tracks})).await;
+        let response = self
+            .post_json_authed("/tracks", &account.access_token, &json!({"tracks": tracks}))
+            .await;
         assert_eq!(response.status(), 200, "seed tracks");
     }
+}
+
+/// Which bus the replicas of a test cluster share.
+pub enum ClusterBus {
+    /// One in-process network.
+    Memory,
+    /// A Redis at this URL, under one fresh namespace.
+    Redis(String),
+}
+
+/// `count` replicas sharing one fresh PostgreSQL database, one signing key and one bus.
+pub async fn spawn_cluster(count: usize, bus: ClusterBus) -> Vec<TestApp> {
+    let (name, url) = fresh_postgres_database().await;
+    let namespace = unique("segue_test");
+    let network = MemoryNetwork::new();
+    let mut replicas = Vec::with_capacity(count);
+    for index in 0..count {
+        let data_dir = temp_dir("replica");
+        let mut settings = test_settings(&data_dir);
+        settings.database_url = Some(url.clone().into());
+        settings.redis_namespace = namespace.clone();
+        if let ClusterBus::Redis(redis) = &bus {
+            settings.redis_url = Some(redis.clone().into());
+        }
+        // The first replica drops the shared database when the test ends.
+        let owner = (index == 0).then(|| name.clone());
+        replicas.push(TestApp::spawn_on(settings, data_dir, owner, network.clone()).await);
+    }
+    replicas
 }
 
 /// Reads an account out of a register/login/refresh response.
@@ -183,8 +271,14 @@ pub fn account_from(body: &Value, handle: &str, password: &str) -> Account {
         id: body["user"]["id"].as_i64().expect("user id"),
         handle: handle.to_owned(),
         password: password.to_owned(),
-        access_token: body["access_token"].as_str().expect("access token").to_owned(),
-        refresh_token: body["refresh_token"].as_str().expect("refresh token").to_owned(),
+        access_token: body["access_token"]
+            .as_str()
+            .expect("access token")
+            .to_owned(),
+        refresh_token: body["refresh_token"]
+            .as_str()
+            .expect("refresh token")
+            .to_owned(),
         device_id: body["device_id"].as_str().expect("device id").to_owned(),
     }
 }
@@ -193,7 +287,10 @@ pub fn account_from(body: &Value, handle: &str, password: &str) -> Account {
 pub async fn error_code(response: Response, status: u16) -> String {
     assert_eq!(response.status().as_u16(), status, "status");
     let body: Value = response.json().await.expect("error body is JSON");
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "detail in {body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "detail in {body}"
+    );
     body["code"].as_str().expect("code").to_owned()
 }
 
@@ -228,7 +325,9 @@ pub fn block_on_thread<T: Send + 'static>(
 fn drop_database_blocking(name: String) {
     block_on_thread(async move {
         if let Ok(mut admin) = AsyncPgConnection::establish(&admin_database_url()).await {
-            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await;
         }
     });
 }
@@ -243,14 +342,19 @@ fn template_name() -> String {
     let mut hasher = DefaultHasher::new();
     for file in files {
         file.strip_prefix(&dir).ok().hash(&mut hasher);
-        std::fs::read(&file).expect("read migration").hash(&mut hasher);
+        std::fs::read(&file)
+            .expect("read migration")
+            .hash(&mut hasher);
     }
     format!("segue_tpl_{:016x}", hasher.finish())
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read migrations dir").flatten() {
+    for entry in std::fs::read_dir(dir)
+        .expect("read migrations dir")
+        .flatten()
+    {
         let path = entry.path();
         if path.is_dir() {
             out.extend(walk(&path));
@@ -267,14 +371,16 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 pub async fn fresh_postgres_database() -> (String, String) {
     block_on_thread(async {
         let admin_url = admin_database_url();
-        let mut admin = AsyncPgConnection::establish(&admin_url).await.expect(
-            "connect to PostgreSQL (is it running on 127.0.0.1:5432? see scripts/test.sh)",
-        );
+        let mut admin = AsyncPgConnection::establish(&admin_url)
+            .await
+            .expect("connect to PostgreSQL (is it running on 127.0.0.1:5432? see scripts/test.sh)");
         let template = template_name();
         ensure_template(&mut admin, &admin_url, &template).await;
         let name = unique("segue_test");
         admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""))
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+            ))
             .await
             .expect("create test database");
         let url = with_database(&admin_url, &name);
@@ -284,7 +390,10 @@ pub async fn fresh_postgres_database() -> (String, String) {
 
 /// `admin_url` with its database name replaced.
 pub fn with_database(admin_url: &str, name: &str) -> String {
-    let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap_or(admin_url);
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .unwrap_or(admin_url);
     format!("{base}/{name}")
 }
 
@@ -297,43 +406,66 @@ async fn ensure_template(admin: &mut AsyncPgConnection, admin_url: &str, templat
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
-    admin.batch_execute("SELECT pg_advisory_lock(727274)").await.expect("advisory lock");
-    let found: Count = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
-        .bind::<Text, _>(template)
-        .get_result(admin)
+    admin
+        .batch_execute("SELECT pg_advisory_lock(727274)")
         .await
-        .expect("look up template");
+        .expect("advisory lock");
+    let found: Count =
+        diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+            .bind::<Text, _>(template)
+            .get_result(admin)
+            .await
+            .expect("look up template");
     if found.n == 0 {
         let building = format!("{template}_building");
         admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"
+            ))
             .await
             .expect("drop stale template");
-        admin.batch_execute(&format!("CREATE DATABASE \"{building}\"")).await.expect("create template");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{building}\""))
+            .await
+            .expect("create template");
         let dir = temp_dir("template");
         let mut settings = test_settings(&dir);
         settings.database_url = Some(SecretString::from(with_database(admin_url, &building)));
         // Migrating is what opening a store does; the store is dropped straight after.
-        let store = segue::store::Store::connect(&settings).await.expect("migrate template");
+        let store = segue::store::Store::connect(&settings)
+            .await
+            .expect("migrate template");
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
         admin
-            .batch_execute(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{template}\""))
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{building}\" RENAME TO \"{template}\""
+            ))
             .await
             .expect("publish template");
     }
-    admin.batch_execute("SELECT pg_advisory_unlock(727274)").await.expect("advisory unlock");
+    admin
+        .batch_execute("SELECT pg_advisory_unlock(727274)")
+        .await
+        .expect("advisory unlock");
 }
 
 /// A free TCP port on loopback (free when asked; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Prefix for running a server binary: as `postgres` when we are root (PostgreSQL refuses
 /// to run as root).
 fn as_postgres_user(program: &str) -> Command {
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
     if is_root {
         let mut command = Command::new("runuser");
         command.args(["-u", "postgres", "--", program]);
@@ -348,7 +480,12 @@ fn pg_binary(name: &str) -> String {
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
         let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         versions.sort();
-        if let Some(found) = versions.iter().rev().map(|v| v.join("bin").join(name)).find(|p| p.exists()) {
+        if let Some(found) = versions
+            .iter()
+            .rev()
+            .map(|v| v.join("bin").join(name))
+            .find(|p| p.exists())
+        {
             return found.to_string_lossy().into_owned();
         }
     }
@@ -364,7 +501,10 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     pub fn start() -> Self {
         let dir = temp_dir("pg");
-        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
         let data = dir.join("data");
         let status = as_postgres_user(&pg_binary("initdb"))
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
@@ -430,7 +570,10 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start() -> Self {
-        let mut this = Self { child: None, port: free_port() };
+        let mut this = Self {
+            child: None,
+            port: free_port(),
+        };
         this.resume();
         this
     }
@@ -442,7 +585,16 @@ impl PrivateRedis {
     /// Starts (or restarts) the server on the same port and waits until it answers.
     pub fn resume(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

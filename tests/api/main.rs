@@ -4,9 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod helpers;
+mod phoenix;
 
 mod accounts;
+mod bus;
 mod catalog;
+mod cluster;
 mod failures;
 mod health;
 mod settings;
+mod socket;

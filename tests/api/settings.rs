@@ -8,13 +8,19 @@ use crate::helpers::temp_dir;
 fn run_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = temp_dir("config");
     let mut command = Command::new(env!("CARGO_BIN_EXE_segue"));
-    command.env_clear().env("SEGUE_DATA_DIR", &dir).env("SEGUE_BIND", "127.0.0.1:0");
+    command
+        .env_clear()
+        .env("SEGUE_DATA_DIR", &dir)
+        .env("SEGUE_BIND", "127.0.0.1:0");
     for (key, value) in env {
         command.env(key, value);
     }
     let output = command.output().expect("run segue");
     let _ = std::fs::remove_dir_all(dir);
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -55,8 +61,15 @@ fn a_config_file_is_read_and_the_environment_wins_over_it() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("SEGUE_MAX_BODY_BYTES"), "{stderr}");
     // ...and an environment variable overrides it (then start-up fails on the next bad one).
-    std::fs::write(&file, "max_body_bytes = 0\nredis_namespace = \"bad namespace\"\n").unwrap();
-    let (code, stderr) = run_with(&[("SEGUE_CONFIG", file.to_str().unwrap()), ("SEGUE_MAX_BODY_BYTES", "1000")]);
+    std::fs::write(
+        &file,
+        "max_body_bytes = 0\nredis_namespace = \"bad namespace\"\n",
+    )
+    .unwrap();
+    let (code, stderr) = run_with(&[
+        ("SEGUE_CONFIG", file.to_str().unwrap()),
+        ("SEGUE_MAX_BODY_BYTES", "1000"),
+    ]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("SEGUE_REDIS_NAMESPACE"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
@@ -78,7 +91,12 @@ async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm(
     let base = format!("http://127.0.0.1:{port}");
     let mut up = false;
     for _ in 0..100 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+        if client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             up = true;
             break;
         }
@@ -92,9 +110,15 @@ async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm(
         .await
         .unwrap();
     assert_eq!(register.status(), 201);
-    assert!(dir.join("segue.db").exists(), "the embedded default is a SQLite file in the data dir");
+    assert!(
+        dir.join("segue.db").exists(),
+        "the embedded default is a SQLite file in the data dir"
+    );
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let mut exited = None;
     for _ in 0..100 {
@@ -106,5 +130,8 @@ async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm(
     }
     let _ = child.kill();
     let _ = std::fs::remove_dir_all(dir);
-    assert!(exited.is_some_and(|s| s.success()), "exit after SIGTERM: {exited:?}");
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {exited:?}"
+    );
 }

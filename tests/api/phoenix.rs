@@ -1,0 +1,196 @@
+//! A small Phoenix Channels V2 client for tests: raw enough to send malformed frames, with
+//! helpers for the common exchanges.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::helpers::TestApp;
+
+/// How long a test waits for an expected frame.
+pub const FRAME_WAIT: Duration = Duration::from_secs(5);
+
+pub struct PhxClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_ref: u64,
+    /// Frames read while looking for another one.
+    pending: VecDeque<Value>,
+}
+
+/// The socket URL of `app` with extra query parameters.
+pub fn socket_url(app: &TestApp, query: &str) -> String {
+    format!(
+        "{}/socket/websocket?{query}",
+        app.address.replacen("http", "ws", 1)
+    )
+}
+
+/// Opens a socket with `token` as a query parameter.
+pub async fn connect(app: &TestApp, token: &str) -> PhxClient {
+    connect_url(&socket_url(app, &format!("vsn=2.0.0&token={token}")))
+        .await
+        .expect("socket connects")
+}
+
+/// Opens a socket at `url` with no extra headers.
+pub async fn connect_url(url: &str) -> Result<PhxClient, tokio_tungstenite::tungstenite::Error> {
+    connect_request(url.into_client_request()?).await
+}
+
+/// Opens a socket with a hand-made request (headers, subprotocols).
+pub async fn connect_request(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Result<PhxClient, tokio_tungstenite::tungstenite::Error> {
+    let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+    Ok(PhxClient::new(ws))
+}
+
+/// The HTTP status an upgrade was refused with.
+pub fn refused_status(error: tokio_tungstenite::tungstenite::Error) -> u16 {
+    match error {
+        tokio_tungstenite::tungstenite::Error::Http(response) => response.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+impl PhxClient {
+    pub fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        Self {
+            ws,
+            next_ref: 1,
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn take_ref(&mut self) -> String {
+        let reference = self.next_ref.to_string();
+        self.next_ref += 1;
+        reference
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send frame");
+    }
+
+    /// Sends `[join_ref, ref, topic, event, payload]` and returns the ref.
+    pub async fn push(
+        &mut self,
+        join_ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> String {
+        let reference = self.take_ref();
+        let frame = json!([join_ref, reference, topic, event, payload]);
+        self.send_text(&frame.to_string()).await;
+        reference
+    }
+
+    /// Joins `topic`; returns the join ref and the reply frame.
+    pub async fn join(&mut self, topic: &str, payload: Value) -> (String, Value) {
+        let reference = self.take_ref();
+        let frame = json!([reference, reference, topic, "phx_join", payload]);
+        self.send_text(&frame.to_string()).await;
+        let reply = self.reply_to(&reference).await;
+        (reference, reply)
+    }
+
+    /// Joins `topic` and asserts the join succeeded; returns the join ref.
+    pub async fn join_ok(&mut self, topic: &str) -> String {
+        let (join_ref, reply) = self.join(topic, json!({})).await;
+        assert_eq!(reply[4]["status"], "ok", "join {topic}: {reply}");
+        join_ref
+    }
+
+    /// Reads one text frame from the socket, or `None` on close.
+    async fn read(&mut self) -> Option<Value> {
+        loop {
+            let message = tokio::time::timeout(FRAME_WAIT, self.ws.next())
+                .await
+                .expect("frame within wait")?;
+            match message.ok()? {
+                Message::Text(text) => {
+                    return Some(serde_json::from_str(&text).expect("server frames are JSON"));
+                }
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads until the `phx_reply` to `reference`, keeping other frames for later.
+    pub async fn reply_to(&mut self, reference: &str) -> Value {
+        if let Some(index) = self.pending.iter().position(|f| is_reply_to(f, reference)) {
+            return self.pending.remove(index).expect("index is valid");
+        }
+        loop {
+            let frame = self
+                .read()
+                .await
+                .expect("socket open while waiting for a reply");
+            if is_reply_to(&frame, reference) {
+                return frame;
+            }
+            self.pending.push_back(frame);
+        }
+    }
+
+    /// Reads until a frame with `event` on `topic`, keeping others for later.
+    pub async fn event(&mut self, topic: &str, event: &str) -> Value {
+        if let Some(index) = self
+            .pending
+            .iter()
+            .position(|f| f[2] == topic && f[3] == event)
+        {
+            return self.pending.remove(index).expect("index is valid");
+        }
+        loop {
+            let frame = self
+                .read()
+                .await
+                .expect("socket open while waiting for an event");
+            if frame[2] == topic && frame[3] == event {
+                return frame;
+            }
+            self.pending.push_back(frame);
+        }
+    }
+
+    /// Asserts that nothing arrives for `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        assert!(
+            self.pending.is_empty(),
+            "unexpected frames: {:?}",
+            self.pending
+        );
+        if let Ok(Some(Ok(message))) = tokio::time::timeout(wait, self.ws.next()).await {
+            panic!("expected silence, got {message:?}");
+        }
+    }
+
+    /// Waits for the server to close the socket; returns its close frame.
+    pub async fn closed(&mut self, wait: Duration) -> Option<CloseFrame> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("socket closed within wait");
+            match next {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
+
+fn is_reply_to(frame: &Value, reference: &str) -> bool {
+    frame[3] == "phx_reply" && frame[1] == reference
+}
