@@ -624,6 +624,75 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// The `segue` binary running as a process of its own (for tests that measure or kill it).
+pub struct HubProcess {
+    pub child: Child,
+    pub address: String,
+    data_dir: PathBuf,
+}
+
+impl HubProcess {
+    /// Starts the binary on a free port with `env` (and a fresh data directory), and waits
+    /// until `/healthz` answers.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let data_dir = temp_dir("process");
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_segue"));
+        command
+            .env_clear()
+            .env("SEGUE_DATA_DIR", &data_dir)
+            .env("SEGUE_BIND", format!("127.0.0.1:{port}"))
+            .env("SEGUE_JWT_SECRET", TEST_JWT_SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("start segue");
+        let this = Self {
+            child,
+            address: format!("http://127.0.0.1:{port}"),
+            data_dir,
+        };
+        let client = Client::new();
+        for _ in 0..200 {
+            let up = client.get(format!("{}/healthz", this.address)).send().await;
+            if up.is_ok_and(|r| r.status() == 200) {
+                return this;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("segue did not come up");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS line")
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
 /// Generates one test per backend from `async fn name(app: TestApp)`.
 #[macro_export]
 macro_rules! on_both_backends {

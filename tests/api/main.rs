@@ -7,6 +7,7 @@ mod helpers;
 mod phoenix;
 
 mod accounts;
+mod backpressure;
 mod bus;
 mod catalog;
 mod cluster;

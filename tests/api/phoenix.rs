@@ -163,6 +163,17 @@ impl PhxClient {
         }
     }
 
+    /// Reads and discards the next `count` frames.
+    pub async fn skip(&mut self, count: usize) {
+        for _ in 0..count {
+            if self.pending.pop_front().is_none() {
+                self.read()
+                    .await
+                    .expect("socket open while skipping frames");
+            }
+        }
+    }
+
     /// Asserts that nothing arrives for `wait`.
     pub async fn expect_silence(&mut self, wait: Duration) {
         assert!(

@@ -77,59 +77,33 @@ fn a_config_file_is_read_and_the_environment_wins_over_it() {
 
 #[actix_web::test]
 async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm() {
-    let dir = temp_dir("binary");
-    let port = crate::helpers::free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_segue"))
-        .env_clear()
-        .env("SEGUE_DATA_DIR", &dir)
-        .env("SEGUE_BIND", format!("127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start segue");
+    let mut hub = crate::helpers::HubProcess::start(&[]).await;
     let client = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..100 {
-        if client
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(up, "segue did not come up");
     let register = client
-        .post(format!("{base}/auth/register"))
+        .post(format!("{}/auth/register", hub.address))
         .json(&serde_json::json!({"handle": "frank", "password": "correct horse"}))
         .send()
         .await
         .unwrap();
     assert_eq!(register.status(), 201);
     assert!(
-        dir.join("segue.db").exists(),
-        "the embedded default is a SQLite file in the data dir"
+        hub.data_dir().join("segue.db").exists(),
+        "the embedded default is a SQLite file"
     );
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &hub.pid().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let mut exited = None;
     for _ in 0..100 {
-        if let Some(code) = child.try_wait().unwrap() {
+        if let Some(code) = hub.child.try_wait().unwrap() {
             exited = Some(code);
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let _ = child.kill();
-    let _ = std::fs::remove_dir_all(dir);
     assert!(
         exited.is_some_and(|s| s.success()),
         "exit after SIGTERM: {exited:?}"

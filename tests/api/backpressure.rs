@@ -1,0 +1,116 @@
+//! A client that stops reading is disconnected, and the server's memory stays flat while it
+//! is being flooded. The hub runs as a process of its own so its memory can be measured.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::helpers::HubProcess;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Broadcasts pumped at the stalled socket, and the size of each.
+const FLOOD_MESSAGES: usize = 8_000;
+const FLOOD_PAYLOAD_BYTES: usize = 10_240;
+
+/// Allowed growth of the server's RSS over the flood. Buffering the flood for the stalled
+/// socket would take FLOOD_MESSAGES × FLOOD_PAYLOAD_BYTES ≈ 80 MiB.
+const RSS_GROWTH_BOUND_KIB: u64 = 16 * 1024;
+
+async fn metric(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+#[actix_web::test]
+async fn a_client_that_stops_reading_is_closed_and_memory_stays_flat() {
+    let hub = HubProcess::start(&[("SEGUE_WS_OUTBOUND_QUEUE", "64")]).await;
+    let client = reqwest::Client::new();
+    let body: Value = client
+        .post(format!("{}/auth/register", hub.address))
+        .json(&json!({"handle": "flooded", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = body["access_token"].as_str().unwrap();
+    let user = body["user"]["id"].as_i64().unwrap();
+    let topic = format!("echo:{user}");
+    let url = format!(
+        "{}/socket/websocket?vsn=2.0.0&token={token}",
+        hub.address.replacen("http", "ws", 1)
+    );
+
+    // The stalled client: a tiny receive buffer, joined, then never read again.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket
+        .connect(hub.address.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let (mut stalled, _) =
+        tokio_tungstenite::client_async(url.clone().into_client_request().unwrap(), stream)
+            .await
+            .unwrap();
+    stalled
+        .send(Message::text(
+            json!(["1", "1", topic, "phx_join", {}]).to_string(),
+        ))
+        .await
+        .unwrap();
+    let reply = stalled.next().await.expect("join reply").expect("readable");
+    assert!(
+        reply.to_text().unwrap().contains(r#""status":"ok""#),
+        "{reply}"
+    );
+
+    let mut pump = crate::phoenix::connect_url(&url).await.unwrap();
+    let join_ref = pump.join_ok(&topic).await;
+    let before = hub.rss_kib();
+
+    let blob = "x".repeat(FLOOD_PAYLOAD_BYTES);
+    for n in 0..FLOOD_MESSAGES {
+        pump.push(
+            Some(&join_ref),
+            &topic,
+            "broadcast",
+            json!({"event": "blob", "payload": {"n": n, "blob": blob}}),
+        )
+        .await;
+        // Keep the pump's own socket drained (a reply and its own copy per push), so only the
+        // stalled socket falls behind.
+        if n % 100 == 99 {
+            pump.skip(200).await;
+        }
+    }
+    let closed = metric(&hub.address, "segue_ws_slow_closed_total").await;
+    let open = metric(&hub.address, "segue_ws_open").await;
+    let after = hub.rss_kib();
+    println!(
+        "backpressure: server RSS {before} KiB before, {after} KiB after {FLOOD_MESSAGES} × {FLOOD_PAYLOAD_BYTES} B \
+         broadcasts (growth {} KiB, bound {RSS_GROWTH_BOUND_KIB} KiB)",
+        after.saturating_sub(before)
+    );
+    assert_eq!(closed, 1.0, "the stalled socket was closed for not reading");
+    assert_eq!(open, 1.0, "only the pump's socket is still open");
+    assert!(
+        after.saturating_sub(before) < RSS_GROWTH_BOUND_KIB,
+        "RSS grew from {before} to {after} KiB"
+    );
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
