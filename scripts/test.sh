@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every Segue test on this machine, setting up what is missing first: on a fresh Debian
-# machine it installs PostgreSQL and Redis with apt-get, starts them when they are stopped,
+# machine it installs PostgreSQL, Redis and Node.js with apt-get, starts them when they are stopped,
 # then runs clippy and the whole test suite. Safe to run again and again.
 #
 #   scripts/test.sh                 # everything
@@ -21,6 +21,8 @@ missing=()
 command -v psql >/dev/null || missing+=(postgresql-client)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -58,6 +60,14 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
 fi
 export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+
+# The official phoenix client (tests/node), reinstalled when package.json changes. No lock
+# file is kept: package.json pins exact versions.
+if [ ! -f tests/node/node_modules/.segue-installed ] || [ tests/node/package.json -nt tests/node/node_modules/.segue-installed ]; then
+  log "installing the phoenix npm client for the client tests"
+  (cd tests/node && npm install --no-package-lock --no-audit --no-fund --silent)
+  touch tests/node/node_modules/.segue-installed
+fi
 
 log "clippy"
 cargo clippy --all-targets --quiet -- -D warnings

@@ -13,5 +13,6 @@ mod catalog;
 mod cluster;
 mod failures;
 mod health;
+mod phoenix_js;
 mod settings;
 mod socket;
