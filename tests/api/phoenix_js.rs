@@ -11,11 +11,20 @@ pub fn run_node(script: &str, args: &[&str]) -> serde_json::Value {
         dir.join("node_modules/phoenix").exists(),
         "tests/node has no node_modules: run scripts/test.sh, which installs them"
     );
-    let output = Command::new("node").arg(script).args(args).current_dir(&dir).output().expect("run node");
+    let output = Command::new("node")
+        .arg(script)
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .expect("run node");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().last().unwrap_or_default();
-    let result: serde_json::Value = serde_json::from_str(line)
-        .unwrap_or_else(|_| panic!("no result from {script}: {stdout} {}", String::from_utf8_lossy(&output.stderr)));
+    let result: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| {
+        panic!(
+            "no result from {script}: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
     assert!(output.status.success(), "{script} failed: {result}");
     result
 }
@@ -34,5 +43,8 @@ async fn the_official_client_connects_joins_heartbeats_and_rejoins_after_a_drop(
     .expect("node runner");
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(result["pingReplies"], serde_json::json!([1, 2]), "{result}");
-    assert!(result["heartbeatReplies"].as_u64().unwrap_or(0) >= 2, "{result}");
+    assert!(
+        result["heartbeatReplies"].as_u64().unwrap_or(0) >= 2,
+        "{result}"
+    );
 }

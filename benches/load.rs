@@ -1,0 +1,554 @@
+//! Segue's load harness: real hub processes, real sockets, numbers printed.
+//!
+//! ```text
+//! cargo bench --bench load -- [--replicas 1|2] [--users N] [--sockets-per-user N]
+//!                             [--rate EVENTS_PER_S] [--seconds N] [--workers N]
+//! ```
+//!
+//! It seeds `users` accounts into a fresh SQLite database, starts the release `segue` binary
+//! (one replica with the in-process bus, or two sharing Redis), pinned to core 0, and opens
+//! `users × sockets-per-user` authenticated sockets from worker processes pinned to core 1,
+//! spread over 127.0.0.x source addresses (a process here holds at most ~20,000 files). Each
+//! socket joins `echo:{user}`. A publisher (core 1) then sends `rate` user-scoped events per
+//! second through the first replica for `seconds`; with two replicas every socket is on the
+//! second, so every event crosses Redis. It prints sockets held, server RSS per socket,
+//! deliveries per second, end-to-end latency percentiles and losses.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use segue::auth::TokenKeys;
+use segue::domain::{DeviceId, UserId};
+use segue::settings::Settings;
+use segue::store::{Store, users};
+use serde_json::{Value, json};
+use tokio::net::TcpSocket;
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The key every process of a run signs and checks tokens with.
+const SECRET: &str = "load-harness-secret-load-harness-secret-0123";
+
+/// Sockets a worker opens at once while connecting.
+const CONNECT_CONCURRENCY: usize = 256;
+
+/// Most sockets one worker process holds (a process here can hold ~20,000 files).
+const MAX_SOCKETS_PER_WORKER: usize = 8_000;
+
+/// How often an otherwise idle socket heartbeats, as the JS client does.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Segue load harness")]
+struct Args {
+    /// 1: one replica, in-process bus. 2: two replicas over Redis, publisher on the first,
+    /// sockets on the second.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    #[arg(long, default_value_t = 1_000)]
+    users: usize,
+    #[arg(long, default_value_t = 1)]
+    sockets_per_user: usize,
+    /// Events per second, each to one user (all that user's sockets receive it).
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Users the publisher sends to (one publisher socket each, on the first replica);
+    /// events go round-robin over them. Keep sockets + publishers under the server's
+    /// ~20,000 open files with one replica.
+    #[arg(long, default_value_t = 100)]
+    publishers: usize,
+    /// Load-generator processes (more are used if the sockets need them).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Redis for two replicas.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Accepted for `cargo bench` compatibility.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// Internal: run as a load-generator worker.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match &args.worker {
+        Some(spec) => runtime.block_on(worker(spec)),
+        None => runtime.block_on(coordinate(args)),
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn token(user: i64, device: &str) -> String {
+    let keys = TokenKeys::from_secret(SECRET.as_bytes(), Duration::from_secs(6 * 3600));
+    keys.issue(UserId(user), &DeviceId::parse(device).unwrap(), "bench")
+        .unwrap()
+}
+
+/// Opens a socket from `source` and joins `echo:{user}`.
+async fn open_socket(
+    port: u16,
+    source: &str,
+    user: i64,
+    device: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(format!("{source}:0").parse().unwrap())
+        .map_err(|e| e.to_string())?;
+    let stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let url = format!(
+        "ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0&token={}&device_id={device}",
+        token(user, device)
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(url.into_client_request().unwrap(), stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let join = json!(["1", "1", format!("echo:{user}"), "phx_join", {}]).to_string();
+    ws.send(Message::text(join))
+        .await
+        .map_err(|e| e.to_string())?;
+    match ws.next().await {
+        Some(Ok(Message::Text(text))) if text.contains(r#""status":"ok""#) => Ok(ws),
+        other => Err(format!("join failed: {other:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker: holds sockets, measures what arrives.
+
+/// What a worker reports.
+#[derive(Default)]
+struct Received {
+    count: AtomicU64,
+    histogram: Mutex<Option<Histogram<u64>>>,
+}
+
+async fn worker(spec: &str) {
+    // port,source,first_user,last_user,sockets_per_user
+    let parts: Vec<&str> = spec.split(',').collect();
+    let port: u16 = parts[0].parse().unwrap();
+    let source = parts[1].to_owned();
+    let first: i64 = parts[2].parse().unwrap();
+    let last: i64 = parts[3].parse().unwrap();
+    let per_user: usize = parts[4].parse().unwrap();
+
+    let received = Arc::new(Received {
+        count: AtomicU64::new(0),
+        histogram: Mutex::new(Some(Histogram::new_with_bounds(1, 120_000_000, 3).unwrap())),
+    });
+    let targets: Vec<(i64, usize)> = (first..=last)
+        .flat_map(|u| (0..per_user).map(move |k| (u, k)))
+        .collect();
+    let failures = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let mut handles = Vec::new();
+            for (user, k) in targets {
+                let (received, failures, connected, permits, source) = (
+                    received.clone(),
+                    failures.clone(),
+                    connected.clone(),
+                    permits.clone(),
+                    source.clone(),
+                );
+                handles.push(tokio::task::spawn_local(async move {
+                    let permit = permits.acquire_owned().await.unwrap();
+                    let device = format!("b{user}-{k}");
+                    let ws = match open_socket(port, &source, user, &device).await {
+                        Ok(ws) => ws,
+                        Err(error) => {
+                            if failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("worker {source}: {error}");
+                            }
+                            return;
+                        }
+                    };
+                    drop(permit);
+                    connected.fetch_add(1, Ordering::Relaxed);
+                    hold(ws, received).await;
+                }));
+            }
+            // Wait for every connection attempt to settle.
+            loop {
+                let settled = connected.load(Ordering::Relaxed) + failures.load(Ordering::Relaxed);
+                if settled as usize >= handles.len() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!(
+                "READY {} {}",
+                connected.load(Ordering::Relaxed),
+                failures.load(Ordering::Relaxed)
+            );
+            std::io::stdout().flush().unwrap();
+            // Wait for STOP on stdin (read on a blocking thread).
+            tokio::task::spawn_blocking(|| {
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+            })
+            .await
+            .unwrap();
+            let histogram = received.histogram.lock().await.take().unwrap();
+            let buckets: Vec<(u64, u64)> = histogram
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect();
+            println!(
+                "RESULT {}",
+                json!({"received": received.count.load(Ordering::Relaxed), "buckets": buckets})
+            );
+            std::io::stdout().flush().unwrap();
+            std::process::exit(0);
+        })
+        .await;
+}
+
+/// Reads a socket for ever, recording every `said` event's latency; heartbeats meanwhile.
+async fn hold(
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    received: Arc<Received>,
+) {
+    let (mut sink, mut stream) = ws.split();
+    // Spread heartbeats so they do not all fire at once.
+    let offset = Duration::from_millis(rand_offset(HEARTBEAT.as_millis() as u64));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + offset, HEARTBEAT);
+    let mut reference = 1u64;
+    loop {
+        tokio::select! {
+            message = stream.next() => {
+                let Some(Ok(Message::Text(text))) = message else { return };
+                let arrived = now_ns();
+                let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
+                if frame[3] == "said"
+                    && let Some(sent) = frame[4]["t"].as_u64()
+                {
+                    received.count.fetch_add(1, Ordering::Relaxed);
+                    let micros = arrived.saturating_sub(sent) / 1_000;
+                    if let Some(histogram) = received.histogram.lock().await.as_mut() {
+                        let _ = histogram.record(micros.max(1));
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                reference += 1;
+                let frame = json!([null, reference.to_string(), "phoenix", "heartbeat", {}]).to_string();
+                if sink.send(Message::text(frame)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn rand_offset(max: u64) -> u64 {
+    (now_ns() / 7) % max.max(1)
+}
+
+// ---------------------------------------------------------------------------------------
+// Coordinator.
+
+struct Hub {
+    child: Child,
+    port: u16,
+}
+
+impl Hub {
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Seeds `count` accounts (ids 1..=count) into a fresh SQLite database in `dir`.
+async fn seed(dir: &Path, count: usize) {
+    use scoped_futures::ScopedFutureExt;
+    let settings = Settings {
+        data_dir: dir.to_path_buf(),
+        ..Settings::default()
+    };
+    let store = Store::connect(&settings).await.expect("open the store");
+    let mut pooled = store.conn().await.expect("connection");
+    pooled
+        .conn()
+        .transaction(|conn| {
+            async move {
+                let now = segue::store::now();
+                for i in 1..=count {
+                    let handle = format!("bench{i}");
+                    let user = users::NewUser {
+                        handle: &handle,
+                        display_name: &handle,
+                        password_hash: "not-a-login",
+                        created_at: now,
+                    };
+                    users::insert(conn, &user).await?;
+                }
+                Ok::<_, segue::store::StoreError>(())
+            }
+            .scope_boxed()
+        })
+        .await
+        .expect("seed users");
+}
+
+fn start_hub(dir: &Path, database: &Path, redis: Option<(&str, &str)>) -> Hub {
+    let port = free_port();
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", "0", env!("CARGO_BIN_EXE_segue")])
+        .env_clear()
+        .env("SEGUE_BIND", format!("127.0.0.1:{port}"))
+        .env("SEGUE_DATA_DIR", dir)
+        .env("DATABASE_URL", format!("sqlite://{}", database.display()))
+        .env("SEGUE_JWT_SECRET", SECRET)
+        .env("SEGUE_WORKERS", "1")
+        .env("SEGUE_LOG", "warn")
+        .stdout(Stdio::null());
+    if let Some((url, namespace)) = redis {
+        command
+            .env("REDIS_URL", url)
+            .env("SEGUE_REDIS_NAMESPACE", namespace);
+    }
+    let child = command
+        .spawn()
+        .expect("start segue (is taskset installed?)");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Hub { child, port };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("segue did not start");
+}
+
+struct Worker {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+fn percentile(histogram: &Histogram<u64>, q: f64) -> f64 {
+    histogram.value_at_quantile(q) as f64 / 1000.0
+}
+
+async fn coordinate(args: Args) {
+    // The coordinator (and so the publisher) runs on core 1, beside the workers.
+    let _ = Command::new("taskset")
+        .args(["-p", "-c", "1", &std::process::id().to_string()])
+        .output();
+    let sockets = args.users * args.sockets_per_user;
+    let dir: PathBuf = std::env::temp_dir().join(format!("segue-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let database = dir.join("segue.db");
+    println!("seeding {} users", args.users);
+    seed(&dir, args.users).await;
+
+    let namespace = format!("segue_load_{}", std::process::id());
+    let redis = (args.replicas == 2).then_some((args.redis.as_str(), namespace.as_str()));
+    let hubs: Vec<Hub> = (0..args.replicas)
+        .map(|i| {
+            let hub_dir = dir.join(format!("replica{i}"));
+            std::fs::create_dir_all(&hub_dir).unwrap();
+            start_hub(&hub_dir, &database, redis)
+        })
+        .collect();
+    let publisher_hub = &hubs[0];
+    let socket_hub = &hubs[hubs.len() - 1];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = socket_hub.rss_kib();
+
+    // Workers: contiguous user ranges, each on its own source address.
+    let worker_count = args
+        .workers
+        .max(sockets.div_ceil(MAX_SOCKETS_PER_WORKER))
+        .max(1);
+    let users_per_worker = args.users.div_ceil(worker_count);
+    let exe = std::env::current_exe().unwrap();
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..worker_count {
+        let first = w * users_per_worker + 1;
+        let last = ((w + 1) * users_per_worker).min(args.users);
+        if first > last {
+            continue;
+        }
+        let spec = format!(
+            "{},127.0.0.{},{first},{last},{}",
+            socket_hub.port,
+            w + 2,
+            args.sockets_per_user
+        );
+        let mut child = Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&exe)
+            .args(["--worker", &spec])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start worker");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        workers.push(Worker { child, stdout });
+    }
+    let mut held = 0u64;
+    let mut failed = 0u64;
+    for worker in &mut workers {
+        let mut line = String::new();
+        worker.stdout.read_line(&mut line).unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields.first(), Some(&"READY"), "worker said {line:?}");
+        held += fields[1].parse::<u64>().unwrap();
+        failed += fields[2].parse::<u64>().unwrap();
+    }
+    let connect_time = started.elapsed();
+    // Let the server settle (sessions, subscriptions) before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let loaded = socket_hub.rss_kib();
+    let per_socket = (loaded.saturating_sub(baseline)) as f64 / held.max(1) as f64;
+
+    // The publisher: one socket per target user on the first replica.
+    let publisher_users = args.users.min(args.publishers).max(1);
+    let mut publishers = Vec::with_capacity(publisher_users);
+    for user in 1..=publisher_users as i64 {
+        let ws = open_socket(publisher_hub.port, "127.0.0.1", user, &format!("pub{user}"))
+            .await
+            .unwrap();
+        let (sink, mut stream) = ws.split();
+        // Drain what the publisher's own sockets receive.
+        tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+        publishers.push(sink);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    println!(
+        "publishing {} events/s for {} s to {} of {} users ({} sockets each)",
+        args.rate, args.seconds, publisher_users, args.users, args.sockets_per_user
+    );
+    let mut sent = 0u64;
+    let run = Duration::from_secs(args.seconds);
+    let publish_start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut next_user = 0usize;
+    while publish_start.elapsed() < run {
+        tick.tick().await;
+        let due = (publish_start.elapsed().as_secs_f64() * args.rate as f64) as u64;
+        while sent < due {
+            let index = next_user % publishers.len();
+            next_user += 1;
+            let user = index + 1;
+            let frame = json!(["1", sent.to_string(), format!("echo:{user}"), "broadcast",
+                {"event": "said", "payload": {"t": now_ns(), "s": sent}}]);
+            publishers[index]
+                .send(Message::text(frame.to_string()))
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+    let publish_elapsed = publish_start.elapsed();
+    // Events go only to the publisher's users; their sockets on the workers receive them.
+    let expected = sent * args.sockets_per_user as u64;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).unwrap();
+    let mut received = 0u64;
+    for worker in &mut workers {
+        let stdin = worker.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"STOP\n").unwrap();
+        let mut line = String::new();
+        worker.stdout.read_line(&mut line).unwrap();
+        let result: Value = serde_json::from_str(line.trim_start_matches("RESULT ")).unwrap();
+        received += result["received"].as_u64().unwrap();
+        for bucket in result["buckets"].as_array().unwrap() {
+            histogram
+                .record_n(bucket[0].as_u64().unwrap(), bucket[1].as_u64().unwrap())
+                .unwrap();
+        }
+        let _ = worker.child.wait();
+    }
+    let final_rss = socket_hub.rss_kib();
+    drop(hubs);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let scenario = if args.replicas == 2 {
+        "two replicas over Redis"
+    } else {
+        "one replica, in-process bus"
+    };
+    println!();
+    println!("scenario            {scenario}");
+    println!(
+        "sockets held        {held} of {sockets} ({failed} failed), connected in {:.1} s",
+        connect_time.as_secs_f64()
+    );
+    println!(
+        "server RSS          {baseline} KiB idle, {loaded} KiB with sockets, {final_rss} KiB at the end"
+    );
+    println!("RSS per socket      {:.1} KiB", per_socket);
+    println!(
+        "events published    {sent} in {:.2} s ({:.0}/s)",
+        publish_elapsed.as_secs_f64(),
+        sent as f64 / publish_elapsed.as_secs_f64()
+    );
+    println!(
+        "deliveries          {received} of {expected} expected ({:.0}/s)",
+        received as f64 / publish_elapsed.as_secs_f64()
+    );
+    println!("lost                {}", expected.saturating_sub(received));
+    println!(
+        "latency ms          p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        percentile(&histogram, 0.50),
+        percentile(&histogram, 0.99),
+        percentile(&histogram, 0.999),
+        histogram.max() as f64 / 1000.0
+    );
+}
