@@ -120,9 +120,7 @@ impl Connection {
     fn close(&mut self, kind: CloseKind, ctx: &mut Context<Self>) {
         if !self.closing {
             self.closing = true;
-            if self.outbox.send(Outbound::Close(kind)).is_err() {
-                self.outbox.abort();
-            }
+            self.outbox.close(kind);
         }
         ctx.stop();
     }

@@ -2,20 +2,20 @@
 //!
 //! [`accept`] completes the upgrade and returns two halves: a stream of [`Inbound`] messages
 //! for the connection actor, and an [`Outbox`] it writes [`Outbound`] messages to. The outbox
-//! is a bounded queue drained by a writer task; when a client stops reading, the queue fills,
-//! `Outbox::send` fails, and the connection closes instead of buffering without bound.
-//! [`Outbox::abort`] drops the socket at once, even with the queue full.
+//! is bounded: when a client stops reading it fills, `Outbox::send` fails, and the connection
+//! closes instead of buffering without bound. [`Outbox::abort`] drops the socket at once.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use bytes::Bytes;
 use bytestring::ByteString;
-use futures_util::{Stream, StreamExt};
-use std::sync::Arc;
-
-use tokio::sync::{Notify, mpsc};
+use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
+use tokio::sync::Notify;
 
 /// The subprotocol a Phoenix client offers and the server echoes.
 pub const SUBPROTOCOL: &str = "phoenix";
@@ -52,39 +52,104 @@ pub enum CloseKind {
 }
 
 /// What the connection actor writes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Outbound {
     Text(ByteString),
     Pong(Bytes),
     Close(CloseKind),
 }
 
-/// The sending half of a socket.
-pub struct Outbox {
-    queue: mpsc::Sender<Outbound>,
-    /// Tells the writer to drop the socket now. A `Notify` rather than a oneshot: dropping
-    /// the outbox must let the writer finish what is queued, not abort it.
-    abort: Arc<Notify>,
+impl Outbound {
+    fn into_message(self) -> actix_ws::Message {
+        match self {
+            Self::Text(text) => actix_ws::Message::Text(text),
+            Self::Pong(bytes) => actix_ws::Message::Pong(bytes),
+            Self::Close(kind) => actix_ws::Message::Close(Some(close_reason(kind))),
+        }
+    }
 }
 
-/// The outbox is full: the client is not reading.
+/// The sending half of a socket.
+///
+/// Frames go straight into the socket's send channel when it has room (the usual case: no
+/// task, no extra queue). When it is full, they wait in a queue of at most `limit` frames
+/// that a flush task drains in order; a frame that finds that queue full means the client
+/// has stopped reading.
+pub struct Outbox {
+    /// `None` once the socket is closed or aborted.
+    session: Option<actix_ws::Session>,
+    backlog: Rc<RefCell<Backlog>>,
+    limit: usize,
+}
+
+/// Frames waiting for room in the socket's send channel.
+#[derive(Default)]
+struct Backlog {
+    frames: VecDeque<Outbound>,
+    /// A flush task is draining `frames`; new frames must queue behind it to keep order.
+    flushing: bool,
+    /// The flush task gave up (client gone, or stalled too long).
+    dead: bool,
+    /// Wakes the flush task to drop the socket at once.
+    abort: Rc<Notify>,
+}
+
+/// The outbox cannot take the frame: the client is not reading (or is gone).
 #[derive(Debug)]
 pub struct Full;
 
 impl Outbox {
-    /// Queues a message without waiting.
-    pub fn send(&self, message: Outbound) -> Result<(), Full> {
-        self.queue.try_send(message).map_err(|_| Full)
+    /// Queues a frame without waiting.
+    pub fn send(&mut self, frame: Outbound) -> Result<(), Full> {
+        let session = self.session.as_mut().ok_or(Full)?;
+        {
+            let mut backlog = self.backlog.borrow_mut();
+            if backlog.dead {
+                return Err(Full);
+            }
+            if backlog.flushing {
+                if backlog.frames.len() >= self.limit {
+                    return Err(Full);
+                }
+                backlog.frames.push_back(frame);
+                return Ok(());
+            }
+        }
+        match session.send(frame.clone().into_message()).now_or_never() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(Full),
+            None => {
+                let mut backlog = self.backlog.borrow_mut();
+                backlog.frames.push_back(frame);
+                backlog.flushing = true;
+                let abort = backlog.abort.clone();
+                actix_web::rt::spawn(flush(session.clone(), self.backlog.clone(), abort));
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a close frame after what is queued, then lets the socket end.
+    pub fn close(&mut self, kind: CloseKind) {
+        if self.send(Outbound::Close(kind)).is_err() {
+            self.abort();
+        }
+        // Dropping this handle ends the socket once the close frame is out (the flush task,
+        // if any, holds its own handle until then).
+        self.session = None;
     }
 
     /// Drops the socket without flushing what is queued.
     pub fn abort(&mut self) {
-        self.abort.notify_one();
+        let backlog = self.backlog.borrow();
+        backlog.abort.notify_one();
+        drop(backlog);
+        self.session = None;
     }
 }
 
 /// Completes the upgrade (echoing the `phoenix` subprotocol when offered). `max_message` caps
-/// each message, continuation frames included; `queue` bounds the outbox.
+/// each message, continuation frames included; `queue` bounds the backlog.
 pub fn accept(
     req: &HttpRequest,
     body: web::Payload,
@@ -105,17 +170,8 @@ pub fn accept(
             Err(ProtocolError::Overflow) => Inbound::TooLarge,
             Err(_) => Inbound::Broken,
         });
-    let (sender, receiver) = mpsc::channel(queue);
-    let abort = Arc::new(Notify::new());
-    actix_web::rt::spawn(write(session, receiver, abort.clone()));
-    Ok((
-        response,
-        inbound,
-        Outbox {
-            queue: sender,
-            abort,
-        },
-    ))
+    let outbox = Outbox { session: Some(session), backlog: Rc::default(), limit: queue };
+    Ok((response, inbound, outbox))
 }
 
 fn close_reason(kind: CloseKind) -> CloseReason {
@@ -125,56 +181,35 @@ fn close_reason(kind: CloseKind) -> CloseReason {
         CloseKind::TooLarge => CloseCode::Size,
         CloseKind::Policy => CloseCode::Policy,
     };
-    CloseReason {
-        code,
-        description: None,
-    }
+    CloseReason { code, description: None }
 }
 
-/// The writer task: drains the outbox into the socket, one message at a time.
-async fn write(
-    mut session: actix_ws::Session,
-    mut queue: mpsc::Receiver<Outbound>,
-    aborted: Arc<Notify>,
-) {
+/// The flush task: drains the backlog into the socket in order, then ends. A client that
+/// reads nothing for the whole stall timeout, or an abort, drops the socket.
+async fn flush(mut session: actix_ws::Session, backlog: Rc<RefCell<Backlog>>, abort: Rc<Notify>) {
     loop {
-        let message = tokio::select! {
+        let next = {
+            let mut backlog = backlog.borrow_mut();
+            match backlog.frames.pop_front() {
+                Some(frame) => frame,
+                None => {
+                    backlog.flushing = false;
+                    return;
+                }
+            }
+        };
+        let sent = tokio::select! {
             biased;
-            () = aborted.notified() => return,
-            message = queue.recv() => message,
-        };
-        let written = match message {
-            Some(Outbound::Text(text)) => bounded(&aborted, session.text(text)).await,
-            Some(Outbound::Pong(bytes)) => bounded(&aborted, session.pong(&bytes)).await,
-            Some(Outbound::Close(kind)) => {
-                let _ = tokio::time::timeout(
-                    WRITE_STALL_TIMEOUT,
-                    session.close(Some(close_reason(kind))),
-                )
-                .await;
-                return;
-            }
-            None => {
-                let _ = tokio::time::timeout(WRITE_STALL_TIMEOUT, session.close(None)).await;
-                return;
+            () = abort.notified() => false,
+            sent = tokio::time::timeout(WRITE_STALL_TIMEOUT, session.send(next.into_message())) => {
+                matches!(sent, Ok(Ok(())))
             }
         };
-        // A socket the client has closed, or one it has not read for the whole stall timeout,
-        // is dropped; the connection actor then sees its inbound stream end.
-        if !written {
+        if !sent {
+            let mut backlog = backlog.borrow_mut();
+            backlog.dead = true;
+            backlog.frames.clear();
             return;
         }
-    }
-}
-
-/// Waits for one write, unless the socket is aborted or the client stalls it too long.
-async fn bounded(
-    aborted: &Notify,
-    write: impl std::future::Future<Output = Result<(), actix_ws::Closed>>,
-) -> bool {
-    tokio::select! {
-        biased;
-        () = aborted.notified() => false,
-        written = tokio::time::timeout(WRITE_STALL_TIMEOUT, write) => matches!(written, Ok(Ok(()))),
     }
 }
