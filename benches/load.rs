@@ -360,12 +360,16 @@ fn start_hub(dir: &Path, database: &Path, redis: Option<(&str, &str)>) -> Hub {
             .env("REDIS_URL", url)
             .env("SEGUE_REDIS_NAMESPACE", namespace);
     }
-    let child = command
-        .spawn()
-        .expect("start segue (is taskset installed?)");
+    // Wrapped at once, so every path (including the panic below) kills and reaps it.
+    let hub = Hub {
+        child: command
+            .spawn()
+            .expect("start segue (is taskset installed?)"),
+        port,
+    };
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Hub { child, port };
+            return hub;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

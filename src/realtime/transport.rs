@@ -170,7 +170,11 @@ pub fn accept(
             Err(ProtocolError::Overflow) => Inbound::TooLarge,
             Err(_) => Inbound::Broken,
         });
-    let outbox = Outbox { session: Some(session), backlog: Rc::default(), limit: queue };
+    let outbox = Outbox {
+        session: Some(session),
+        backlog: Rc::default(),
+        limit: queue,
+    };
     Ok((response, inbound, outbox))
 }
 
@@ -181,7 +185,10 @@ fn close_reason(kind: CloseKind) -> CloseReason {
         CloseKind::TooLarge => CloseCode::Size,
         CloseKind::Policy => CloseCode::Policy,
     };
-    CloseReason { code, description: None }
+    CloseReason {
+        code,
+        description: None,
+    }
 }
 
 /// The flush task: drains the backlog into the socket in order, then ends. A client that
