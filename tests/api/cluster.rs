@@ -6,7 +6,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::helpers::{ClusterBus, PrivateRedis, TestApp, spawn_cluster};
-use crate::phoenix::{FRAME_WAIT, connect};
+use crate::phoenix::{FRAME_WAIT, PhxClient, connect};
 
 macro_rules! on_both_buses {
     ($($name:ident),* $(,)?) => {
@@ -51,8 +51,8 @@ async fn a_broadcast_on_one_replica_reaches_the_users_sockets_on_the_other_exact
     alice_on_b.join_ok(&topic).await;
     bob_on_b.join_ok(&format!("echo:{}", bob.id)).await;
     bob_on_a.join_ok(&format!("echo:{}", bob.id)).await;
-    // B subscribes to Alice's channel when her socket attaches; give it a moment to be live.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // B subscribes to Alice's channel when her socket attaches; wait until that is live.
+    wait_until_linked(&mut alice_on_a, &join_ref, &mut alice_on_b, &topic).await;
 
     for n in 0..3 {
         let reference = alice_on_a
@@ -82,9 +82,19 @@ async fn logout_on_one_replica_closes_the_sessions_sockets_on_the_other(replicas
         panic!("two replicas")
     };
     let alice = a.register().await;
+    let topic = format!("echo:{}", alice.id);
     let mut on_b = connect(b, &alice.access_token).await;
-    on_b.join_ok(&format!("echo:{}", alice.id)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    on_b.join_ok(&topic).await;
+    // A logout's event reaches B only once B hears Alice's channel; a socket on A proves it.
+    let other: serde_json::Value = a
+        .login_raw(&alice.handle, &alice.password)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut on_a = connect(a, other["access_token"].as_str().unwrap()).await;
+    let join_ref = on_a.join_ok(&topic).await;
+    wait_until_linked(&mut on_a, &join_ref, &mut on_b, &topic).await;
     let response = a
         .client
         .post(a.url("/auth/logout"))
@@ -95,6 +105,32 @@ async fn logout_on_one_replica_closes_the_sessions_sockets_on_the_other(replicas
     assert_eq!(response.status(), 204);
     let close = on_b.closed(FRAME_WAIT).await.expect("close frame");
     assert_eq!(close.code, CloseCode::Policy);
+}
+
+/// Broadcasts probes from `from` until `to` (on another replica) hears one, so the other
+/// replica's bus subscription is known to be live; then drains both sockets.
+async fn wait_until_linked(from: &mut PhxClient, join_ref: &str, to: &mut PhxClient, topic: &str) {
+    for attempt in 0..50 {
+        let reference = from
+            .push(
+                Some(join_ref),
+                topic,
+                "broadcast",
+                json!({"event": "probe", "payload": {"attempt": attempt}}),
+            )
+            .await;
+        from.reply_to(&reference).await;
+        if tokio::time::timeout(Duration::from_millis(100), to.event(topic, "probe"))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            from.drain_now().await;
+            to.drain_now().await;
+            return;
+        }
+    }
+    panic!("the replicas never linked");
 }
 
 /// The value of a metric in `/metrics` text.
@@ -121,7 +157,7 @@ async fn delivery_between_replicas_resumes_after_redis_restarts() {
     let mut on_b = connect(b, &alice.access_token).await;
     let join_ref = on_a.join_ok(&topic).await;
     on_b.join_ok(&topic).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_linked(&mut on_a, &join_ref, &mut on_b, &topic).await;
 
     redis.halt();
     tokio::time::sleep(Duration::from_millis(300)).await;

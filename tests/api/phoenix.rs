@@ -163,6 +163,14 @@ impl PhxClient {
         }
     }
 
+    /// Reads and discards whatever has already arrived.
+    pub async fn drain_now(&mut self) {
+        self.pending.clear();
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(Duration::from_millis(20), self.ws.next()).await
+        {}
+    }
+
     /// Reads and discards the next `count` frames.
     pub async fn skip(&mut self, count: usize) {
         for _ in 0..count {
