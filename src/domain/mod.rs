@@ -1,9 +1,11 @@
 //! Values parsed once at the edge and valid from then on: ids, handles, passwords and
 //! catalog entries. Each `parse` returns a sentence a client can be shown.
 
+mod device;
 mod handle;
 mod ids;
 
+pub use device::Device;
 pub use handle::{DisplayName, Handle, Password};
 pub use ids::{DeviceId, DeviceKind, TrackId, UserId};
 

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{AppState, AuthenticatedUser};
 use crate::auth::{self, hash_refresh_token, random_token};
-use crate::domain::{DeviceId, DeviceKind, DisplayName, Handle, InvalidInput, Password, UserId};
+use crate::domain::{Device, DeviceId, DisplayName, Handle, InvalidInput, Password, UserId};
 use crate::error::ApiError;
 use crate::realtime::Realtime;
-use crate::store::devices::{self, DeviceSighting};
+use crate::store::devices;
 use crate::store::tokens::{self, NewRefreshToken};
 use crate::store::users::{self, NewUser, UserRecord};
 use crate::store::{self, Conn, StoreError};
@@ -56,35 +56,13 @@ struct TokenResponse {
     device_id: DeviceId,
 }
 
-/// The device a login is made from, parsed.
-struct DeviceInput {
-    id: DeviceId,
-    name: String,
-    kind: DeviceKind,
-}
-
-impl DeviceInput {
-    fn parse(body: &Credentials) -> Result<Self, InvalidInput> {
-        let id = body.device_id.as_deref().map(DeviceId::parse).transpose()?;
-        let kind = body
-            .device_kind
-            .as_deref()
-            .map(DeviceKind::parse)
-            .transpose()?
-            .unwrap_or_default();
-        let name = match body.device_name.as_deref() {
-            Some(name) => crate::domain::DisplayName::parse(name)
-                .map_err(|e| InvalidInput::new("device_name", e.problem))?
-                .as_str()
-                .to_owned(),
-            None => format!("{} device", kind.as_str()),
-        };
-        Ok(Self {
-            id: id.unwrap_or_else(DeviceId::generate),
-            name,
-            kind,
-        })
-    }
+/// The device a login is made from.
+fn device_of(body: &Credentials) -> Result<Device, InvalidInput> {
+    Device::parse(
+        body.device_id.as_deref(),
+        body.device_name.as_deref(),
+        body.device_kind.as_deref(),
+    )
 }
 
 /// A new session's refresh token, as given to the client once.
@@ -98,23 +76,11 @@ async fn start_session(
     conn: &mut Conn<'_>,
     state: &AppState,
     user: &UserRecord,
-    device: &DeviceInput,
+    device: &Device,
 ) -> Result<IssuedRefresh, StoreError> {
     let family = random_token(16);
     let token = issue_refresh(conn, state, user.id, &family, &device.id).await?;
-    let now = store::now();
-    devices::upsert(
-        conn,
-        &DeviceSighting {
-            user_id: user.id,
-            device_id: device.id.as_str(),
-            name: &device.name,
-            kind: device.kind.as_str(),
-            created_at: now,
-            last_seen_at: now,
-        },
-    )
-    .await?;
+    devices::record(conn, user.user_id(), device).await?;
     Ok(IssuedRefresh { token, family })
 }
 
@@ -184,7 +150,7 @@ pub async fn register(
         Some(name) => DisplayName::parse(name)?,
         None => DisplayName::parse(&body.handle)?,
     };
-    let device = DeviceInput::parse(&body)?;
+    let device = device_of(&body)?;
     let password_hash = auth::hash_password(Password::parse(body.password)?).await?;
 
     let mut pooled = state.store.conn().await?;
@@ -231,7 +197,7 @@ pub async fn login(
             "The handle or the password is wrong.",
         )
     };
-    let device = DeviceInput::parse(&body)?;
+    let device = device_of(&body)?;
     let mut pooled = state.store.conn().await?;
     // A handle that cannot exist is just a wrong handle; the hash check still runs so that
     // the answer takes as long as for a real account.

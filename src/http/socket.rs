@@ -9,10 +9,10 @@ use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use serde::Deserialize;
 
 use super::AppState;
-use crate::domain::{DeviceId, DeviceKind};
+use crate::domain::Device;
 use crate::error::ApiError;
 use crate::realtime::Realtime;
-use crate::store::{self, devices};
+use crate::store::devices;
 
 /// The only protocol version spoken.
 const PROTOCOL_VERSION: &str = "2.0.0";
@@ -109,37 +109,16 @@ pub async fn upgrade(
     if !origin_allowed(&req, state.settings.origins().as_deref()) {
         return Err(forbidden("This origin may not open sockets here."));
     }
-    let device = match params.device_id.as_deref() {
-        Some(raw) => DeviceId::parse(raw)?,
-        None => DeviceId::generate(),
-    };
-    let kind = params
-        .device_kind
-        .as_deref()
-        .map(DeviceKind::parse)
-        .transpose()?
-        .unwrap_or_default();
-    let name = match params.device_name.as_deref() {
-        Some(name) => crate::domain::DisplayName::parse(name)?.as_str().to_owned(),
-        None => format!("{} device", kind.as_str()),
-    };
-    let now = store::now();
+    let device = Device::parse(
+        params.device_id.as_deref(),
+        params.device_name.as_deref(),
+        params.device_kind.as_deref(),
+    )?;
     let mut pooled = state.store.conn().await?;
-    devices::upsert(
-        &mut pooled.conn(),
-        &devices::DeviceSighting {
-            user_id: identity.user_id.0,
-            device_id: device.as_str(),
-            name: &name,
-            kind: kind.as_str(),
-            created_at: now,
-            last_seen_at: now,
-        },
-    )
-    .await?;
+    devices::record(&mut pooled.conn(), identity.user_id, &device).await?;
     drop(pooled);
 
     realtime
-        .accept(&req, body, identity, device)
+        .accept(&req, body, identity, device.id)
         .map_err(|e| ApiError::bad_request("not_a_websocket", format!("The upgrade failed: {e}.")))
 }

@@ -7,6 +7,7 @@ use diesel_async::RunQueryDsl;
 
 use super::schema::devices;
 use super::{Conn, StoreError, run};
+use crate::domain::{Device, UserId};
 
 /// A stored device.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -31,8 +32,25 @@ pub struct DeviceSighting<'a> {
     pub last_seen_at: NaiveDateTime,
 }
 
-/// Records that a device signed in: created on first sight, name, kind and last-seen time
-/// refreshed after.
+/// Records that `user` was seen on `device` now: created on first sight, name, kind and
+/// last-seen time refreshed after.
+pub async fn record(conn: &mut Conn<'_>, user: UserId, device: &Device) -> Result<(), StoreError> {
+    let now = super::now();
+    upsert(
+        conn,
+        &DeviceSighting {
+            user_id: user.0,
+            device_id: device.id.as_str(),
+            name: &device.name,
+            kind: device.kind.as_str(),
+            created_at: now,
+            last_seen_at: now,
+        },
+    )
+    .await
+}
+
+/// Inserts a device or refreshes its name, kind and last-seen time.
 pub async fn upsert(conn: &mut Conn<'_>, device: &DeviceSighting<'_>) -> Result<(), StoreError> {
     run!(conn, c => diesel::insert_into(devices::table)
         .values(device)

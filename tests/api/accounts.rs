@@ -307,13 +307,7 @@ async fn logout_ends_the_session(app: TestApp) {
         .unwrap();
     assert_eq!(error_code(unauthenticated, 401).await, "missing_token");
 
-    let response = app
-        .client
-        .post(app.url("/auth/logout"))
-        .bearer_auth(&account.access_token)
-        .send()
-        .await
-        .unwrap();
+    let response = app.logout(&account.access_token).await;
     assert_eq!(response.status(), 204);
     assert_eq!(
         error_code(app.refresh_raw(&account.refresh_token).await, 401).await,

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::helpers::HubProcess;
+use crate::helpers::{HubProcess, metric};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -18,21 +18,6 @@ const FLOOD_PAYLOAD_BYTES: usize = 10_240;
 /// Allowed growth of the server's RSS over the flood. Buffering the flood for the stalled
 /// socket would take FLOOD_MESSAGES × FLOOD_PAYLOAD_BYTES ≈ 80 MiB.
 const RSS_GROWTH_BOUND_KIB: u64 = 16 * 1024;
-
-async fn metric(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
 
 #[actix_web::test]
 async fn a_client_that_stops_reading_is_closed_and_memory_stays_flat() {

@@ -95,13 +95,7 @@ async fn logout_on_one_replica_closes_the_sessions_sockets_on_the_other(replicas
     let mut on_a = connect(a, other["access_token"].as_str().unwrap()).await;
     let join_ref = on_a.join_ok(&topic).await;
     wait_until_linked(&mut on_a, &join_ref, &mut on_b, &topic).await;
-    let response = a
-        .client
-        .post(a.url("/auth/logout"))
-        .bearer_auth(&alice.access_token)
-        .send()
-        .await
-        .unwrap();
+    let response = a.logout(&alice.access_token).await;
     assert_eq!(response.status(), 204);
     let close = on_b.closed(FRAME_WAIT).await.expect("close frame");
     assert_eq!(close.code, CloseCode::Policy);
@@ -133,17 +127,6 @@ async fn wait_until_linked(from: &mut PhxClient, join_ref: &str, to: &mut PhxCli
     panic!("the replicas never linked");
 }
 
-/// The value of a metric in `/metrics` text.
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 #[actix_web::test]
 async fn delivery_between_replicas_resumes_after_redis_restarts() {
     let mut redis = PrivateRedis::start();
@@ -165,7 +148,7 @@ async fn delivery_between_replicas_resumes_after_redis_restarts() {
     // Wait until B has resubscribed.
     let mut restored = false;
     for _ in 0..100 {
-        if metric(b, "segue_bus_restored_total").await >= 1.0 {
+        if b.metric("segue_bus_restored_total").await >= 1.0 {
             restored = true;
             break;
         }

@@ -65,15 +65,7 @@ async fn readyz_reports_a_stopped_database_and_requests_fail_fast() {
 
     // Back up: the hub recovers without a restart.
     pg.resume();
-    let mut ready = false;
-    for _ in 0..50 {
-        if app.get("/readyz").await.status() == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "readyz never recovered");
+    assert!(app.wait_until_ready().await, "readyz never recovered");
     assert_eq!(
         app.login_raw(&account.handle, &account.password)
             .await
@@ -104,13 +96,8 @@ async fn readyz_reports_a_stopped_redis() {
     );
 
     redis.resume();
-    let mut ready = false;
-    for _ in 0..50 {
-        if app.get("/readyz").await.status() == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "readyz never recovered after Redis came back");
+    assert!(
+        app.wait_until_ready().await,
+        "readyz never recovered after Redis came back"
+    );
 }

@@ -213,6 +213,32 @@ impl TestApp {
             .await
     }
 
+    /// `POST /auth/logout` with `token`.
+    pub async fn logout(&self, token: &str) -> Response {
+        self.client
+            .post(self.url("/auth/logout"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// The value of a metric in this app's `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&self.address, name).await
+    }
+
+    /// Waits (up to 5 s) until `/readyz` answers 200.
+    pub async fn wait_until_ready(&self) -> bool {
+        for _ in 0..50 {
+            if self.get("/readyz").await.status() == 200 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     /// Registers a fresh account with a unique handle.
     pub async fn register(&self) -> Account {
         let handle = unique("user")
@@ -263,6 +289,22 @@ pub async fn spawn_cluster(count: usize, bus: ClusterBus) -> Vec<TestApp> {
         replicas.push(TestApp::spawn_on(settings, data_dir, owner, network.clone()).await);
     }
     replicas
+}
+
+/// The value of a metric in the `/metrics` of the hub at `base` (0 when absent).
+pub async fn metric(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 /// Reads an account out of a register/login/refresh response.

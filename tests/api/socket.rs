@@ -83,13 +83,7 @@ async fn the_upgrade_refuses_bad_credentials_and_versions_with_http_statuses() {
     );
 
     // A logged-out session cannot connect any more.
-    let response = app
-        .client
-        .post(app.url("/auth/logout"))
-        .bearer_auth(&account.access_token)
-        .send()
-        .await
-        .unwrap();
+    let response = app.logout(&account.access_token).await;
     assert_eq!(response.status(), 204);
     let revoked = connect_url(&socket_url(
         &app,
@@ -341,13 +335,7 @@ async fn logout_closes_that_logins_sockets_only() {
     mine.join_ok(&format!("echo:{}", account.id)).await;
     theirs.join_ok(&format!("echo:{}", account.id)).await;
 
-    let response = app
-        .client
-        .post(app.url("/auth/logout"))
-        .bearer_auth(&account.access_token)
-        .send()
-        .await
-        .unwrap();
+    let response = app.logout(&account.access_token).await;
     assert_eq!(response.status(), 204);
     let close = mine.closed(FRAME_WAIT).await.expect("close frame");
     assert_eq!(close.code, CloseCode::Policy);
