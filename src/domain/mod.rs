@@ -4,6 +4,7 @@
 mod device;
 mod handle;
 mod ids;
+pub mod queue;
 
 pub use device::Device;
 pub use handle::{DisplayName, Handle, Password};
