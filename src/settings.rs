@@ -77,6 +77,8 @@ pub struct Settings {
     pub allowed_origins: String,
     /// How long a user's session outlives their last socket on this replica, in seconds.
     pub session_linger_secs: u64,
+    /// Most entries one queue may hold.
+    pub queue_max_entries: usize,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -117,6 +119,7 @@ impl Default for Settings {
             ws_outbound_queue: 256,
             allowed_origins: String::new(),
             session_linger_secs: 30,
+            queue_max_entries: 10_000,
             log_format: LogFormat::Text,
             log: "info".into(),
         }
@@ -226,6 +229,7 @@ impl Settings {
             ),
             ("SEGUE_WS_IDLE_TIMEOUT_SECS", self.ws_idle_timeout_secs),
             ("SEGUE_WS_OUTBOUND_QUEUE", self.ws_outbound_queue as u64),
+            ("SEGUE_QUEUE_MAX_ENTRIES", self.queue_max_entries as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(SettingsError::new(name, "must be greater than zero"));

@@ -12,6 +12,7 @@ use crate::auth::{Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
 use crate::error;
 use crate::http::{self, AppState};
+use crate::realtime::queue::Queues;
 use crate::realtime::{Realtime, SocketLimits};
 use crate::settings::{Settings, SettingsError};
 use crate::store::{Store, StoreInitError};
@@ -100,6 +101,11 @@ impl Application {
             linger,
             metrics.clone(),
         ));
+        let queues = web::Data::new(Queues::new(
+            store.clone(),
+            realtime.hub.clone(),
+            settings.queue_max_entries,
+        ));
         let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind {
             addr: addr.to_string(),
             source,
@@ -129,6 +135,7 @@ impl Application {
                 .app_data(state.clone())
                 .app_data(metrics.clone())
                 .app_data(realtime.clone())
+                .app_data(queues.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(max_body)

@@ -6,6 +6,7 @@ mod accounts;
 mod catalog;
 mod extract;
 mod health;
+mod queue;
 mod socket;
 
 use std::sync::Arc;
@@ -44,6 +45,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/logout", web::post().to(accounts::logout)),
         )
         .route("/socket/websocket", web::get().to(socket::upgrade))
+        .service(
+            web::resource(["/queue/", "/queue"])
+                .route(web::get().to(queue::get_queue))
+                .route(web::put().to(queue::put_queue)),
+        )
+        .route("/queue/ops", web::post().to(queue::post_ops))
+        .service(
+            web::resource(["/preferences/", "/preferences"])
+                .route(web::get().to(queue::get_preferences))
+                .route(web::patch().to(queue::patch_preferences)),
+        )
         .route("/tracks", web::post().to(catalog::upsert_tracks))
         .route("/tracks/{id}", web::get().to(catalog::get_track));
 }

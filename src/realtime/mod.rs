@@ -19,6 +19,7 @@ pub mod connection;
 pub mod events;
 pub mod frame;
 pub mod hub;
+pub mod queue;
 pub mod relay;
 pub mod session;
 pub mod topics;

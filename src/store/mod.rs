@@ -11,6 +11,8 @@
 
 pub mod catalog;
 pub mod devices;
+pub mod preferences;
+pub mod queue;
 pub mod schema;
 pub mod tokens;
 pub mod users;

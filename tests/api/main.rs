@@ -14,5 +14,6 @@ mod cluster;
 mod failures;
 mod health;
 mod phoenix_js;
+mod queue;
 mod settings;
 mod socket;
