@@ -12,8 +12,7 @@ use crate::auth::{Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
 use crate::error;
 use crate::http::{self, AppState};
-use crate::realtime::queue::Queues;
-use crate::realtime::{Realtime, SocketLimits};
+use crate::realtime::Realtime;
 use crate::settings::{Settings, SettingsError};
 use crate::store::{Store, StoreInitError};
 use crate::telemetry::{self, Metrics};
@@ -70,7 +69,7 @@ impl Application {
             .transpose()?;
         let metrics = Metrics::new()?;
         let replica = ReplicaId::generate();
-        let (bus, notices) = match (&settings.redis_url, &redis) {
+        let bus = match (&settings.redis_url, &redis) {
             (Some(url), Some(pool)) => {
                 let client = ::redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
                 let (bus, notices) = RedisBus::start(
@@ -86,26 +85,15 @@ impl Application {
                 (AnyBus::Memory(bus), notices)
             }
         };
-        let limits = SocketLimits {
-            max_message_bytes: settings.ws_max_message_bytes,
-            idle_timeout: std::time::Duration::from_secs(settings.ws_idle_timeout_secs),
-            outbound_queue: settings.ws_outbound_queue,
-        };
-        let linger = std::time::Duration::from_secs(settings.session_linger_secs);
-        let bus_kind = bus.kind();
+        let bus_kind = bus.0.kind();
         let realtime = web::Data::new(Realtime::start(
             replica,
             bus,
-            notices,
-            limits,
-            linger,
+            store.clone(),
+            &settings,
             metrics.clone(),
         ));
-        let queues = web::Data::new(Queues::new(
-            store.clone(),
-            realtime.hub.clone(),
-            settings.queue_max_entries,
-        ));
+        let queues = web::Data::new(realtime.queues.clone());
         let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind {
             addr: addr.to_string(),
             source,

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::channels::{self, ChannelContext};
+use super::channels::{self, ChannelContext, Reply, Response};
 use super::frame::{self, Frame};
 use super::hub::{Attach, Detach, Hub, SocketId};
+use super::queue::Queues;
 use super::session::Member;
 use super::topics::Topic;
 use super::transport::{CloseKind, Inbound, Outbound, Outbox};
@@ -50,20 +51,32 @@ impl SocketLimits {
     }
 }
 
+/// What every connection of a replica shares (one allocation per replica, not per socket).
+pub struct Shared {
+    pub hub: Addr<Hub>,
+    pub queues: Queues,
+    pub limits: SocketLimits,
+    pub metrics: Metrics,
+}
+
 /// A topic this socket has joined.
 struct Joined {
     join_ref: String,
     topic: Topic,
+    /// The latest revision this socket was sent for the topic; pushes at or below it are
+    /// stale and dropped.
+    revision: Option<i64>,
+    /// While the join's reply is being prepared, pushes wait here (revision, frame), so none
+    /// can overtake the reply's state.
+    waiting: Option<Vec<(Option<i64>, ByteString)>>,
 }
 
 pub struct Connection {
     id: SocketId,
     identity: Identity,
     device: DeviceId,
-    hub: Addr<Hub>,
+    shared: Arc<Shared>,
     outbox: Outbox,
-    limits: Arc<SocketLimits>,
-    metrics: Metrics,
     /// Joined topics by name.
     joined: HashMap<String, Joined>,
     last_heard: Instant,
@@ -78,20 +91,16 @@ impl Connection {
         id: SocketId,
         identity: Identity,
         device: DeviceId,
-        hub: Addr<Hub>,
+        shared: Arc<Shared>,
         outbox: Outbox,
-        limits: Arc<SocketLimits>,
-        metrics: Metrics,
     ) -> Self {
         let now = Instant::now();
         Self {
             id,
             identity,
             device,
-            hub,
+            shared,
             outbox,
-            limits,
-            metrics,
             joined: HashMap::new(),
             last_heard: now,
             bad_frames: 0,
@@ -107,12 +116,12 @@ impl Connection {
         }
         if self.outbox.send(Outbound::Text(text)).is_err() {
             tracing::warn!(socket = self.id, user = %self.identity.user_id, "client not reading; closing socket");
-            self.metrics.ws_slow_closed.inc();
+            self.shared.metrics.ws_slow_closed.inc();
             self.closing = true;
             self.outbox.abort();
             ctx.stop();
         } else {
-            self.metrics.ws_frames_out.inc();
+            self.shared.metrics.ws_frames_out.inc();
         }
     }
 
@@ -127,7 +136,7 @@ impl Connection {
 
     /// Counts a malformed frame; too many in the window closes the socket.
     fn bad_frame(&mut self, ctx: &mut Context<Self>) {
-        self.metrics.ws_bad_frames.inc();
+        self.shared.metrics.ws_bad_frames.inc();
         if self.bad_window_start.elapsed() > BAD_FRAME_WINDOW {
             self.bad_window_start = Instant::now();
             self.bad_frames = 0;
@@ -143,7 +152,7 @@ impl Connection {
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
-        let too_large = text.len() > self.limits.max_message_bytes;
+        let too_large = text.len() > self.shared.limits.max_message_bytes;
         match frame::decode(text) {
             Ok(frame) if !too_large => self.on_frame(frame, ctx),
             Ok(frame) => {
@@ -223,31 +232,123 @@ impl Connection {
         } else if self.joined.len() >= MAX_JOINED_TOPICS {
             return reply_error(self, "too many channels joined", ctx);
         }
-        let context = ChannelContext {
-            identity: &self.identity,
-            device: &self.device,
-            hub: &self.hub,
-        };
-        let outcome = channels::join(&topic, &frame.payload, &context);
-        let ok = outcome.is_ok();
-        let response = outcome.unwrap_or_else(|e| e);
-        if ok {
-            self.joined.insert(
-                frame.topic.clone(),
-                Joined {
+        let reply = channels::join(&topic, &frame.payload, &self.context());
+        let reference = frame.reference.clone();
+        let name = frame.topic.clone();
+        match reply {
+            Reply::Now(response) => {
+                let revision = response
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.get("revision"))
+                    .and_then(Value::as_i64);
+                if response.is_ok() {
+                    self.joined.insert(
+                        name.clone(),
+                        Joined {
+                            join_ref: join_ref.clone(),
+                            topic,
+                            revision,
+                            waiting: None,
+                        },
+                    );
+                }
+                self.finish_reply(&join_ref, reference.as_deref(), &name, response, ctx);
+            }
+            Reply::Later(future) => {
+                let joined = Joined {
                     join_ref: join_ref.clone(),
                     topic,
-                },
-            );
+                    revision: None,
+                    waiting: Some(Vec::new()),
+                };
+                self.joined.insert(name.clone(), joined);
+                ctx.spawn(future.into_actor(self).map(move |response, this, ctx| {
+                    this.finish_join(&name, &join_ref, reference.as_deref(), response, ctx);
+                }));
+            }
         }
-        let reply = frame::reply(
-            Some(&join_ref),
-            frame.reference.as_deref(),
-            &frame.topic,
-            ok,
-            response,
-        );
+    }
+
+    /// Sends a join's late reply, then whatever was pushed meanwhile and is newer than it.
+    fn finish_join(
+        &mut self,
+        name: &str,
+        join_ref: &str,
+        reference: Option<&str>,
+        response: Response,
+        ctx: &mut Context<Self>,
+    ) {
+        let current = self.joined.get_mut(name).filter(|j| j.join_ref == join_ref);
+        let Some(joined) = current else {
+            // Left or joined again meanwhile: this join's reply is moot.
+            return;
+        };
+        let waiting = joined.waiting.take().unwrap_or_default();
+        if response.is_err() {
+            self.joined.remove(name);
+            return self.finish_reply(join_ref, reference, name, response, ctx);
+        }
+        joined.revision = response
+            .as_ref()
+            .ok()
+            .and_then(|r| r.get("revision"))
+            .and_then(Value::as_i64);
+        self.finish_reply(join_ref, reference, name, response, ctx);
+        for (revision, text) in waiting {
+            self.push(name, revision, text, ctx);
+        }
+    }
+
+    fn finish_reply(
+        &mut self,
+        join_ref: &str,
+        reference: Option<&str>,
+        topic: &str,
+        response: Response,
+        ctx: &mut Context<Self>,
+    ) {
+        let ok = response.is_ok();
+        let body = response.unwrap_or_else(|e| e);
+        let reply = frame::reply(Some(join_ref), reference, topic, ok, body);
         self.send(reply, ctx);
+    }
+
+    fn context(&self) -> ChannelContext<'_> {
+        ChannelContext {
+            identity: &self.identity,
+            device: &self.device,
+            hub: &self.shared.hub,
+            queues: &self.shared.queues,
+        }
+    }
+
+    /// Writes a broadcast for `topic` if the socket joined it and it is not stale.
+    fn push(
+        &mut self,
+        topic: &str,
+        revision: Option<i64>,
+        text: ByteString,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(joined) = self.joined.get_mut(topic) else {
+            return;
+        };
+        if let Some(waiting) = joined.waiting.as_mut() {
+            if waiting.len() >= self.shared.limits.outbound_queue {
+                self.shared.metrics.ws_slow_closed.inc();
+                return self.close(CloseKind::Policy, ctx);
+            }
+            waiting.push((revision, text));
+            return;
+        }
+        if let Some(revision) = revision {
+            if joined.revision.is_some_and(|seen| seen >= revision) {
+                return;
+            }
+            joined.revision = Some(revision);
+        }
+        self.send(text, ctx);
     }
 
     fn leave(&mut self, frame: Frame, ctx: &mut Context<Self>) {
@@ -291,22 +392,26 @@ impl Connection {
         if frame.join_ref.as_deref() != Some(joined.join_ref.as_str()) {
             return;
         }
-        let context = ChannelContext {
-            identity: &self.identity,
-            device: &self.device,
-            hub: &self.hub,
-        };
-        let outcome = channels::handle_in(&joined.topic, &frame.event, frame.payload, &context);
-        let ok = outcome.is_ok();
-        let response = outcome.unwrap_or_else(|e| e);
-        let reply = frame::reply(
-            frame.join_ref.as_deref(),
-            frame.reference.as_deref(),
-            &frame.topic,
-            ok,
-            response,
-        );
-        self.send(reply, ctx);
+        let reply =
+            channels::handle_in(&joined.topic, &frame.event, frame.payload, &self.context());
+        let join_ref = joined.join_ref.clone();
+        match reply {
+            Reply::Now(response) => {
+                self.finish_reply(
+                    &join_ref,
+                    frame.reference.as_deref(),
+                    &frame.topic,
+                    response,
+                    ctx,
+                );
+            }
+            Reply::Later(future) => {
+                let (reference, topic) = (frame.reference, frame.topic);
+                ctx.spawn(future.into_actor(self).map(move |response, this, ctx| {
+                    this.finish_reply(&join_ref, reference.as_deref(), &topic, response, ctx);
+                }));
+            }
+        }
     }
 }
 
@@ -314,8 +419,8 @@ impl Actor for Connection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.metrics.ws_open.inc();
-        self.hub.do_send(Attach {
+        self.shared.metrics.ws_open.inc();
+        self.shared.hub.do_send(Attach {
             user: self.identity.user_id,
             member: Member {
                 socket: self.id,
@@ -325,9 +430,9 @@ impl Actor for Connection {
             },
         });
         // Checked at half the timeout, so an idle socket goes between 1 and 1.5 timeouts.
-        let check = self.limits.idle_timeout / 2;
+        let check = self.shared.limits.idle_timeout / 2;
         ctx.run_interval(check, |this, ctx| {
-            if this.last_heard.elapsed() > this.limits.idle_timeout {
+            if this.last_heard.elapsed() > this.shared.limits.idle_timeout {
                 tracing::debug!(socket = this.id, "idle socket closed");
                 this.close(CloseKind::GoingAway, ctx);
             }
@@ -335,8 +440,8 @@ impl Actor for Connection {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        self.metrics.ws_open.dec();
-        self.hub.do_send(Detach {
+        self.shared.metrics.ws_open.dec();
+        self.shared.hub.do_send(Detach {
             user: self.identity.user_id,
             socket: self.id,
         });
@@ -348,7 +453,7 @@ impl StreamHandler<Inbound> for Connection {
         self.last_heard = Instant::now();
         match message {
             Inbound::Text(text) => {
-                self.metrics.ws_frames_in.inc();
+                self.shared.metrics.ws_frames_in.inc();
                 self.on_text(&text, ctx);
             }
             Inbound::Binary => self.bad_frame(ctx),
@@ -360,7 +465,7 @@ impl StreamHandler<Inbound> for Connection {
             Inbound::Pong => {}
             Inbound::Close => self.close(CloseKind::Normal, ctx),
             Inbound::TooLarge => {
-                self.metrics.ws_bad_frames.inc();
+                self.shared.metrics.ws_bad_frames.inc();
                 self.close(CloseKind::TooLarge, ctx);
             }
             Inbound::Broken => self.close(CloseKind::Policy, ctx),
@@ -378,8 +483,13 @@ impl StreamHandler<Inbound> for Connection {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub enum ToSocket {
-    /// A broadcast for `topic`, already encoded; written only if the socket joined the topic.
-    Push { topic: Arc<str>, text: ByteString },
+    /// A broadcast for `topic`, already encoded; written only if the socket joined the topic
+    /// and, when it carries a revision, only if that revision is newer than the socket's.
+    Push {
+        topic: Arc<str>,
+        text: ByteString,
+        revision: Option<i64>,
+    },
     /// Close the socket (e.g. its login session ended).
     Close(CloseKind),
 }
@@ -389,11 +499,11 @@ impl Handler<ToSocket> for Connection {
 
     fn handle(&mut self, message: ToSocket, ctx: &mut Context<Self>) {
         match message {
-            ToSocket::Push { topic, text } => {
-                if self.joined.contains_key(&*topic) {
-                    self.send(text, ctx);
-                }
-            }
+            ToSocket::Push {
+                topic,
+                text,
+                revision,
+            } => self.push(&topic, revision, text, ctx),
             ToSocket::Close(kind) => self.close(kind, ctx),
         }
     }

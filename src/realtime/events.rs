@@ -8,11 +8,15 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum UserEvent {
-    /// Push `event` with `payload` to the user's sockets joined to `topic`.
+    /// Push `event` with `payload` to the user's sockets joined to `topic`. A push with a
+    /// `revision` is dropped by a socket that already has that revision or a later one, so
+    /// each device sees a topic's revisions only ever increase.
     Push {
         topic: String,
         event: String,
         payload: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision: Option<i64>,
     },
     /// Close the sockets of one login session (the user logged out).
     EndSession { session: String },
@@ -43,6 +47,13 @@ mod tests {
                 topic: "echo:1".into(),
                 event: "said".into(),
                 payload: json!({"a": 1}),
+                revision: None,
+            },
+            UserEvent::Push {
+                topic: "queue:1".into(),
+                event: "queue_changed".into(),
+                payload: json!({}),
+                revision: Some(4),
             },
             UserEvent::EndSession {
                 session: "abc".into(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use super::events::UserEvent;
 use super::session::{self, Member, UserSession};
@@ -26,6 +27,10 @@ struct Entry {
     sockets: usize,
     /// Bumped on every attach, so a retirement scheduled before it is called off.
     generation: u64,
+    /// Whether the first bus subscription attempt has finished (successfully or not).
+    subscribed: bool,
+    /// Callers of [`AwaitSubscribed`] waiting for it.
+    waiters: Vec<oneshot::Sender<()>>,
 }
 
 pub struct Hub {
@@ -85,26 +90,66 @@ pub struct Attach {
 impl Handler<Attach> for Hub {
     type Result = ();
 
-    fn handle(&mut self, msg: Attach, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) {
         let user = msg.user;
-        let entry = self.sessions.entry(user).or_insert_with(|| {
+        if !self.sessions.contains_key(&user) {
             let bus = self.bus.clone();
-            // Subscribing is asynchronous; the session serves local sockets meanwhile.
-            actix::spawn(async move {
-                if let Err(error) = bus.subscribe(user).await {
-                    tracing::warn!(%error, %user, "bus subscribe failed");
-                }
-            });
-            Entry {
-                session: UserSession::new(user).start(),
-                sockets: 0,
-                generation: 0,
-            }
+            // Subscribing is asynchronous; the session serves local sockets meanwhile, and
+            // reads that must not miss a later change wait for it (`AwaitSubscribed`).
+            ctx.spawn(
+                async move { bus.subscribe(user).await }
+                    .into_actor(self)
+                    .map(move |result, hub, _| {
+                        if let Err(error) = result {
+                            tracing::warn!(%error, %user, "bus subscribe failed");
+                        }
+                        if let Some(entry) = hub.sessions.get_mut(&user) {
+                            entry.subscribed = true;
+                            for waiter in entry.waiters.drain(..) {
+                                let _ = waiter.send(());
+                            }
+                        }
+                    }),
+            );
+        }
+        let entry = self.sessions.entry(user).or_insert_with(|| Entry {
+            session: UserSession::new(user).start(),
+            sockets: 0,
+            generation: 0,
+            subscribed: false,
+            waiters: Vec::new(),
         });
         entry.sockets += 1;
         entry.generation += 1;
         entry.session.do_send(session::Join(msg.member));
         self.metrics.sessions.set(self.sessions.len() as i64);
+    }
+}
+
+/// Resolves once this replica hears `user`'s bus channel (or has tried to and failed; a bus
+/// that comes back later triggers a resync). A read made after this cannot miss a later
+/// change made on another replica.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AwaitSubscribed {
+    pub user: UserId,
+}
+
+impl Handler<AwaitSubscribed> for Hub {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: AwaitSubscribed, _: &mut Context<Self>) -> Self::Result {
+        match self.sessions.get_mut(&msg.user) {
+            Some(entry) if !entry.subscribed => {
+                let (done, wait) = oneshot::channel();
+                entry.waiters.push(done);
+                Box::pin(async move {
+                    let _ = wait.await;
+                })
+            }
+            // Subscribed, or no socket of the user here (nothing to miss).
+            _ => Box::pin(async {}),
+        }
     }
 }
 

@@ -30,11 +30,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
 
+use std::time::Duration;
+
 pub use connection::SocketLimits;
 
+use self::connection::Shared;
 use self::hub::{Hub, Publish};
+use self::queue::Queues;
 use crate::bus::{AnyBus, BusNotices, ReplicaId};
 use crate::domain::UserId;
+use crate::settings::Settings;
+use crate::store::Store;
 use crate::telemetry::Metrics;
 use events::UserEvent;
 
@@ -42,8 +48,8 @@ use events::UserEvent;
 pub struct Realtime {
     pub replica: ReplicaId,
     pub hub: Addr<Hub>,
-    pub limits: Arc<SocketLimits>,
-    pub metrics: Metrics,
+    pub queues: Queues,
+    shared: Arc<Shared>,
     next_socket: AtomicU64,
 }
 
@@ -51,19 +57,32 @@ impl Realtime {
     /// Starts the hub and the relay on the current arbiter.
     pub fn start(
         replica: ReplicaId,
-        bus: AnyBus,
-        notices: BusNotices,
-        limits: SocketLimits,
-        session_linger: std::time::Duration,
+        bus: (AnyBus, BusNotices),
+        store: Store,
+        settings: &Settings,
         metrics: Metrics,
     ) -> Self {
-        let hub = Hub::new(bus, session_linger, metrics.clone()).start();
+        let (bus, notices) = bus;
+        let linger = Duration::from_secs(settings.session_linger_secs);
+        let hub = Hub::new(bus, linger, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
+        let queues = Queues::new(store, hub.clone(), settings.queue_max_entries);
+        let limits = SocketLimits {
+            max_message_bytes: settings.ws_max_message_bytes,
+            idle_timeout: Duration::from_secs(settings.ws_idle_timeout_secs),
+            outbound_queue: settings.ws_outbound_queue,
+        };
+        let shared = Arc::new(Shared {
+            hub: hub.clone(),
+            queues: queues.clone(),
+            limits,
+            metrics,
+        });
         Self {
             replica,
             hub,
-            limits: Arc::new(limits),
-            metrics,
+            queues,
+            shared,
             next_socket: AtomicU64::new(1),
         }
     }
@@ -82,17 +101,13 @@ impl Realtime {
         identity: crate::auth::Identity,
         device: crate::domain::DeviceId,
     ) -> Result<actix_web::HttpResponse, actix_web::Error> {
-        let limits = self.limits.clone();
+        let limits = &self.shared.limits;
         let (response, inbound, outbox) =
             transport::accept(req, body, limits.hard_cap(), limits.outbound_queue)?;
-        let (id, hub, metrics) = (
-            self.next_socket_id(),
-            self.hub.clone(),
-            self.metrics.clone(),
-        );
+        let (id, shared) = (self.next_socket_id(), self.shared.clone());
         connection::Connection::create(move |ctx| {
             ctx.add_stream(inbound);
-            connection::Connection::new(id, identity, device, hub, outbox, limits, metrics)
+            connection::Connection::new(id, identity, device, shared, outbox)
         });
         Ok(response)
     }

@@ -211,6 +211,7 @@ impl Queues {
                 topic: format!("queue:{user}"),
                 event: "queue_changed".into(),
                 payload,
+                revision: Some(view.revision),
             },
         });
     }

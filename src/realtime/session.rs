@@ -88,6 +88,7 @@ impl Handler<Deliver> for UserSession {
                 topic,
                 event,
                 payload,
+                revision,
             } => {
                 // Encoded once for all the user's sockets; a broadcast carries no join_ref, so
                 // the same text is right for every socket joined to the topic.
@@ -97,6 +98,7 @@ impl Handler<Deliver> for UserSession {
                     member.recipient.do_send(ToSocket::Push {
                         topic: topic.clone(),
                         text: text.clone(),
+                        revision,
                     });
                 }
             }

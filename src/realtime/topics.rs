@@ -15,6 +15,8 @@ pub enum Topic {
     /// own devices. `ping` is answered with its payload; `broadcast {event, payload}` is pushed
     /// to every socket of the user joined to the same topic, on every replica.
     Echo(UserId, Option<String>),
+    /// `queue:{user_id}`: the user's play queue; `queue_changed` after every write.
+    Queue(UserId),
 }
 
 /// Longest label of an `echo:{user_id}:{label}` topic.
@@ -53,8 +55,9 @@ impl Topic {
                 && l.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
         });
-        let topic = match kind {
-            "echo" if label_ok => Topic::Echo(UserId(owner), label.map(str::to_owned)),
+        let topic = match (kind, label) {
+            ("echo", _) if label_ok => Topic::Echo(UserId(owner), label.map(str::to_owned)),
+            ("queue", None) => Topic::Queue(UserId(owner)),
             _ => return Err(JoinRefusal::Unmatched),
         };
         if topic.user() == identity.user_id {
@@ -67,7 +70,7 @@ impl Topic {
     /// The user whose broadcasts this topic receives.
     pub fn user(&self) -> UserId {
         match self {
-            Self::Echo(user, _) => *user,
+            Self::Echo(user, _) | Self::Queue(user) => *user,
         }
     }
 }
@@ -77,6 +80,7 @@ impl fmt::Display for Topic {
         match self {
             Self::Echo(user, None) => write!(f, "echo:{user}"),
             Self::Echo(user, Some(label)) => write!(f, "echo:{user}:{label}"),
+            Self::Queue(user) => write!(f, "queue:{user}"),
         }
     }
 }

@@ -15,5 +15,6 @@ mod failures;
 mod health;
 mod phoenix_js;
 mod queue;
+mod queue_sync;
 mod settings;
 mod socket;

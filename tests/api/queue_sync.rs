@@ -1,0 +1,208 @@
+//! Queue sync over the socket: joins, edits from devices, live `queue_changed` on every
+//! replica.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, ClusterBus, TestApp, redis_url, spawn_cluster};
+use crate::phoenix::{PhxClient, connect, connect_url, socket_url};
+
+async fn device(app: &TestApp, token: &str, device_id: &str) -> PhxClient {
+    connect_url(&socket_url(
+        app,
+        &format!("vsn=2.0.0&token={token}&device_id={device_id}"),
+    ))
+    .await
+    .expect("socket connects")
+}
+
+#[actix_web::test]
+async fn joining_the_queue_returns_it_and_a_current_revision_is_unchanged() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let account = app.register().await;
+    let topic = format!("queue:{}", account.id);
+    let mut socket = connect(&app, &account.access_token).await;
+    let (_, reply) = socket.join(&topic, json!({})).await;
+    assert_eq!(reply[4]["status"], "ok");
+    assert_eq!(reply[4]["response"]["revision"], 0);
+    assert_eq!(reply[4]["response"]["state"]["track_ids"], json!([]));
+
+    let put = app
+        .client
+        .put(app.url("/queue/"))
+        .bearer_auth(&account.access_token)
+        .json(&json!({"state": {"track_ids": ["a"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    // The joined socket hears the REST write.
+    let changed = socket.event(&topic, "queue_changed").await;
+    assert_eq!(changed[4]["revision"], 1);
+    assert_eq!(changed[4]["state"]["track_ids"], json!(["a"]));
+
+    let mut again = connect(&app, &account.access_token).await;
+    let (_, reply) = again.join(&topic, json!({"revision": 1})).await;
+    assert_eq!(
+        reply[4]["response"],
+        json!({"revision": 1, "unchanged": true})
+    );
+    let (_, reply) = again.join(&topic, json!({"revision": 0})).await;
+    assert_eq!(reply[4]["response"]["state"]["track_ids"], json!(["a"]));
+
+    let (_, reply) = socket
+        .join(&format!("queue:{}", account.id + 1000), json!({}))
+        .await;
+    assert_eq!(reply[4]["response"]["reason"], "unauthorized");
+}
+
+#[actix_web::test]
+async fn socket_edits_reply_with_the_revision_and_conflicts_name_the_current_one() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let account = app.register().await;
+    let topic = format!("queue:{}", account.id);
+    let mut socket = device(&app, &account.access_token, "phone").await;
+    let join_ref = socket.join_ok(&topic).await;
+    let reference = socket
+        .push(
+            Some(&join_ref),
+            &topic,
+            "ops",
+            json!({"base_revision": 0, "ops": [{"op": "append", "track_ids": ["a", "b"]}]}),
+        )
+        .await;
+    assert_eq!(
+        socket.reply_to(&reference).await[4]["response"],
+        json!({"revision": 1, "skipped": []})
+    );
+    let changed = socket.event(&topic, "queue_changed").await;
+    assert_eq!(changed[4]["origin_device_id"], "phone");
+
+    let reference = socket
+        .push(
+            Some(&join_ref),
+            &topic,
+            "replace",
+            json!({"base_revision": 0, "state": {"track_ids": ["z"]}}),
+        )
+        .await;
+    assert_eq!(
+        socket.reply_to(&reference).await[4]["response"],
+        json!({"reason": "conflict", "revision": 1})
+    );
+    let reference = socket
+        .push(
+            Some(&join_ref),
+            &topic,
+            "ops",
+            json!({"ops": [{"op": "explode"}]}),
+        )
+        .await;
+    assert_eq!(socket.reply_to(&reference).await[4]["status"], "error");
+    let reference = socket
+        .push(
+            Some(&join_ref),
+            &topic,
+            "replace",
+            json!({"base_revision": 1, "state": {"track_ids": ["z"]}}),
+        )
+        .await;
+    assert_eq!(
+        socket.reply_to(&reference).await[4]["response"],
+        json!({"revision": 2})
+    );
+}
+
+/// Two devices on two replicas edit at once; both edits survive and both devices end on the
+/// store's final state.
+async fn concurrent_edits_from_devices_on_two_replicas_both_survive(replicas: Vec<TestApp>) {
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let account = a.register().await;
+    let topic = format!("queue:{}", account.id);
+    let mut phone = device(a, &account.access_token, "phone").await;
+    let mut laptop = device(b, &account.access_token, "laptop").await;
+    let phone_ref = phone.join_ok(&topic).await;
+    let laptop_ref = laptop.join_ok(&topic).await;
+
+    // Seed a queue, and wait for the laptop (other replica) to see it.
+    let reference = phone
+        .push(
+            Some(&phone_ref),
+            &topic,
+            "ops",
+            json!({"ops": [{"op": "append", "track_ids": ["a", "b", "c"]}]}),
+        )
+        .await;
+    let seeded = phone.reply_to(&reference).await;
+    assert_eq!(seeded[4]["status"], "ok");
+    let mut seen = laptop.event(&topic, "queue_changed").await;
+    for _ in 0..20 {
+        if seen[4]["revision"] == 1 {
+            break;
+        }
+        seen = laptop.event(&topic, "queue_changed").await;
+    }
+    assert_eq!(seen[4]["origin_device_id"], "phone");
+    let entries = seen[4]["state"]["entry_ids"].clone();
+
+    // Both send at once, each based on revision 1.
+    let append = phone
+        .push(
+            Some(&phone_ref),
+            &topic,
+            "ops",
+            json!({"base_revision": 1, "ops": [{"op": "append", "track_ids": ["d"]}]}),
+        )
+        .await;
+    let moved = laptop
+        .push(
+            Some(&laptop_ref),
+            &topic,
+            "ops",
+            json!({"base_revision": 1, "ops": [{"op": "move", "entry_id": entries[2], "after_entry_id": null}]}),
+        )
+        .await;
+    assert_eq!(phone.reply_to(&append).await[4]["status"], "ok");
+    assert_eq!(laptop.reply_to(&moved).await[4]["status"], "ok");
+
+    let response = a.get_with_token("/queue/", &account.access_token).await;
+    let stored: Value = response.json().await.unwrap();
+    assert_eq!(stored["revision"], 3);
+    assert_eq!(stored["state"]["track_ids"], json!(["a", "c", "b", "d"]));
+    // Each device's last queue_changed is the store's final state.
+    for socket in [&mut phone, &mut laptop] {
+        let mut last = socket.event(&topic, "queue_changed").await;
+        while last[4]["revision"] != 3 {
+            last = tokio::time::timeout(
+                Duration::from_secs(5),
+                socket.event(&topic, "queue_changed"),
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(last[4]["state"], stored["state"]);
+    }
+}
+
+mod concurrent_edits_from_devices_on_two_replicas_both_survive {
+    use super::*;
+
+    #[actix_web::test]
+    async fn memory() {
+        super::concurrent_edits_from_devices_on_two_replicas_both_survive(
+            spawn_cluster(2, ClusterBus::Memory).await,
+        )
+        .await;
+    }
+
+    #[actix_web::test]
+    async fn redis() {
+        super::concurrent_edits_from_devices_on_two_replicas_both_survive(
+            spawn_cluster(2, ClusterBus::Redis(redis_url())).await,
+        )
+        .await;
+    }
+}
