@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::events::UserEvent;
+use super::queue::{Queues, changed_event};
 use super::session::{self, Member, UserSession};
 use crate::bus::{AnyBus, Bus};
 use crate::domain::UserId;
@@ -38,6 +39,8 @@ pub struct Hub {
     sessions: HashMap<UserId, Entry>,
     /// How long a session outlives its last socket (a quick reconnect finds it warm).
     linger: Duration,
+    /// Set right after start ([`UseQueues`]); used to resync after a bus loss.
+    queues: Option<Queues>,
     metrics: Metrics,
 }
 
@@ -47,6 +50,7 @@ impl Hub {
             bus,
             sessions: HashMap::new(),
             linger,
+            queues: None,
             metrics,
         }
     }
@@ -239,8 +243,8 @@ impl Handler<BusLost> for Hub {
     }
 }
 
-/// The bus connection came back after a loss: every session refreshes what it derived from
-/// bus messages.
+/// The bus connection came back after a loss: every user with a session here gets a fresh
+/// `queue_changed`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct BusRestored;
@@ -248,11 +252,40 @@ pub struct BusRestored;
 impl Handler<BusRestored> for Hub {
     type Result = ();
 
-    fn handle(&mut self, _: BusRestored, _: &mut Context<Self>) {
+    fn handle(&mut self, _: BusRestored, ctx: &mut Context<Self>) {
         self.metrics.bus_restored.inc();
-        for entry in self.sessions.values() {
-            entry.session.do_send(session::Resync);
+        let Some(queues) = self.queues.clone() else {
+            return;
+        };
+        // Changes made elsewhere while the bus was away were missed: send every user here
+        // their queue as the store has it (a device already at that revision drops it).
+        for (user, entry) in &self.sessions {
+            let (queues, session, user) = (queues.clone(), entry.session.clone(), *user);
+            ctx.spawn(
+                async move {
+                    match queues.read(user).await {
+                        Ok(view) => {
+                            session.do_send(session::Deliver(changed_event(user, &view, None)))
+                        }
+                        Err(error) => tracing::warn!(%error, %user, "queue resync failed"),
+                    }
+                }
+                .into_actor(self),
+            );
         }
+    }
+}
+
+/// Gives the hub the queue service (built after the hub, which it needs).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UseQueues(pub Queues);
+
+impl Handler<UseQueues> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, UseQueues(queues): UseQueues, _: &mut Context<Self>) {
+        self.queues = Some(queues);
     }
 }
 

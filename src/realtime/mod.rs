@@ -67,6 +67,7 @@ impl Realtime {
         let hub = Hub::new(bus, linger, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
         let queues = Queues::new(store, hub.clone(), settings.queue_max_entries);
+        hub.do_send(hub::UseQueues(queues.clone()));
         let limits = SocketLimits {
             max_message_bytes: settings.ws_max_message_bytes,
             idle_timeout: Duration::from_secs(settings.ws_idle_timeout_secs),

@@ -35,6 +35,22 @@ pub struct QueueView {
     pub tracks: Vec<TrackView>,
 }
 
+/// The `queue_changed` push for `view`; `origin` is the device that made the change (`None`
+/// for a resync the server sends on its own).
+pub fn changed_event(user: UserId, view: &QueueView, origin: Option<&DeviceId>) -> UserEvent {
+    let mut payload = serde_json::to_value(view).unwrap_or_else(|_| json!({}));
+    if let Value::Object(map) = &mut payload {
+        let origin = origin.map_or(Value::Null, |d| Value::String(d.as_str().to_owned()));
+        map.insert("origin_device_id".into(), origin);
+    }
+    UserEvent::Push {
+        topic: format!("queue:{user}"),
+        event: "queue_changed".into(),
+        payload,
+        revision: Some(view.revision),
+    }
+}
+
 /// Why a queue write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -198,21 +214,9 @@ impl Queues {
 
     /// Sends `queue_changed` to every device of the user, here and on other replicas.
     fn push(&self, user: UserId, view: &QueueView, origin: &DeviceId) {
-        let mut payload = serde_json::to_value(view).unwrap_or_else(|_| json!({}));
-        if let Value::Object(map) = &mut payload {
-            map.insert(
-                "origin_device_id".into(),
-                Value::String(origin.as_str().to_owned()),
-            );
-        }
         self.hub.do_send(Publish {
             user,
-            event: UserEvent::Push {
-                topic: format!("queue:{user}"),
-                event: "queue_changed".into(),
-                payload,
-                revision: Some(view.revision),
-            },
+            event: changed_event(user, view, Some(origin)),
         });
     }
 

@@ -111,20 +111,6 @@ impl Handler<Deliver> for UserSession {
     }
 }
 
-/// The bus was lost and is back: refresh anything derived from bus messages. The session
-/// holds no such state yet; the queue cache (issue 4) is dropped and re-sent here.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Resync;
-
-impl Handler<Resync> for UserSession {
-    type Result = ();
-
-    fn handle(&mut self, _: Resync, _: &mut Context<Self>) {
-        tracing::debug!(user = %self.user, sockets = self.members.len(), "session resync");
-    }
-}
-
 /// Retire the session (sent by the hub once the user has no sockets here).
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -206,3 +206,36 @@ mod concurrent_edits_from_devices_on_two_replicas_both_survive {
         .await;
     }
 }
+
+#[actix_web::test]
+async fn after_redis_restarts_every_joined_device_ends_with_the_stores_state() {
+    let mut redis = crate::helpers::PrivateRedis::start();
+    let replicas = spawn_cluster(2, ClusterBus::Redis(redis.url())).await;
+    let [a, b] = &replicas[..] else { panic!("two replicas") };
+    let account = a.register().await;
+    let topic = format!("queue:{}", account.id);
+    let mut on_b = device(b, &account.access_token, "speaker").await;
+    on_b.join_ok(&topic).await;
+
+    redis.halt();
+    // Written on A while the bus is away: B cannot hear it.
+    let put = a
+        .client
+        .put(a.url("/queue/"))
+        .bearer_auth(&account.access_token)
+        .json(&json!({"state": {"track_ids": ["while", "away"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    redis.resume();
+
+    // Once B's bus is back, B re-reads the store and the device catches up.
+    let changed = tokio::time::timeout(Duration::from_secs(15), on_b.event(&topic, "queue_changed"))
+        .await
+        .expect("a resync within 15 s");
+    let stored: Value = a.get_with_token("/queue/", &account.access_token).await.json().await.unwrap();
+    assert_eq!(changed[4]["revision"], stored["revision"]);
+    assert_eq!(changed[4]["state"], stored["state"]);
+    assert_eq!(changed[4]["origin_device_id"], Value::Null);
+}
