@@ -4,7 +4,9 @@
 use std::net::TcpListener;
 use std::sync::Arc;
 
+use actix_cors::Cors;
 use actix_web::dev::{Server, ServerHandle};
+use actix_web::http::header;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
@@ -38,6 +40,27 @@ pub enum StartupError {
     },
     #[error("metrics could not be registered")]
     Metrics(#[from] prometheus::Error),
+}
+
+/// Cross-origin rules for browsers: the origins of `SEGUE_ALLOWED_ORIGINS` (`None`: any) may
+/// call the API with a bearer token and the queue's conditional headers, and may read `ETag`.
+fn cors(origins: Option<&[String]>) -> Cors {
+    let cors = Cors::default()
+        .allowed_methods(["GET", "PUT", "POST", "PATCH", "DELETE"])
+        .allowed_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+        ])
+        .expose_headers([header::ETAG])
+        .max_age(3600);
+    match origins {
+        None => cors.allow_any_origin(),
+        Some(list) => list
+            .iter()
+            .fold(cors, |cors, origin| cors.allowed_origin(origin)),
+    }
 }
 
 /// A built hub, listening but not yet serving until [`run_until_stopped`](Self::run_until_stopped).
@@ -108,6 +131,7 @@ impl Application {
         tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, "segue starting");
 
         let max_body = settings.max_body_bytes;
+        let origins = settings.origins();
         let workers = settings.workers;
         let state = web::Data::new(AppState {
             settings: Arc::new(settings),
@@ -119,6 +143,7 @@ impl Application {
         let metrics = http::metrics_data(metrics);
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap(cors(origins.as_deref()))
                 .wrap(from_fn(telemetry::observe_requests))
                 .app_data(state.clone())
                 .app_data(metrics.clone())

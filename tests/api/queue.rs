@@ -442,3 +442,89 @@ async fn auto_advance_comes_from_preferences(app: TestApp) {
         .unwrap();
     assert_eq!(error_code(bad, 422).await, "invalid_input");
 }
+
+#[actix_web::test]
+async fn browsers_on_an_allowed_origin_may_read_the_etag() {
+    let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
+        s.allowed_origins = "https://app.example.com".into()
+    })
+    .await;
+    let account = app.register().await;
+    let response = app
+        .client
+        .get(app.url("/queue/"))
+        .bearer_auth(&account.access_token)
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(exposed.contains("etag"), "{exposed}");
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/queue/"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "PUT")
+        .header(
+            "access-control-request-headers",
+            "authorization, if-match, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    let elsewhere = app
+        .client
+        .get(app.url("/queue/"))
+        .bearer_auth(&account.access_token)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        elsewhere
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}
+
+#[actix_web::test]
+async fn a_same_origin_browser_write_is_not_refused_by_default() {
+    let app = TestApp::spawn(crate::helpers::Backend::Sqlite).await;
+    let account = app.register().await;
+    let own = app.address.clone();
+    let response = app
+        .client
+        .put(app.url("/queue/"))
+        .bearer_auth(&account.access_token)
+        .header("origin", own)
+        .json(&json!({"state": {"track_ids": ["a"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let foreign = app
+        .client
+        .put(app.url("/queue/"))
+        .bearer_auth(&account.access_token)
+        .header("origin", "https://evil.example")
+        .json(&json!({"state": {"track_ids": ["b"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        foreign
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}

@@ -211,7 +211,9 @@ mod concurrent_edits_from_devices_on_two_replicas_both_survive {
 async fn after_redis_restarts_every_joined_device_ends_with_the_stores_state() {
     let mut redis = crate::helpers::PrivateRedis::start();
     let replicas = spawn_cluster(2, ClusterBus::Redis(redis.url())).await;
-    let [a, b] = &replicas[..] else { panic!("two replicas") };
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
     let account = a.register().await;
     let topic = format!("queue:{}", account.id);
     let mut on_b = device(b, &account.access_token, "speaker").await;
@@ -231,10 +233,16 @@ async fn after_redis_restarts_every_joined_device_ends_with_the_stores_state() {
     redis.resume();
 
     // Once B's bus is back, B re-reads the store and the device catches up.
-    let changed = tokio::time::timeout(Duration::from_secs(15), on_b.event(&topic, "queue_changed"))
+    let changed =
+        tokio::time::timeout(Duration::from_secs(15), on_b.event(&topic, "queue_changed"))
+            .await
+            .expect("a resync within 15 s");
+    let stored: Value = a
+        .get_with_token("/queue/", &account.access_token)
         .await
-        .expect("a resync within 15 s");
-    let stored: Value = a.get_with_token("/queue/", &account.access_token).await.json().await.unwrap();
+        .json()
+        .await
+        .unwrap();
     assert_eq!(changed[4]["revision"], stored["revision"]);
     assert_eq!(changed[4]["state"], stored["state"]);
     assert_eq!(changed[4]["origin_device_id"], Value::Null);
