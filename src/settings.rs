@@ -79,6 +79,10 @@ pub struct Settings {
     pub session_linger_secs: u64,
     /// Most entries one queue may hold.
     pub queue_max_entries: usize,
+    /// How long a replica keeps a user's queue cached without hearing of it, in seconds.
+    pub queue_cache_ttl_secs: u64,
+    /// Most users whose queue a replica keeps cached (least recently used go first).
+    pub queue_cache_capacity: u64,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -120,6 +124,8 @@ impl Default for Settings {
             allowed_origins: String::new(),
             session_linger_secs: 30,
             queue_max_entries: 10_000,
+            queue_cache_ttl_secs: 300,
+            queue_cache_capacity: 10_000,
             log_format: LogFormat::Text,
             log: "info".into(),
         }
@@ -230,6 +236,8 @@ impl Settings {
             ("SEGUE_WS_IDLE_TIMEOUT_SECS", self.ws_idle_timeout_secs),
             ("SEGUE_WS_OUTBOUND_QUEUE", self.ws_outbound_queue as u64),
             ("SEGUE_QUEUE_MAX_ENTRIES", self.queue_max_entries as u64),
+            ("SEGUE_QUEUE_CACHE_TTL_SECS", self.queue_cache_ttl_secs),
+            ("SEGUE_QUEUE_CACHE_CAPACITY", self.queue_cache_capacity),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(SettingsError::new(name, "must be greater than zero"));

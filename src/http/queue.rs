@@ -10,6 +10,9 @@ use serde_json::{Map, Value, json};
 use super::{AppState, AuthenticatedUser};
 use crate::domain::queue::{QueueOp, QueueState};
 use crate::error::ApiError;
+use crate::realtime::Realtime;
+use crate::realtime::events::UserEvent;
+use crate::realtime::hub::Publish;
 use crate::realtime::queue::{QueueError, QueueView, Queues};
 use crate::store::preferences::{self, Preferences};
 
@@ -38,6 +41,7 @@ impl From<QueueError> for ApiError {
             ),
             QueueError::Invalid(invalid) => invalid.into(),
             QueueError::Store(store) => store.into(),
+            QueueError::SessionGone => ApiError::internal(error),
         }
     }
 }
@@ -148,7 +152,7 @@ pub async fn post_ops(
         );
     }
     let (view, skipped) = queues
-        .apply(caller.user_id, &body.ops, &caller.device_id)
+        .apply(caller.user_id, body.ops, &caller.device_id)
         .await?;
     Ok(queue_response(&view, Some(("skipped", json!(skipped)))))
 }
@@ -170,6 +174,7 @@ const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
 /// fields are kept as sent (`null` removes one).
 pub async fn patch_preferences(
     state: web::Data<AppState>,
+    realtime: web::Data<Realtime>,
     caller: AuthenticatedUser,
     body: web::Json<Map<String, Value>>,
 ) -> Result<HttpResponse, ApiError> {
@@ -205,6 +210,11 @@ pub async fn patch_preferences(
         );
     }
     preferences::store(&mut conn, caller.user_id, &preferences).await?;
+    // Cached queues carry auto_advance: drop them here and on every replica.
+    realtime.hub.do_send(Publish {
+        user: caller.user_id,
+        event: UserEvent::PreferencesChanged,
+    });
     Ok(HttpResponse::Ok().json(preferences))
 }
 

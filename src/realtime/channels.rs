@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::events::UserEvent;
-use super::hub::{AwaitSubscribed, Hub, Publish};
+use super::hub::{Hub, Publish, SessionOf};
 use super::queue::{QueueError, Queues};
 use super::topics::Topic;
 use crate::auth::Identity;
@@ -44,6 +44,7 @@ fn queue_error(error: QueueError) -> Value {
         QueueError::Conflict { current, .. } => json!({"reason": "conflict", "revision": current}),
         QueueError::Invalid(invalid) => json!({"reason": invalid.to_string()}),
         QueueError::Store(store) if store.is_unavailable() => json!({"reason": "unavailable"}),
+        QueueError::SessionGone => json!({"reason": "unavailable"}),
         QueueError::Store(store) => {
             tracing::error!(error = %crate::error::chain(&store), "queue store error");
             json!({"reason": "internal error"})
@@ -67,7 +68,9 @@ pub fn join(topic: &Topic, join_payload: &Map<String, Value>, ctx: &ChannelConte
             Reply::Later(Box::pin(async move {
                 // Read only once this replica hears the user's channel, so no later change
                 // made on another replica can slip between the read and the subscription.
-                let _ = hub.send(AwaitSubscribed { user }).await;
+                if let Ok((_, subscribed)) = hub.send(SessionOf { user }).await {
+                    let _ = subscribed.await;
+                }
                 let view = queues.read(user).await.map_err(queue_error)?;
                 if known == Some(view.revision) {
                     return Ok(json!({"revision": view.revision, "unchanged": true}));
@@ -150,7 +153,7 @@ pub fn handle_in(
                     }
                     Reply::Later(Box::pin(async move {
                         let (view, skipped) = queues
-                            .apply(user, &request.ops, &device)
+                            .apply(user, request.ops, &device)
                             .await
                             .map_err(queue_error)?;
                         Ok(json!({"revision": view.revision, "skipped": skipped}))

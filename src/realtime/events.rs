@@ -20,6 +20,8 @@ pub enum UserEvent {
     },
     /// Close the sockets of one login session (the user logged out).
     EndSession { session: String },
+    /// The user's preferences changed: cached queues (which carry `auto_advance`) are stale.
+    PreferencesChanged,
 }
 
 impl UserEvent {
@@ -58,6 +60,7 @@ mod tests {
             UserEvent::EndSession {
                 session: "abc".into(),
             },
+            UserEvent::PreferencesChanged,
         ];
         for event in events {
             assert_eq!(UserEvent::decode(&event.encode()), Some(event));

@@ -1,6 +1,7 @@
 //! The hub: one per replica. It owns the map from user to [`UserSession`], spawns sessions
-//! when a user's first socket arrives, subscribes the replica to that user's bus channel for
-//! as long as the session lives, and retires the session a while after the last socket left.
+//! when a user's first socket (or first queue request) arrives, subscribes the replica to that
+//! user's bus channel for as long as the session lives, and retires the session a while after
+//! it was last used and its last socket left.
 //!
 //! Every socket attaches and detaches through the hub, so the hub's count of a user's sockets
 //! is exact and a session is never retired while a socket is on its way to it.
@@ -22,24 +23,29 @@ use crate::telemetry::Metrics;
 /// Identifies one socket within a replica.
 pub type SocketId = u64;
 
+/// Whether this replica hears a user's channel.
+enum Subscription {
+    /// The first attempt is under way; these wait for its outcome.
+    Pending(Vec<oneshot::Sender<bool>>),
+    /// The first attempt finished: `true` if it succeeded.
+    Done(bool),
+}
+
 /// A session and how many sockets it has.
 struct Entry {
     session: Addr<UserSession>,
     sockets: usize,
-    /// Bumped on every attach, so a retirement scheduled before it is called off.
+    /// Bumped on every use, so a retirement scheduled before it is called off.
     generation: u64,
-    /// Whether the first bus subscription attempt has finished (successfully or not).
-    subscribed: bool,
-    /// Callers of [`AwaitSubscribed`] waiting for it.
-    waiters: Vec<oneshot::Sender<()>>,
+    subscription: Subscription,
 }
 
 pub struct Hub {
     bus: AnyBus,
     sessions: HashMap<UserId, Entry>,
-    /// How long a session outlives its last socket (a quick reconnect finds it warm).
+    /// How long a session outlives its last use (a quick reconnect finds it warm).
     linger: Duration,
-    /// Set right after start ([`UseQueues`]); used to resync after a bus loss.
+    /// Set right after start ([`UseQueues`]).
     queues: Option<Queues>,
     metrics: Metrics,
 }
@@ -55,6 +61,56 @@ impl Hub {
         }
     }
 
+    /// The user's entry, creating the session (and subscribing) when there is none. Counts
+    /// as a use: a pending retirement is called off.
+    fn entry(&mut self, user: UserId, ctx: &mut Context<Self>) -> &mut Entry {
+        let created = !self.sessions.contains_key(&user);
+        if created {
+            let bus = self.bus.clone();
+            ctx.spawn(
+                async move { bus.subscribe(user).await }
+                    .into_actor(self)
+                    .map(move |result, hub, _| {
+                        if let Err(error) = &result {
+                            tracing::warn!(%error, %user, "bus subscribe failed");
+                        }
+                        if let Some(entry) = hub.sessions.get_mut(&user) {
+                            let done = Subscription::Done(result.is_ok());
+                            if let Subscription::Pending(waiters) =
+                                std::mem::replace(&mut entry.subscription, done)
+                            {
+                                for waiter in waiters {
+                                    let _ = waiter.send(result.is_ok());
+                                }
+                            }
+                        }
+                    }),
+            );
+            self.metrics.sessions.set(self.sessions.len() as i64 + 1);
+        }
+        let queues = self.queues.clone();
+        let entry = self.sessions.entry(user).or_insert_with(|| Entry {
+            session: UserSession::new(user, queues).start(),
+            sockets: 0,
+            generation: 0,
+            subscription: Subscription::Pending(Vec::new()),
+        });
+        entry.generation += 1;
+        entry
+    }
+
+    /// Schedules the session's retirement if nothing uses it by then.
+    fn retire_later(&mut self, user: UserId, ctx: &mut Context<Self>) {
+        if let Some(entry) = self.sessions.get(&user)
+            && entry.sockets == 0
+        {
+            let generation = entry.generation;
+            ctx.run_later(self.linger, move |hub, ctx| {
+                hub.retire(user, generation, ctx)
+            });
+        }
+    }
+
     fn retire(&mut self, user: UserId, generation: u64, ctx: &mut Context<Self>) {
         let idle = self
             .sessions
@@ -66,6 +122,10 @@ impl Hub {
         if let Some(entry) = self.sessions.remove(&user) {
             entry.session.do_send(session::Stop);
             self.metrics.sessions.set(self.sessions.len() as i64);
+            // Not hearing the channel any more, the replica may not keep the queue cached.
+            if let Some(queues) = &self.queues {
+                queues.forget(user);
+            }
             let bus = self.bus.clone();
             ctx.spawn(
                 async move {
@@ -75,6 +135,23 @@ impl Hub {
                 }
                 .into_actor(self),
             );
+        }
+    }
+
+    /// Keeps the queue cache in step with an event for `user`.
+    fn observe(&self, user: UserId, event: &UserEvent) {
+        let Some(queues) = &self.queues else { return };
+        match event {
+            UserEvent::Push {
+                topic,
+                payload,
+                revision: Some(revision),
+                ..
+            } if topic.starts_with("queue:") => {
+                queues.observe(user, *revision, payload);
+            }
+            UserEvent::PreferencesChanged => queues.forget(user),
+            _ => {}
         }
     }
 }
@@ -95,65 +172,36 @@ impl Handler<Attach> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) {
-        let user = msg.user;
-        if !self.sessions.contains_key(&user) {
-            let bus = self.bus.clone();
-            // Subscribing is asynchronous; the session serves local sockets meanwhile, and
-            // reads that must not miss a later change wait for it (`AwaitSubscribed`).
-            ctx.spawn(
-                async move { bus.subscribe(user).await }
-                    .into_actor(self)
-                    .map(move |result, hub, _| {
-                        if let Err(error) = result {
-                            tracing::warn!(%error, %user, "bus subscribe failed");
-                        }
-                        if let Some(entry) = hub.sessions.get_mut(&user) {
-                            entry.subscribed = true;
-                            for waiter in entry.waiters.drain(..) {
-                                let _ = waiter.send(());
-                            }
-                        }
-                    }),
-            );
-        }
-        let entry = self.sessions.entry(user).or_insert_with(|| Entry {
-            session: UserSession::new(user).start(),
-            sockets: 0,
-            generation: 0,
-            subscribed: false,
-            waiters: Vec::new(),
-        });
+        let entry = self.entry(msg.user, ctx);
         entry.sockets += 1;
-        entry.generation += 1;
         entry.session.do_send(session::Join(msg.member));
-        self.metrics.sessions.set(self.sessions.len() as i64);
     }
 }
 
-/// Resolves once this replica hears `user`'s bus channel (or has tried to and failed; a bus
-/// that comes back later triggers a resync). A read made after this cannot miss a later
-/// change made on another replica.
+/// The session of `user` (created if needed), and a signal that resolves to whether this
+/// replica hears the user's channel: a read made after it cannot miss a later change made on
+/// another replica. A session kept only for requests is retired after the linger time.
 #[derive(Message)]
-#[rtype(result = "()")]
-pub struct AwaitSubscribed {
+#[rtype(result = "(Addr<UserSession>, oneshot::Receiver<bool>)")]
+pub struct SessionOf {
     pub user: UserId,
 }
 
-impl Handler<AwaitSubscribed> for Hub {
-    type Result = ResponseFuture<()>;
+impl Handler<SessionOf> for Hub {
+    type Result = MessageResult<SessionOf>;
 
-    fn handle(&mut self, msg: AwaitSubscribed, _: &mut Context<Self>) -> Self::Result {
-        match self.sessions.get_mut(&msg.user) {
-            Some(entry) if !entry.subscribed => {
-                let (done, wait) = oneshot::channel();
-                entry.waiters.push(done);
-                Box::pin(async move {
-                    let _ = wait.await;
-                })
+    fn handle(&mut self, msg: SessionOf, ctx: &mut Context<Self>) -> Self::Result {
+        let entry = self.entry(msg.user, ctx);
+        let (done, signal) = oneshot::channel();
+        match &mut entry.subscription {
+            Subscription::Pending(waiters) => waiters.push(done),
+            Subscription::Done(ok) => {
+                let _ = done.send(*ok);
             }
-            // Subscribed, or no socket of the user here (nothing to miss).
-            _ => Box::pin(async {}),
         }
+        let session = entry.session.clone();
+        self.retire_later(msg.user, ctx);
+        MessageResult((session, signal))
     }
 }
 
@@ -174,12 +222,7 @@ impl Handler<Detach> for Hub {
         };
         entry.session.do_send(session::Leave(msg.socket));
         entry.sockets = entry.sockets.saturating_sub(1);
-        if entry.sockets == 0 {
-            let (user, generation) = (msg.user, entry.generation);
-            ctx.run_later(self.linger, move |hub, ctx| {
-                hub.retire(user, generation, ctx)
-            });
-        }
+        self.retire_later(msg.user, ctx);
     }
 }
 
@@ -197,6 +240,9 @@ impl Handler<Publish> for Hub {
 
     fn handle(&mut self, msg: Publish, _: &mut Context<Self>) {
         let body = msg.event.encode();
+        if matches!(msg.event, UserEvent::PreferencesChanged) {
+            self.observe(msg.user, &msg.event);
+        }
         if let Some(entry) = self.sessions.get(&msg.user) {
             entry.session.do_send(session::Deliver(msg.event));
         }
@@ -220,17 +266,19 @@ impl Handler<Heard> for Hub {
 
     fn handle(&mut self, msg: Heard, _: &mut Context<Self>) {
         self.metrics.bus_heard.inc();
-        let Some(entry) = self.sessions.get(&msg.user) else {
+        let Some(event) = UserEvent::decode(&msg.body) else {
+            tracing::warn!(user = %msg.user, "unreadable bus event dropped");
             return;
         };
-        match UserEvent::decode(&msg.body) {
-            Some(event) => entry.session.do_send(session::Deliver(event)),
-            None => tracing::warn!(user = %msg.user, "unreadable bus event dropped"),
+        self.observe(msg.user, &event);
+        if let Some(entry) = self.sessions.get(&msg.user) {
+            entry.session.do_send(session::Deliver(event));
         }
     }
 }
 
-/// The bus connection was lost: events from other replicas are missed until it is back.
+/// The bus connection was lost: events from other replicas are missed until it is back, so
+/// nothing cached can be trusted.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct BusLost;
@@ -240,6 +288,9 @@ impl Handler<BusLost> for Hub {
 
     fn handle(&mut self, _: BusLost, _: &mut Context<Self>) {
         self.metrics.bus_lost.inc();
+        if let Some(queues) = &self.queues {
+            queues.bus_lost();
+        }
     }
 }
 
@@ -257,6 +308,7 @@ impl Handler<BusRestored> for Hub {
         let Some(queues) = self.queues.clone() else {
             return;
         };
+        queues.bus_restored();
         // Changes made elsewhere while the bus was away were missed: send every user here
         // their queue as the store has it (a device already at that revision drops it).
         for (user, entry) in &self.sessions {

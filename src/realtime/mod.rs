@@ -66,7 +66,7 @@ impl Realtime {
         let linger = Duration::from_secs(settings.session_linger_secs);
         let hub = Hub::new(bus, linger, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
-        let queues = Queues::new(store, hub.clone(), settings.queue_max_entries);
+        let queues = Queues::new(store, hub.clone(), settings);
         hub.do_send(hub::UseQueues(queues.clone()));
         let limits = SocketLimits {
             max_message_bytes: settings.ws_max_message_bytes,

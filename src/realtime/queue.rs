@@ -1,22 +1,35 @@
-//! Queue reads and writes, for REST and socket alike: every write is a compare-and-swap in
-//! the store, and every successful write is pushed as `queue_changed` to every device of the
-//! user joined to `queue:{user_id}`, on every replica.
+//! Queue reads and writes, for REST and socket alike.
+//!
+//! * Every write is a compare-and-swap in the store (the only judge of conflicts between
+//!   replicas) and is pushed as `queue_changed` to every device of the user joined to
+//!   `queue:{user_id}`, on every replica.
+//! * Writes for a user run one at a time through that user's [`UserSession`] on this replica
+//!   (see [`Queues::replace`] and [`Queues::apply`]).
+//! * Each replica keeps users' current queues in a moka cache (TTL and capacity from the
+//!   settings), but only while it hears the user's bus channel, so a cached queue is never
+//!   stale without the replica hearing of it. A change heard from another replica updates the
+//!   cached entry when it is the next revision and drops it when revisions were skipped (the
+//!   next read goes to the store). Losing the bus drops every entry.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::Addr;
-use moka::future::Cache;
+use moka::sync::Cache;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::events::UserEvent;
-use super::hub::{Hub, Publish};
+use super::hub::{Hub, Publish, SessionOf};
+use super::session::QueueCommand;
 use crate::domain::queue::{QueueOp, QueueState};
 use crate::domain::{DeviceId, InvalidInput, UserId};
+use crate::settings::Settings;
 use crate::store::catalog::{self, TrackView};
-use crate::store::queue::{self as stored, StoredQueue, Written};
+use crate::store::queue::{self as stored, Written};
 use crate::store::{self, Store, StoreError, preferences};
 
 /// How many times an operation batch is re-applied to a newer state when another write won
@@ -35,6 +48,27 @@ pub struct QueueView {
     pub tracks: Vec<TrackView>,
 }
 
+/// A user's current queue as this replica knows it.
+#[derive(Debug, Clone, PartialEq)]
+struct Current {
+    /// With `auto_advance` already filled from preferences.
+    state: QueueState,
+    revision: i64,
+}
+
+/// Why a queue write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue changed since revision {expected}; the current revision is {current}")]
+    Conflict { expected: i64, current: i64 },
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the user's session on this replica is gone")]
+    SessionGone,
+}
+
 /// The `queue_changed` push for `view`; `origin` is the device that made the change (`None`
 /// for a resync the server sends on its own).
 pub fn changed_event(user: UserId, view: &QueueView, origin: Option<&DeviceId>) -> UserEvent {
@@ -51,61 +85,85 @@ pub fn changed_event(user: UserId, view: &QueueView, origin: Option<&DeviceId>) 
     }
 }
 
-/// Why a queue write did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("the queue changed since revision {expected}; the current revision is {current}")]
-    Conflict { expected: i64, current: i64 },
-    #[error(transparent)]
-    Invalid(#[from] InvalidInput),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// One replica's queue service; cheap to clone.
-#[derive(Clone)]
-pub struct Queues {
+struct Inner {
     store: Store,
     hub: Addr<Hub>,
     /// Known tracks by id. Only tracks that exist are cached, so a track added to the catalog
     /// shows up at once; an edited one may show its old fields here for up to the TTL.
     tracks: Cache<String, TrackView>,
+    /// Users' current queues, filled only while this replica hears their channel.
+    queues: Cache<UserId, Arc<Current>>,
+    /// False while the bus is lost: nothing may be cached then.
+    bus_up: AtomicBool,
     max_entries: usize,
 }
 
+/// One replica's queue service; cheap to clone.
+#[derive(Clone)]
+pub struct Queues {
+    inner: Arc<Inner>,
+}
+
 impl Queues {
-    pub fn new(store: Store, hub: Addr<Hub>, max_entries: usize) -> Self {
+    pub fn new(store: Store, hub: Addr<Hub>, settings: &Settings) -> Self {
         let tracks = Cache::builder()
             .max_capacity(TRACK_CACHE_CAPACITY)
             .time_to_live(TRACK_CACHE_TTL)
             .build();
-        Self {
+        let queues = Cache::builder()
+            .max_capacity(settings.queue_cache_capacity)
+            .time_to_live(Duration::from_secs(settings.queue_cache_ttl_secs))
+            .build();
+        let inner = Inner {
             store,
             hub,
             tracks,
-            max_entries,
+            queues,
+            bus_up: AtomicBool::new(true),
+            max_entries: settings.queue_max_entries,
+        };
+        Self {
+            inner: Arc::new(inner),
         }
-    }
-
-    /// The most entries a queue may hold.
-    pub fn max_entries(&self) -> usize {
-        self.max_entries
     }
 
     /// The user's queue (revision 0 and an empty state for a user without one).
     pub async fn read(&self, user: UserId) -> Result<QueueView, QueueError> {
-        let mut pooled = self.store.conn().await?;
+        let current = self.current(user).await?;
+        self.view(current.state.clone(), current.revision).await
+    }
+
+    /// The cached queue, or the store's (cached when this replica hears the user's channel).
+    async fn current(&self, user: UserId) -> Result<Arc<Current>, QueueError> {
+        if let Some(current) = self.inner.queues.get(&user) {
+            return Ok(current);
+        }
+        // Make sure a session exists and this replica hears the user's channel before
+        // trusting what it reads for longer than this request.
+        let subscribed = match self.inner.hub.send(SessionOf { user }).await {
+            Ok((_, subscribed)) => subscribed.await.is_ok(),
+            Err(_) => false,
+        };
+        let current = Arc::new(self.load(user).await?);
+        if subscribed && self.inner.bus_up.load(Ordering::Acquire) {
+            self.inner.queues.insert(user, current.clone());
+        }
+        Ok(current)
+    }
+
+    /// The store's queue and the user's `auto_advance`.
+    async fn load(&self, user: UserId) -> Result<Current, StoreError> {
+        let mut pooled = self.inner.store.conn().await?;
         let mut conn = pooled.conn();
         let stored = stored::load(&mut conn, user).await?;
         let auto_advance = preferences::load(&mut conn, user).await?.auto_advance;
-        drop(pooled);
         let (mut state, revision) = stored.map(|s| (s.state, s.revision)).unwrap_or_default();
         state.auto_advance = auto_advance;
-        self.view(state, revision).await
+        Ok(Current { state, revision })
     }
 
     /// Stores a full snapshot. `expected` is the revision the client based it on (`None`:
-    /// last write wins). Entry ids of surviving entries are kept.
+    /// last write wins). Entry ids of surviving entries are kept. Runs in the user's session.
     pub async fn replace(
         &self,
         user: UserId,
@@ -113,111 +171,215 @@ impl Queues {
         incoming: QueueState,
         device: &DeviceId,
     ) -> Result<QueueView, QueueError> {
-        incoming.validate_incoming(self.max_entries)?;
+        incoming.validate_incoming(self.inner.max_entries)?;
+        let command = QueueCommand::Replace {
+            expected,
+            incoming,
+            device: device.clone(),
+        };
+        self.in_session(user, command).await.map(|(view, _)| view)
+    }
+
+    /// Applies `ops` to the latest state, whatever revision the client based them on; returns
+    /// the new view and the indexes of skipped ops. Runs in the user's session.
+    pub async fn apply(
+        &self,
+        user: UserId,
+        ops: Vec<QueueOp>,
+        device: &DeviceId,
+    ) -> Result<(QueueView, Vec<usize>), QueueError> {
+        for op in &ops {
+            op.validate()?;
+        }
+        self.in_session(
+            user,
+            QueueCommand::Apply {
+                ops,
+                device: device.clone(),
+            },
+        )
+        .await
+    }
+
+    async fn in_session(
+        &self,
+        user: UserId,
+        command: QueueCommand,
+    ) -> Result<(QueueView, Vec<usize>), QueueError> {
+        let (session, _) = self
+            .inner
+            .hub
+            .send(SessionOf { user })
+            .await
+            .map_err(|_| QueueError::SessionGone)?;
+        session
+            .send(command)
+            .await
+            .map_err(|_| QueueError::SessionGone)?
+    }
+
+    /// Carries out a command; called by the user's session, one command at a time.
+    pub(super) async fn execute(
+        &self,
+        user: UserId,
+        command: QueueCommand,
+    ) -> Result<(QueueView, Vec<usize>), QueueError> {
+        match command {
+            QueueCommand::Replace {
+                expected,
+                incoming,
+                device,
+            } => self
+                .replace_now(user, expected, incoming, &device)
+                .await
+                .map(|view| (view, Vec::new())),
+            QueueCommand::Apply { ops, device } => self.apply_now(user, &ops, &device).await,
+        }
+    }
+
+    async fn replace_now(
+        &self,
+        user: UserId,
+        expected: Option<i64>,
+        incoming: QueueState,
+        device: &DeviceId,
+    ) -> Result<QueueView, QueueError> {
+        let mut current = self.current(user).await?;
         loop {
-            let current = self.load(user).await?;
-            let base = current.as_ref().map_or(0, |c| c.revision);
             if let Some(expected) = expected
-                && expected != base
+                && expected != current.revision
             {
-                return Err(QueueError::Conflict {
-                    expected,
-                    current: base,
-                });
-            }
-            let previous = current.map(|c| c.state).unwrap_or_default();
-            let state = previous.replace_with(incoming.clone());
-            match self.swap(user, base, &state, device).await? {
-                Some(view) => return Ok(view),
-                // Someone else wrote in between: with If-Match that is a conflict; without,
-                // last write wins, so go again on top of theirs.
-                None if expected.is_some() => {
-                    let current = self.load(user).await?.map_or(0, |c| c.revision);
+                // The cache may be behind the store: check there before refusing.
+                let fresh = self.load(user).await?;
+                if expected != fresh.revision {
                     return Err(QueueError::Conflict {
-                        expected: base,
-                        current,
+                        expected,
+                        current: fresh.revision,
                     });
                 }
-                None => continue,
+                current = Arc::new(fresh);
+            }
+            let state = current.state.replace_with(incoming.clone());
+            match self.swap(user, &current, state, device).await? {
+                Some(view) => return Ok(view),
+                // Someone else wrote in between: with If-Match that is a conflict (unless the
+                // store still says otherwise); without, last write wins on top of theirs.
+                None => current = Arc::new(self.load(user).await?),
             }
         }
     }
 
-    /// Applies `ops` to the latest state, whatever revision the client based them on; returns
-    /// the new view and the indexes of skipped ops.
-    pub async fn apply(
+    async fn apply_now(
         &self,
         user: UserId,
         ops: &[QueueOp],
         device: &DeviceId,
     ) -> Result<(QueueView, Vec<usize>), QueueError> {
-        for op in ops {
-            op.validate()?;
-        }
         let mut rng = StdRng::from_os_rng();
+        let mut current = self.current(user).await?;
         for _ in 0..MAX_OP_RETRIES {
-            let current = self.load(user).await?;
-            let base = current.as_ref().map_or(0, |c| c.revision);
-            let mut state = current.map(|c| c.state).unwrap_or_default();
-            let skipped = state.apply_all(ops, self.max_entries, &mut rng);
+            let mut state = current.state.clone();
+            let skipped = state.apply_all(ops, self.inner.max_entries, &mut rng);
             if skipped.len() == ops.len() {
                 // Nothing changed: no new revision.
-                let view = self.read(user).await?;
+                let view = self.view(current.state.clone(), current.revision).await?;
                 return Ok((view, skipped));
             }
-            if let Some(view) = self.swap(user, base, &state, device).await? {
+            if let Some(view) = self.swap(user, &current, state, device).await? {
                 return Ok((view, skipped));
             }
+            current = Arc::new(self.load(user).await?);
         }
-        let current = self.load(user).await?.map_or(0, |c| c.revision);
         Err(QueueError::Conflict {
-            expected: current,
-            current,
+            expected: current.revision,
+            current: current.revision,
         })
     }
 
-    async fn load(&self, user: UserId) -> Result<Option<StoredQueue>, StoreError> {
-        let mut pooled = self.store.conn().await?;
-        stored::load(&mut pooled.conn(), user).await
-    }
-
-    /// One compare-and-swap; on success the change is pushed to the user's devices.
+    /// One compare-and-swap on top of `base`. On success the cache holds the new state and
+    /// the change is pushed to the user's devices; on a lost race the cached entry is dropped
+    /// and `None` returned.
     async fn swap(
         &self,
         user: UserId,
-        base: i64,
-        state: &QueueState,
+        base: &Current,
+        mut state: QueueState,
         device: &DeviceId,
     ) -> Result<Option<QueueView>, QueueError> {
-        let mut pooled = self.store.conn().await?;
-        let mut conn = pooled.conn();
+        state.auto_advance = base.state.auto_advance;
+        let mut pooled = self.inner.store.conn().await?;
         let written = stored::compare_and_swap(
-            &mut conn,
+            &mut pooled.conn(),
             user,
-            base,
-            state,
+            base.revision,
+            &state,
             Some(device.as_str()),
             store::now(),
         )
         .await?;
+        drop(pooled);
         let Written::Stored(revision) = written else {
+            self.inner.queues.invalidate(&user);
             return Ok(None);
         };
-        let auto_advance = preferences::load(&mut conn, user).await?.auto_advance;
-        drop(pooled);
-        let mut state = state.clone();
-        state.auto_advance = auto_advance;
+        if self.inner.queues.contains_key(&user) {
+            self.inner.queues.insert(
+                user,
+                Arc::new(Current {
+                    state: state.clone(),
+                    revision,
+                }),
+            );
+        }
         let view = self.view(state, revision).await?;
-        self.push(user, &view, device);
+        self.inner.hub.do_send(Publish {
+            user,
+            event: changed_event(user, &view, Some(device)),
+        });
         Ok(Some(view))
     }
 
-    /// Sends `queue_changed` to every device of the user, here and on other replicas.
-    fn push(&self, user: UserId, view: &QueueView, origin: &DeviceId) {
-        self.hub.do_send(Publish {
-            user,
-            event: changed_event(user, view, Some(origin)),
-        });
+    /// A `queue_changed` heard from another replica: the next revision updates the cached
+    /// queue; a later one means revisions were missed, so the entry goes (the next read asks
+    /// the store); an older one changes nothing.
+    pub fn observe(&self, user: UserId, revision: i64, payload: &Value) {
+        let Some(current) = self.inner.queues.get(&user) else {
+            return;
+        };
+        if revision <= current.revision {
+            return;
+        }
+        let next = (revision == current.revision + 1)
+            .then(|| {
+                serde_json::from_value::<QueueState>(
+                    payload.get("state").cloned().unwrap_or_default(),
+                )
+                .ok()
+            })
+            .flatten();
+        match next {
+            Some(state) => self
+                .inner
+                .queues
+                .insert(user, Arc::new(Current { state, revision })),
+            None => self.inner.queues.invalidate(&user),
+        }
+    }
+
+    /// Drops a user's cached queue (their session here ended, or their preferences changed).
+    pub fn forget(&self, user: UserId) {
+        self.inner.queues.invalidate(&user);
+    }
+
+    /// The bus is lost: nothing cached can be trusted, and nothing may be cached until it is
+    /// back.
+    pub fn bus_lost(&self) {
+        self.inner.bus_up.store(false, Ordering::Release);
+        self.inner.queues.invalidate_all();
+    }
+
+    pub fn bus_restored(&self) {
+        self.inner.bus_up.store(true, Ordering::Release);
     }
 
     /// Hydrates `state` into a view: one track per position, duplicates kept, order kept,
@@ -225,23 +387,22 @@ impl Queues {
     pub async fn view(&self, state: QueueState, revision: i64) -> Result<QueueView, QueueError> {
         let mut missing: Vec<&str> = Vec::new();
         for id in &state.track_ids {
-            if !self.tracks.contains_key(id) && !missing.contains(&id.as_str()) {
+            if !self.inner.tracks.contains_key(id) && !missing.contains(&id.as_str()) {
                 missing.push(id);
             }
         }
         if !missing.is_empty() {
-            let mut pooled = self.store.conn().await?;
+            let mut pooled = self.inner.store.conn().await?;
             let found = catalog::find_tracks(&mut pooled.conn(), &missing).await?;
             for track in found {
-                self.tracks.insert(track.id.clone(), track).await;
+                self.inner.tracks.insert(track.id.clone(), track);
             }
         }
-        let mut tracks = Vec::with_capacity(state.track_ids.len());
-        for id in &state.track_ids {
-            if let Some(track) = self.tracks.get(id).await {
-                tracks.push(track);
-            }
-        }
+        let tracks = state
+            .track_ids
+            .iter()
+            .filter_map(|id| self.inner.tracks.get(id))
+            .collect();
         Ok(QueueView {
             state,
             revision,
@@ -250,9 +411,9 @@ impl Queues {
     }
 
     /// Forgets cached tracks after the catalog changed.
-    pub async fn forget_tracks(&self, ids: impl IntoIterator<Item = &str>) {
+    pub fn forget_tracks<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         for id in ids {
-            self.tracks.invalidate(id).await;
+            self.inner.tracks.invalidate(id);
         }
     }
 }

@@ -12,7 +12,9 @@ use super::connection::ToSocket;
 use super::events::UserEvent;
 use super::frame;
 use super::hub::SocketId;
+use super::queue::{QueueError, QueueView, Queues};
 use super::transport::CloseKind;
+use crate::domain::queue::{QueueOp, QueueState};
 use crate::domain::{DeviceId, UserId};
 
 /// One socket of the user.
@@ -27,13 +29,16 @@ pub struct Member {
 pub struct UserSession {
     user: UserId,
     members: HashMap<SocketId, Member>,
+    /// The replica's queue service; the session runs the user's queue writes one at a time.
+    queues: Option<Queues>,
 }
 
 impl UserSession {
-    pub fn new(user: UserId) -> Self {
+    pub fn new(user: UserId, queues: Option<Queues>) -> Self {
         Self {
             user,
             members: HashMap::new(),
+            queues,
         }
     }
 }
@@ -102,12 +107,46 @@ impl Handler<Deliver> for UserSession {
                     });
                 }
             }
+            UserEvent::PreferencesChanged => {}
             UserEvent::EndSession { session } => {
                 for member in self.members.values().filter(|m| m.login_session == session) {
                     member.recipient.do_send(ToSocket::Close(CloseKind::Policy));
                 }
             }
         }
+    }
+}
+
+/// A queue write for this user. Handled atomically: the next one starts only when this one
+/// is stored and pushed, so a replica's writes for a user never race each other.
+#[derive(Message)]
+#[rtype(result = "Result<(QueueView, Vec<usize>), QueueError>")]
+pub enum QueueCommand {
+    Replace {
+        expected: Option<i64>,
+        incoming: QueueState,
+        device: DeviceId,
+    },
+    Apply {
+        ops: Vec<QueueOp>,
+        device: DeviceId,
+    },
+}
+
+impl Handler<QueueCommand> for UserSession {
+    type Result = AtomicResponse<Self, Result<(QueueView, Vec<usize>), QueueError>>;
+
+    fn handle(&mut self, command: QueueCommand, _: &mut Context<Self>) -> Self::Result {
+        let (queues, user) = (self.queues.clone(), self.user);
+        AtomicResponse::new(Box::pin(
+            async move {
+                match queues {
+                    Some(queues) => queues.execute(user, command).await,
+                    None => Err(QueueError::SessionGone),
+                }
+            }
+            .into_actor(self),
+        ))
     }
 }
 
