@@ -847,4 +847,120 @@ mod tests {
         assert!(serde_json::from_value::<QueueOp>(serde_json::json!({"op": "explode"})).is_err());
         assert!(QueueOp::Append { track_ids: vec![] }.validate().is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// An op drawn over a small track alphabet, naming entries by position in the
+        /// current state (or a made-up id), so that sequences exercise real entries.
+        #[derive(Debug, Clone)]
+        enum Draw {
+            Append(Vec<u8>),
+            PlayNext(Vec<u8>),
+            PlayNow(u8),
+            Remove(usize),
+            Move(usize, Option<usize>),
+            Jump(usize),
+            Next,
+            Previous,
+            Shuffle,
+            Unshuffle,
+            ClearUpNext,
+            Repeat(u8),
+            Seek(u32),
+            Replace(Vec<u8>, usize),
+        }
+
+        fn draw() -> impl Strategy<Value = Draw> {
+            prop_oneof![
+                prop::collection::vec(0u8..6, 1..4).prop_map(Draw::Append),
+                prop::collection::vec(0u8..6, 1..3).prop_map(Draw::PlayNext),
+                (0u8..6).prop_map(Draw::PlayNow),
+                (0usize..12).prop_map(Draw::Remove),
+                ((0usize..12), prop::option::of(0usize..12)).prop_map(|(a, b)| Draw::Move(a, b)),
+                (0usize..12).prop_map(Draw::Jump),
+                Just(Draw::Next),
+                Just(Draw::Previous),
+                Just(Draw::Shuffle),
+                Just(Draw::Unshuffle),
+                Just(Draw::ClearUpNext),
+                (0u8..3).prop_map(Draw::Repeat),
+                any::<u32>().prop_map(Draw::Seek),
+                (prop::collection::vec(0u8..6, 0..8), 0usize..8)
+                    .prop_map(|(t, i)| Draw::Replace(t, i)),
+            ]
+        }
+
+        fn entry(state: &QueueState, at: usize) -> String {
+            state
+                .entry_ids
+                .get(at)
+                .cloned()
+                .unwrap_or_else(|| "gone".into())
+        }
+
+        fn names(tracks: &[u8]) -> Vec<String> {
+            tracks.iter().map(|t| format!("t{t}")).collect()
+        }
+
+        proptest! {
+            #[test]
+            fn random_op_sequences_keep_the_invariants(draws in prop::collection::vec(draw(), 1..40)) {
+                let mut state = QueueState::default();
+                let mut rng = rng();
+                for draw in draws {
+                    let op = match draw {
+                        Draw::Append(t) => QueueOp::Append { track_ids: names(&t) },
+                        Draw::PlayNext(t) => QueueOp::PlayNext { track_ids: names(&t) },
+                        Draw::PlayNow(t) => QueueOp::PlayNow { track_id: format!("t{t}") },
+                        Draw::Remove(at) => QueueOp::Remove { entry_id: entry(&state, at) },
+                        Draw::Move(at, after) => QueueOp::Move {
+                            entry_id: entry(&state, at),
+                            after_entry_id: after.map(|a| entry(&state, a)),
+                        },
+                        Draw::Jump(at) => QueueOp::Jump { entry_id: entry(&state, at) },
+                        Draw::Next => QueueOp::Next,
+                        Draw::Previous => QueueOp::Previous,
+                        Draw::Shuffle => QueueOp::Shuffle,
+                        Draw::Unshuffle => QueueOp::Unshuffle,
+                        Draw::ClearUpNext => QueueOp::ClearUpNext,
+                        Draw::Repeat(m) => QueueOp::SetRepeat {
+                            mode: [RepeatMode::None, RepeatMode::One, RepeatMode::All][usize::from(m % 3)],
+                        },
+                        Draw::Seek(ms) => QueueOp::Seek { progress_ms: u64::from(ms) },
+                        Draw::Replace(t, i) => {
+                            let incoming = QueueState {
+                                track_ids: names(&t),
+                                current_index: if t.is_empty() { 0 } else { i % t.len() },
+                                ..Default::default()
+                            };
+                            state = state.replace_with(incoming);
+                            prop_assert!(state.check_invariants().is_ok(), "{:?}", state.check_invariants());
+                            continue;
+                        }
+                    };
+                    let before = state.clone();
+                    let shuffling = matches!(op, QueueOp::Shuffle);
+                    let outcome = state.apply(&op, 64, &mut rng);
+                    prop_assert!(state.check_invariants().is_ok(), "{op:?}: {:?}", state.check_invariants());
+                    if outcome.is_err() {
+                        prop_assert_eq!(&state.track_ids, &before.track_ids, "a skipped op changed nothing");
+                        prop_assert_eq!(&state.entry_ids, &before.entry_ids);
+                    }
+                    if shuffling {
+                        // A permutation of up-next, with history and the current entry in place.
+                        let split = if before.track_ids.is_empty() { 0 } else { before.current_index + 1 };
+                        prop_assert_eq!(&state.entry_ids[..split], &before.entry_ids[..split]);
+                        let mut after: Vec<&String> = state.entry_ids[split..].iter().collect();
+                        let mut was: Vec<&String> = before.entry_ids[split..].iter().collect();
+                        after.sort();
+                        was.sort();
+                        prop_assert_eq!(after, was);
+                    }
+                }
+            }
+        }
+    }
 }
