@@ -119,12 +119,6 @@ impl QueueState {
                 ),
             ));
         }
-        if !self.entry_ids.is_empty() && self.entry_ids.len() != self.track_ids.len() {
-            return Err(InvalidInput::new(
-                "entry_ids",
-                "must be as many as track_ids when sent",
-            ));
-        }
         Ok(())
     }
 
@@ -178,7 +172,14 @@ impl QueueState {
             .map(String::as_str)
             .zip(self.track_ids.iter().map(String::as_str))
             .collect();
+        // Entry ids a client sent count only when they still line up with its track ids (a
+        // client that edited `track_ids` of a state it fetched may send stale ones).
         let sent = std::mem::take(&mut incoming.entry_ids);
+        let sent = if sent.len() == incoming.track_ids.len() {
+            sent
+        } else {
+            Vec::new()
+        };
         let mut taken: HashSet<String> = HashSet::new();
         let mut entry_ids = Vec::with_capacity(incoming.track_ids.len());
         for (index, track) in incoming.track_ids.iter().enumerate() {

@@ -247,3 +247,163 @@ async fn after_redis_restarts_every_joined_device_ends_with_the_stores_state() {
     assert_eq!(changed[4]["state"], stored["state"]);
     assert_eq!(changed[4]["origin_device_id"], Value::Null);
 }
+
+/// Writers per replica, and writes per writer.
+const WRITERS_PER_REPLICA: usize = 4;
+const WRITES_PER_WRITER: usize = 10;
+
+/// What one writer had acknowledged: (revision, track id it added).
+async fn writer(app: &TestApp, token: &str, name: String, use_put: bool) -> Vec<(i64, String)> {
+    let mut acknowledged = Vec::new();
+    for k in 0..WRITES_PER_WRITER {
+        let track = format!("{name}-{k}");
+        loop {
+            if use_put {
+                // Read, add, write back conditionally; a conflict means read again.
+                let current: Value = app
+                    .get_with_token("/queue/", token)
+                    .await
+                    .json()
+                    .await
+                    .unwrap();
+                let revision = current["revision"].as_i64().unwrap();
+                let mut state = current["state"].clone();
+                state["track_ids"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!(track));
+                let response = app
+                    .client
+                    .put(app.url("/queue/"))
+                    .bearer_auth(token)
+                    .header("if-match", format!("\"{revision}\""))
+                    .json(&json!({"state": state}))
+                    .send()
+                    .await
+                    .unwrap();
+                match response.status().as_u16() {
+                    200 => {
+                        let body: Value = response.json().await.unwrap();
+                        acknowledged.push((body["revision"].as_i64().unwrap(), track.clone()));
+                        break;
+                    }
+                    409 => continue,
+                    other => panic!("unexpected status {other}"),
+                }
+            } else {
+                let body = json!({"ops": [{"op": "append", "track_ids": [track]}]});
+                let response = app.post_json_authed("/queue/ops", token, &body).await;
+                assert_eq!(response.status(), 200);
+                let body: Value = response.json().await.unwrap();
+                acknowledged.push((body["revision"].as_i64().unwrap(), track.clone()));
+                break;
+            }
+        }
+    }
+    acknowledged
+}
+
+async fn many_writers_on_two_replicas_lose_nothing(replicas: Vec<TestApp>) {
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let account = a.register().await;
+    let topic = format!("queue:{}", account.id);
+    let mut on_a = device(a, &account.access_token, "watcher-a").await;
+    let mut on_b = device(b, &account.access_token, "watcher-b").await;
+    on_a.join_ok(&topic).await;
+    on_b.join_ok(&topic).await;
+
+    let mut writers = Vec::new();
+    for (r, app) in [a, b].into_iter().enumerate() {
+        for w in 0..WRITERS_PER_REPLICA {
+            writers.push(writer(
+                app,
+                &account.access_token,
+                format!("r{r}w{w}"),
+                w % 2 == 0,
+            ));
+        }
+    }
+    let acknowledged: Vec<(i64, String)> = futures_util::future::join_all(writers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+
+    // A replica serves a change made on the other one once it has heard of it (milliseconds):
+    // wait until A has the last acknowledged revision.
+    let last_acknowledged = acknowledged.iter().map(|(r, _)| *r).max().unwrap_or(0);
+    let mut stored: Value = Value::Null;
+    for _ in 0..100 {
+        stored = a
+            .get_with_token("/queue/", &account.access_token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if stored["revision"].as_i64() >= Some(last_acknowledged) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let final_revision = stored["revision"].as_i64().unwrap();
+    let tracks: Vec<&str> = stored["state"]["track_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    // Nothing acknowledged was lost.
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .map(|(_, t)| t)
+        .filter(|t| !tracks.contains(&t.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    // Every acknowledged write got its own revision, and the revisions are contiguous.
+    let mut revisions: Vec<i64> = acknowledged.iter().map(|(r, _)| *r).collect();
+    revisions.sort_unstable();
+    let expected: Vec<i64> = (1..=final_revision).collect();
+    assert_eq!(
+        revisions, expected,
+        "revisions are 1..={final_revision}, each once"
+    );
+    assert_eq!(
+        acknowledged.len(),
+        2 * WRITERS_PER_REPLICA * WRITES_PER_WRITER
+    );
+    // Every device ends on the store's final state.
+    for socket in [&mut on_a, &mut on_b] {
+        let mut last = socket.event(&topic, "queue_changed").await;
+        while last[4]["revision"] != final_revision {
+            last = tokio::time::timeout(
+                Duration::from_secs(5),
+                socket.event(&topic, "queue_changed"),
+            )
+            .await
+            .expect("the final revision arrives");
+        }
+        assert_eq!(last[4]["state"], stored["state"]);
+    }
+}
+
+mod many_writers_on_two_replicas_lose_nothing {
+    use super::*;
+
+    #[actix_web::test]
+    async fn memory() {
+        super::many_writers_on_two_replicas_lose_nothing(
+            spawn_cluster(2, ClusterBus::Memory).await,
+        )
+        .await;
+    }
+
+    #[actix_web::test]
+    async fn redis() {
+        super::many_writers_on_two_replicas_lose_nothing(
+            spawn_cluster(2, ClusterBus::Redis(redis_url())).await,
+        )
+        .await;
+    }
+}
