@@ -41,6 +41,10 @@ done < "$dir/tokens.txt"
 
 run() {
   echo "== $1: wrk -t1 -c$connections -d${seconds}s"
+  # PROFILE=<mode> records a CPU profile of the hub during that run (perf report -i it).
+  if [ "${PROFILE:-}" = "$1" ]; then
+    perf record -e cpu-clock -F 499 -g -p "$hub" -o "${PROFILE_OUT:-/tmp/segue-$1.perf}" -- sleep "$seconds" >/dev/null 2>&1 &
+  fi
   TOKENS="$dir/tokens.txt" MODE="$1" taskset -c 1 wrk -t1 -c"$connections" -d"${seconds}s" --latency \
     -s benches/queue/requests.lua "http://127.0.0.1:$port" | grep -E "Requests/sec|Non-2xx|50%|90%|99%|requests in"
 }

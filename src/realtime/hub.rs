@@ -7,7 +7,7 @@
 //! is exact and a session is never retired while a socket is on its way to it.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -35,8 +35,9 @@ enum Subscription {
 struct Entry {
     session: Addr<UserSession>,
     sockets: usize,
-    /// Bumped on every use, so a retirement scheduled before it is called off.
-    generation: u64,
+    /// When a socket or request last used the session; it is retired once it has had no
+    /// socket for the linger time since then.
+    last_used: Instant,
     subscription: Subscription,
 }
 
@@ -92,33 +93,32 @@ impl Hub {
         let entry = self.sessions.entry(user).or_insert_with(|| Entry {
             session: UserSession::new(user, queues).start(),
             sockets: 0,
-            generation: 0,
+            last_used: Instant::now(),
             subscription: Subscription::Pending(Vec::new()),
         });
-        entry.generation += 1;
+        entry.last_used = Instant::now();
         entry
     }
 
-    /// Schedules the session's retirement if nothing uses it by then.
-    fn retire_later(&mut self, user: UserId, ctx: &mut Context<Self>) {
-        if let Some(entry) = self.sessions.get(&user)
-            && entry.sockets == 0
-        {
-            let generation = entry.generation;
-            ctx.run_later(self.linger, move |hub, ctx| {
-                hub.retire(user, generation, ctx)
-            });
+    /// Retires every session that has had no socket and no use for the linger time. One
+    /// periodic sweep, not a timer per use: an actix context polls all its timers on every
+    /// wake-up, so per-request timers made each hub message cost O(pending timers).
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let idle: Vec<UserId> = self
+            .sessions
+            .iter()
+            .filter(|(_, entry)| {
+                entry.sockets == 0 && now.duration_since(entry.last_used) >= self.linger
+            })
+            .map(|(user, _)| *user)
+            .collect();
+        for user in idle {
+            self.retire(user, ctx);
         }
     }
 
-    fn retire(&mut self, user: UserId, generation: u64, ctx: &mut Context<Self>) {
-        let idle = self
-            .sessions
-            .get(&user)
-            .is_some_and(|entry| entry.sockets == 0 && entry.generation == generation);
-        if !idle {
-            return;
-        }
+    fn retire(&mut self, user: UserId, ctx: &mut Context<Self>) {
         if let Some(entry) = self.sessions.remove(&user) {
             entry.session.do_send(session::Stop);
             self.metrics.sessions.set(self.sessions.len() as i64);
@@ -158,6 +158,12 @@ impl Hub {
 
 impl Actor for Hub {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Sessions go between one and one-and-a-quarter linger times after their last use.
+        let every = (self.linger / 4).max(Duration::from_millis(100));
+        ctx.run_interval(every, |hub, ctx| hub.sweep(ctx));
+    }
 }
 
 /// A socket of `user` arrived.
@@ -200,7 +206,6 @@ impl Handler<SessionOf> for Hub {
             }
         }
         let session = entry.session.clone();
-        self.retire_later(msg.user, ctx);
         MessageResult((session, signal))
     }
 }
@@ -216,13 +221,14 @@ pub struct Detach {
 impl Handler<Detach> for Hub {
     type Result = ();
 
-    fn handle(&mut self, msg: Detach, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Detach, _: &mut Context<Self>) {
         let Some(entry) = self.sessions.get_mut(&msg.user) else {
             return;
         };
         entry.session.do_send(session::Leave(msg.socket));
         entry.sockets = entry.sockets.saturating_sub(1);
-        self.retire_later(msg.user, ctx);
+        // The linger time counts from the last socket leaving.
+        entry.last_used = Instant::now();
     }
 }
 
