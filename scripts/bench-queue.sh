@@ -4,7 +4,8 @@
 #
 #   scripts/bench-queue.sh [seconds] [connections]
 #
-# The hub (release build, SEGUE_WORKERS=1) is pinned to core 0, wrk to core 1.
+# The hub (release build) runs on HUB_CPUS (default core 0) with HUB_WORKERS HTTP workers
+# (default 1); wrk runs on core 1. PostgreSQL is not pinned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -20,9 +21,9 @@ psql "$admin" -qc "CREATE DATABASE $db"
 cleanup() { kill "$hub" 2>/dev/null || true; wait "$hub" 2>/dev/null || true; psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; rm -rf "$dir"; }
 trap cleanup EXIT
 url="${admin%/*}/$db"
-env -i SEGUE_BIND="127.0.0.1:$port" SEGUE_DATA_DIR="$dir" DATABASE_URL="$url" SEGUE_WORKERS=1 \
+env -i SEGUE_BIND="127.0.0.1:$port" SEGUE_DATA_DIR="$dir" DATABASE_URL="$url" SEGUE_WORKERS="${HUB_WORKERS:-1}" \
   SEGUE_LOG=warn SEGUE_JWT_SECRET=bench-secret-bench-secret-bench-secret-0123 \
-  taskset -c 0 "$CARGO_TARGET_DIR/release/segue" &
+  taskset -c "${HUB_CPUS:-0}" "$CARGO_TARGET_DIR/release/segue" &
 hub=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::{AppState, AuthenticatedUser};
 use crate::domain::{InvalidInput, TrackId, parse_text};
 use crate::error::ApiError;
+use crate::realtime::queue::Queues;
 use crate::store::catalog::{self, TrackInput};
 use crate::store::{self, StoreError};
 
@@ -78,6 +79,7 @@ fn parse_url(raw: &str) -> Result<String, InvalidInput> {
 /// written, and written in one transaction.
 pub async fn upsert_tracks(
     state: web::Data<AppState>,
+    queues: web::Data<Queues>,
     _caller: AuthenticatedUser,
     body: web::Json<TrackBatch>,
 ) -> Result<HttpResponse, ApiError> {
@@ -110,6 +112,7 @@ pub async fn upsert_tracks(
         }
         batch.push(track);
     }
+    let ids: Vec<String> = batch.iter().map(|t| t.id.as_str().to_owned()).collect();
     let mut pooled = state.store.conn().await?;
     let upserted = pooled
         .conn()
@@ -118,6 +121,8 @@ pub async fn upsert_tracks(
         })
         .await
         .map_err(|e: StoreError| ApiError::from(e))?;
+    // Hydration on this replica sees the new and changed tracks at once.
+    queues.forget_tracks(ids.iter().map(String::as_str));
     Ok(HttpResponse::Ok().json(json!({ "upserted": upserted })))
 }
 

@@ -40,6 +40,11 @@ const MAX_OP_RETRIES: usize = 16;
 const TRACK_CACHE_CAPACITY: u64 = 100_000;
 const TRACK_CACHE_TTL: Duration = Duration::from_secs(300);
 
+/// How long an id the catalog does not know is remembered as unknown, so a queue full of
+/// them costs no query per request; a track added meanwhile shows up on other replicas
+/// after at most this long (at once on the replica that added it).
+const UNKNOWN_TRACK_TTL: Duration = Duration::from_secs(10);
+
 /// A queue as served: state (with `auto_advance` from preferences), revision, hydrated tracks.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueueView {
@@ -91,6 +96,8 @@ struct Inner {
     /// Known tracks by id. Only tracks that exist are cached, so a track added to the catalog
     /// shows up at once; an edited one may show its old fields here for up to the TTL.
     tracks: Cache<String, TrackView>,
+    /// Ids the catalog did not know when last asked.
+    unknown_tracks: Cache<String, ()>,
     /// Users' current queues, filled only while this replica hears their channel.
     queues: Cache<UserId, Arc<Current>>,
     /// False while the bus is lost: nothing may be cached then.
@@ -114,10 +121,15 @@ impl Queues {
             .max_capacity(settings.queue_cache_capacity)
             .time_to_live(Duration::from_secs(settings.queue_cache_ttl_secs))
             .build();
+        let unknown_tracks = Cache::builder()
+            .max_capacity(TRACK_CACHE_CAPACITY)
+            .time_to_live(UNKNOWN_TRACK_TTL)
+            .build();
         let inner = Inner {
             store,
             hub,
             tracks,
+            unknown_tracks,
             queues,
             bus_up: AtomicBool::new(true),
             max_entries: settings.queue_max_entries,
@@ -387,13 +399,20 @@ impl Queues {
     pub async fn view(&self, state: QueueState, revision: i64) -> Result<QueueView, QueueError> {
         let mut missing: Vec<&str> = Vec::new();
         for id in &state.track_ids {
-            if !self.inner.tracks.contains_key(id) && !missing.contains(&id.as_str()) {
+            let known =
+                self.inner.tracks.contains_key(id) || self.inner.unknown_tracks.contains_key(id);
+            if !known && !missing.contains(&id.as_str()) {
                 missing.push(id);
             }
         }
         if !missing.is_empty() {
             let mut pooled = self.inner.store.conn().await?;
             let found = catalog::find_tracks(&mut pooled.conn(), &missing).await?;
+            for id in &missing {
+                if !found.iter().any(|track| track.id == *id) {
+                    self.inner.unknown_tracks.insert((*id).to_owned(), ());
+                }
+            }
             for track in found {
                 self.inner.tracks.insert(track.id.clone(), track);
             }
@@ -414,6 +433,7 @@ impl Queues {
     pub fn forget_tracks<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         for id in ids {
             self.inner.tracks.invalidate(id);
+            self.inner.unknown_tracks.invalidate(id);
         }
     }
 }
