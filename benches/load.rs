@@ -78,6 +78,11 @@ struct Args {
     /// Accepted for `cargo bench` compatibility.
     #[arg(long, hide = true)]
     bench: bool,
+    /// Measure queue writes instead of echo broadcasts: the publisher PUTs `/queue/` (a
+    /// small snapshot carrying its send time) on the first replica; sockets join `queue:{user}`
+    /// and time each `queue_changed`.
+    #[arg(long)]
+    queue: bool,
     /// Internal: run as a load-generator worker.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -108,12 +113,13 @@ fn token(user: i64, device: &str) -> String {
         .unwrap()
 }
 
-/// Opens a socket from `source` and joins `echo:{user}`.
+/// Opens a socket from `source` and joins `{kind}:{user}` (`echo` or `queue`).
 async fn open_socket(
     port: u16,
     source: &str,
     user: i64,
     device: &str,
+    kind: &str,
 ) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
     let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
     socket
@@ -130,7 +136,7 @@ async fn open_socket(
     let (mut ws, _) = tokio_tungstenite::client_async(url.into_client_request().unwrap(), stream)
         .await
         .map_err(|e| e.to_string())?;
-    let join = json!(["1", "1", format!("echo:{user}"), "phx_join", {}]).to_string();
+    let join = json!(["1", "1", format!("{kind}:{user}"), "phx_join", {}]).to_string();
     ws.send(Message::text(join))
         .await
         .map_err(|e| e.to_string())?;
@@ -151,8 +157,9 @@ struct Received {
 }
 
 async fn worker(spec: &str) {
-    // port,source,first_user,last_user,sockets_per_user
+    // port,source,first_user,last_user,sockets_per_user,topic kind
     let parts: Vec<&str> = spec.split(',').collect();
+    let kind = parts[5].to_owned();
     let port: u16 = parts[0].parse().unwrap();
     let source = parts[1].to_owned();
     let first: i64 = parts[2].parse().unwrap();
@@ -174,17 +181,18 @@ async fn worker(spec: &str) {
         .run_until(async {
             let mut handles = Vec::new();
             for (user, k) in targets {
-                let (received, failures, connected, permits, source) = (
+                let (received, failures, connected, permits, source, kind) = (
                     received.clone(),
                     failures.clone(),
                     connected.clone(),
                     permits.clone(),
                     source.clone(),
+                    kind.clone(),
                 );
                 handles.push(tokio::task::spawn_local(async move {
                     let permit = permits.acquire_owned().await.unwrap();
                     let device = format!("b{user}-{k}");
-                    let ws = match open_socket(port, &source, user, &device).await {
+                    let ws = match open_socket(port, &source, user, &device, &kind).await {
                         Ok(ws) => ws,
                         Err(error) => {
                             if failures.fetch_add(1, Ordering::Relaxed) < 3 {
@@ -250,9 +258,14 @@ async fn hold(
                 let Some(Ok(Message::Text(text))) = message else { return };
                 let arrived = now_ns();
                 let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
-                if frame[3] == "said"
-                    && let Some(sent) = frame[4]["t"].as_u64()
-                {
+                // An echo broadcast carries its send time in the payload, a queue change in
+                // the state the publisher wrote.
+                let sent = match frame[3].as_str() {
+                    Some("said") => frame[4]["t"].as_u64(),
+                    Some("queue_changed") => frame[4]["state"]["t"].as_u64(),
+                    _ => None,
+                };
+                if let Some(sent) = sent {
                     received.count.fetch_add(1, Ordering::Relaxed);
                     let micros = arrived.saturating_sub(sent) / 1_000;
                     if let Some(histogram) = received.histogram.lock().await.as_mut() {
@@ -427,10 +440,11 @@ async fn coordinate(args: Args) {
             continue;
         }
         let spec = format!(
-            "{},127.0.0.{},{first},{last},{}",
+            "{},127.0.0.{},{first},{last},{},{}",
             socket_hub.port,
             w + 2,
-            args.sockets_per_user
+            args.sockets_per_user,
+            if args.queue { "queue" } else { "echo" }
         );
         let mut child = Command::new("taskset")
             .args(["-c", "1"])
@@ -463,9 +477,18 @@ async fn coordinate(args: Args) {
     let publisher_users = args.users.min(args.publishers).max(1);
     let mut publishers = Vec::with_capacity(publisher_users);
     for user in 1..=publisher_users as i64 {
-        let ws = open_socket(publisher_hub.port, "127.0.0.1", user, &format!("pub{user}"))
-            .await
-            .unwrap();
+        if args.queue {
+            break;
+        }
+        let ws = open_socket(
+            publisher_hub.port,
+            "127.0.0.1",
+            user,
+            &format!("pub{user}"),
+            "echo",
+        )
+        .await
+        .unwrap();
         let (sink, mut stream) = ws.split();
         // Drain what the publisher's own sockets receive.
         tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
@@ -478,6 +501,8 @@ async fn coordinate(args: Args) {
         args.rate, args.seconds, publisher_users, args.users, args.sockets_per_user
     );
     let mut sent = 0u64;
+    let client = reqwest::Client::new();
+    let put_failures = Arc::new(AtomicU64::new(0));
     let run = Duration::from_secs(args.seconds);
     let publish_start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -486,15 +511,38 @@ async fn coordinate(args: Args) {
         tick.tick().await;
         let due = (publish_start.elapsed().as_secs_f64() * args.rate as f64) as u64;
         while sent < due {
-            let index = next_user % publishers.len();
+            let index = next_user % publisher_users;
             next_user += 1;
             let user = index + 1;
-            let frame = json!(["1", sent.to_string(), format!("echo:{user}"), "broadcast",
-                {"event": "said", "payload": {"t": now_ns(), "s": sent}}]);
-            publishers[index]
-                .send(Message::text(frame.to_string()))
-                .await
-                .unwrap();
+            if args.queue {
+                // One PUT per event, in flight concurrently so the rate holds.
+                let (client, url) = (
+                    client.clone(),
+                    format!("http://127.0.0.1:{}/queue/", publisher_hub.port),
+                );
+                let token = token(user as i64, &format!("pub{user}"));
+                let failed = put_failures.clone();
+                tokio::spawn(async move {
+                    let body = json!({"state": {"track_ids": ["t1", "t2"], "t": now_ns()}});
+                    let ok = client
+                        .put(url)
+                        .bearer_auth(token)
+                        .json(&body)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status() == 200);
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            } else {
+                let frame = json!(["1", sent.to_string(), format!("echo:{user}"), "broadcast",
+                    {"event": "said", "payload": {"t": now_ns(), "s": sent}}]);
+                publishers[index]
+                    .send(Message::text(frame.to_string()))
+                    .await
+                    .unwrap();
+            }
             sent += 1;
         }
     }
@@ -523,6 +571,12 @@ async fn coordinate(args: Args) {
     drop(hubs);
     let _ = std::fs::remove_dir_all(&dir);
 
+    let what = if args.queue {
+        "queue writes (PUT /queue/ → queue_changed)"
+    } else {
+        "echo broadcasts"
+    };
+    println!("measuring           {what}");
     let scenario = if args.replicas == 2 {
         "two replicas over Redis"
     } else {
@@ -548,6 +602,12 @@ async fn coordinate(args: Args) {
         received as f64 / publish_elapsed.as_secs_f64()
     );
     println!("lost                {}", expected.saturating_sub(received));
+    if args.queue {
+        println!(
+            "failed PUTs         {}",
+            put_failures.load(Ordering::Relaxed)
+        );
+    }
     println!(
         "latency ms          p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         percentile(&histogram, 0.50),

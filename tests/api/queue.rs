@@ -26,9 +26,17 @@ crate::on_both_backends!(
 
 async fn a_track_added_after_the_queue_names_it_shows_up_at_once(app: TestApp) {
     let account = app.register().await;
-    let body: Value = put(&app, &account, plyr_state(&["late"], 0), None).await.json().await.unwrap();
+    let body: Value = put(&app, &account, plyr_state(&["late"], 0), None)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["tracks"], json!([]));
-    app.seed_tracks(&account, &json!([{"id": "late", "title": "Late", "artist": "A"}])).await;
+    app.seed_tracks(
+        &account,
+        &json!([{"id": "late", "title": "Late", "artist": "A"}]),
+    )
+    .await;
     let body: Value = get(&app, &account).await.json().await.unwrap();
     assert_eq!(body["tracks"][0]["title"], "Late");
 }
