@@ -348,6 +348,27 @@ impl QueueState {
         Ok(())
     }
 
+    /// The (entry id, track id) pairs from `start` on.
+    fn up_next(&self, start: usize) -> Vec<(String, String)> {
+        let entries = self.entry_ids.iter().skip(start).cloned();
+        entries
+            .zip(self.track_ids.iter().skip(start).cloned())
+            .collect()
+    }
+
+    /// Writes `pairs` back from `start` on (as many as `up_next(start)` returned).
+    fn set_up_next(&mut self, start: usize, pairs: Vec<(String, String)>) {
+        let slots = self
+            .entry_ids
+            .iter_mut()
+            .zip(self.track_ids.iter_mut())
+            .skip(start);
+        for ((entry_slot, track_slot), (entry, track)) in slots.zip(pairs) {
+            *entry_slot = entry;
+            *track_slot = track;
+        }
+    }
+
     /// Fisher–Yates over up-next only (rand's `shuffle`), retried for an order that differs
     /// from the current one when one exists; remembers the order before for `unshuffle`.
     fn shuffle_up_next(&mut self, rng: &mut impl Rng) {
@@ -363,13 +384,7 @@ impl QueueState {
                 .insert(ORIGINAL_ENTRY_ORDER.into(), Value::Array(order));
         }
         self.shuffle = true;
-        let mut pairs: Vec<(String, String)> = self
-            .entry_ids
-            .iter()
-            .skip(start)
-            .cloned()
-            .zip(self.track_ids.iter().skip(start).cloned())
-            .collect();
+        let mut pairs = self.up_next(start);
         let before: Vec<String> = pairs.iter().map(|(_, track)| track.clone()).collect();
         let distinct_tracks = before.iter().collect::<HashSet<_>>().len() > 1;
         for _ in 0..SHUFFLE_ATTEMPTS {
@@ -379,15 +394,7 @@ impl QueueState {
                 break;
             }
         }
-        for (offset, (entry, track)) in pairs.into_iter().enumerate() {
-            if let (Some(e), Some(t)) = (
-                self.entry_ids.get_mut(start + offset),
-                self.track_ids.get_mut(start + offset),
-            ) {
-                *e = entry;
-                *t = track;
-            }
-        }
+        self.set_up_next(start, pairs);
     }
 
     /// Puts up-next back in the order it had before shuffling: by the remembered entry order,
@@ -405,13 +412,7 @@ impl QueueState {
                     .collect()
             })
         });
-        let mut pairs: Vec<(String, String)> = self
-            .entry_ids
-            .iter()
-            .skip(start)
-            .cloned()
-            .zip(self.track_ids.iter().skip(start).cloned())
-            .collect();
+        let mut pairs = self.up_next(start);
         let rank: HashMap<String, usize> = match remembered {
             Some(order) => order.into_iter().enumerate().map(|(i, e)| (e, i)).collect(),
             None => {
@@ -433,15 +434,7 @@ impl QueueState {
         };
         // Entries added after the shuffle keep their relative order, after the known ones.
         pairs.sort_by_key(|(entry, _)| rank.get(entry).copied().unwrap_or(usize::MAX));
-        for (offset, (entry, track)) in pairs.into_iter().enumerate() {
-            if let (Some(e), Some(t)) = (
-                self.entry_ids.get_mut(start + offset),
-                self.track_ids.get_mut(start + offset),
-            ) {
-                *e = entry;
-                *t = track;
-            }
-        }
+        self.set_up_next(start, pairs);
         self.shuffle = false;
         self.original_order_ids.clear();
         self.extra.remove(ORIGINAL_ENTRY_ORDER);
