@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use super::events::UserEvent;
 use super::hub::{Hub, Publish, SessionOf};
-use super::session::QueueCommand;
+use super::session::{QueueCommand, UserSession};
 use crate::domain::queue::{QueueOp, QueueState};
 use crate::domain::{DeviceId, InvalidInput, UserId};
 use crate::settings::Settings;
@@ -98,6 +98,10 @@ struct Inner {
     tracks: Cache<String, TrackView>,
     /// Ids the catalog did not know when last asked.
     unknown_tracks: Cache<String, ()>,
+    /// The user sessions writes were last sent to (their addresses; a stopped one fails the
+    /// send and is asked for again). Short-lived, so writes still pass through the hub now
+    /// and then, which keeps a busy session from being retired.
+    sessions: Cache<UserId, Addr<UserSession>>,
     /// Users' current queues, filled only while this replica hears their channel.
     queues: Cache<UserId, Arc<Current>>,
     /// False while the bus is lost: nothing may be cached then.
@@ -125,9 +129,15 @@ impl Queues {
             .max_capacity(TRACK_CACHE_CAPACITY)
             .time_to_live(UNKNOWN_TRACK_TTL)
             .build();
+        let linger = Duration::from_secs(settings.session_linger_secs);
+        let sessions = Cache::builder()
+            .max_capacity(settings.queue_cache_capacity)
+            .time_to_live((linger / 2).max(Duration::from_secs(1)))
+            .build();
         let inner = Inner {
             store,
             hub,
+            sessions,
             tracks,
             unknown_tracks,
             queues,
@@ -218,12 +228,22 @@ impl Queues {
         user: UserId,
         command: QueueCommand,
     ) -> Result<(QueueView, Vec<usize>), QueueError> {
+        // The session's address is remembered for a while, so a write costs one actor round
+        // trip, not two; going through the hub again now and then keeps the session in use.
+        if let Some(session) = self.inner.sessions.get(&user) {
+            match session.send(command.clone()).await {
+                Ok(result) => return result,
+                // Retired meanwhile, so the command never ran: ask the hub for the session.
+                Err(_) => self.inner.sessions.invalidate(&user),
+            }
+        }
         let (session, _) = self
             .inner
             .hub
             .send(SessionOf { user })
             .await
             .map_err(|_| QueueError::SessionGone)?;
+        self.inner.sessions.insert(user, session.clone());
         session
             .send(command)
             .await

@@ -119,7 +119,7 @@ impl Handler<Deliver> for UserSession {
 
 /// A queue write for this user. Handled atomically: the next one starts only when this one
 /// is stored and pushed, so a replica's writes for a user never race each other.
-#[derive(Message)]
+#[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<(QueueView, Vec<usize>), QueueError>")]
 pub enum QueueCommand {
     Replace {
