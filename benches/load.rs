@@ -75,6 +75,10 @@ struct Args {
     /// Redis for two replicas.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis: String,
+    /// Use a fresh PostgreSQL database made through this admin URL (e.g.
+    /// postgres://postgres@127.0.0.1:5432/postgres) instead of SQLite.
+    #[arg(long)]
+    postgres: Option<String>,
     /// Accepted for `cargo bench` compatibility.
     #[arg(long, hide = true)]
     bench: bool,
@@ -323,11 +327,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Seeds `count` accounts (ids 1..=count) into a fresh SQLite database in `dir`.
-async fn seed(dir: &Path, count: usize) {
+/// Seeds `count` accounts (ids 1..=count) into the fresh database at `database_url`.
+async fn seed(dir: &Path, database_url: &str, count: usize) {
     use scoped_futures::ScopedFutureExt;
     let settings = Settings {
         data_dir: dir.to_path_buf(),
+        database_url: Some(database_url.to_owned().into()),
         ..Settings::default()
     };
     let store = Store::connect(&settings).await.expect("open the store");
@@ -355,7 +360,7 @@ async fn seed(dir: &Path, count: usize) {
         .expect("seed users");
 }
 
-fn start_hub(dir: &Path, database: &Path, redis: Option<(&str, &str)>) -> Hub {
+fn start_hub(dir: &Path, database_url: &str, redis: Option<(&str, &str)>) -> Hub {
     let port = free_port();
     let mut command = Command::new("taskset");
     command
@@ -363,7 +368,7 @@ fn start_hub(dir: &Path, database: &Path, redis: Option<(&str, &str)>) -> Hub {
         .env_clear()
         .env("SEGUE_BIND", format!("127.0.0.1:{port}"))
         .env("SEGUE_DATA_DIR", dir)
-        .env("DATABASE_URL", format!("sqlite://{}", database.display()))
+        .env("DATABASE_URL", database_url)
         .env("SEGUE_JWT_SECRET", SECRET)
         .env("SEGUE_WORKERS", "1")
         .env("SEGUE_LOG", "warn")
@@ -406,9 +411,26 @@ async fn coordinate(args: Args) {
     let sockets = args.users * args.sockets_per_user;
     let dir: PathBuf = std::env::temp_dir().join(format!("segue-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let database = dir.join("segue.db");
+    // SQLite in the run's directory, or a fresh PostgreSQL database (dropped at the end).
+    let (database_url, pg_database) = match &args.postgres {
+        None => (format!("sqlite://{}", dir.join("segue.db").display()), None),
+        Some(admin) => {
+            let name = format!("segue_load_{}", std::process::id());
+            let status = Command::new("psql")
+                .args([admin.as_str(), "-qc", &format!("CREATE DATABASE {name}")])
+                .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "could not create the PostgreSQL database"
+            );
+            let base = admin
+                .rsplit_once('/')
+                .map_or(admin.as_str(), |(base, _)| base);
+            (format!("{base}/{name}"), Some((admin.clone(), name)))
+        }
+    };
     println!("seeding {} users", args.users);
-    seed(&dir, args.users).await;
+    seed(&dir, &database_url, args.users).await;
 
     let namespace = format!("segue_load_{}", std::process::id());
     let redis = (args.replicas == 2).then_some((args.redis.as_str(), namespace.as_str()));
@@ -416,7 +438,7 @@ async fn coordinate(args: Args) {
         .map(|i| {
             let hub_dir = dir.join(format!("replica{i}"));
             std::fs::create_dir_all(&hub_dir).unwrap();
-            start_hub(&hub_dir, &database, redis)
+            start_hub(&hub_dir, &database_url, redis)
         })
         .collect();
     let publisher_hub = &hubs[0];
@@ -570,6 +592,15 @@ async fn coordinate(args: Args) {
     let final_rss = socket_hub.rss_kib();
     drop(hubs);
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some((admin, name)) = pg_database {
+        let _ = Command::new("psql")
+            .args([
+                admin.as_str(),
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            ])
+            .status();
+    }
 
     let what = if args.queue {
         "queue writes (PUT /queue/ → queue_changed)"
