@@ -4,7 +4,7 @@
 //! that names the setting; secrets are wrapped so that they never print.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::Figment;
@@ -335,10 +335,6 @@ impl Settings {
         self.data_dir.join("token.key")
     }
 
-    /// The data directory, for callers that only need to read it.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
 }
 
 /// The environment variable that sets `field`.

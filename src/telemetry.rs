@@ -110,11 +110,6 @@ impl Metrics {
         })
     }
 
-    /// The registry, for other parts of the hub to add their own metrics to.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Everything, in Prometheus text exposition format.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buffer = Vec::new();

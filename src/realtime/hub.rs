@@ -346,16 +346,3 @@ impl Handler<UseQueues> for Hub {
         self.queues = Some(queues);
     }
 }
-
-/// How many users have a session here (for metrics and tests).
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct SessionCount;
-
-impl Handler<SessionCount> for Hub {
-    type Result = usize;
-
-    fn handle(&mut self, _: SessionCount, _: &mut Context<Self>) -> usize {
-        self.sessions.len()
-    }
-}
