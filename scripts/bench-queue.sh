@@ -5,7 +5,8 @@
 #   scripts/bench-queue.sh [seconds] [connections]
 #
 # The hub (release build) runs on HUB_CPUS (default core 0) with HUB_WORKERS HTTP workers
-# (default 1); wrk runs on core 1. PostgreSQL is not pinned.
+# (default 1); wrk runs on core 1. PostgreSQL is not pinned. HUB_ENV adds settings to the hub's
+# environment (e.g. HUB_ENV="SEGUE_DB_POOL_SIZE=32").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -22,7 +23,7 @@ cleanup() { kill "$hub" 2>/dev/null || true; wait "$hub" 2>/dev/null || true; ps
 trap cleanup EXIT
 url="${admin%/*}/$db"
 env -i SEGUE_BIND="127.0.0.1:$port" SEGUE_DATA_DIR="$dir" DATABASE_URL="$url" SEGUE_WORKERS="${HUB_WORKERS:-1}" \
-  SEGUE_LOG=warn SEGUE_JWT_SECRET=bench-secret-bench-secret-bench-secret-0123 \
+  SEGUE_LOG=warn SEGUE_JWT_SECRET=bench-secret-bench-secret-bench-secret-0123 ${HUB_ENV:-} \
   taskset -c "${HUB_CPUS:-0}" "$CARGO_TARGET_DIR/release/segue" &
 hub=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
