@@ -334,7 +334,6 @@ impl Settings {
     pub fn token_key_path(&self) -> PathBuf {
         self.data_dir.join("token.key")
     }
-
 }
 
 /// The environment variable that sets `field`.

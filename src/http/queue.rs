@@ -4,8 +4,8 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use super::{AppState, AuthenticatedUser};
 use crate::domain::queue::{QueueOp, QueueState};
@@ -94,14 +94,20 @@ fn etag(revision: i64) -> (header::HeaderName, HeaderValue) {
     (header::ETAG, value)
 }
 
-fn queue_response(view: &QueueView, extra: Option<(&str, Value)>) -> HttpResponse {
-    let mut body = json!({"state": view.state, "revision": view.revision, "tracks": view.tracks});
-    if let (Some((key, value)), Value::Object(map)) = (extra, &mut body) {
-        map.insert(key.to_owned(), value);
-    }
+/// The body of every queue response: the view, plus `skipped` after ops.
+#[derive(Serialize)]
+struct QueueBody<'a> {
+    #[serde(flatten)]
+    view: &'a QueueView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped: Option<&'a [usize]>,
+}
+
+/// Serialises the view straight into the response (no intermediate JSON tree).
+fn queue_response(view: &QueueView, skipped: Option<&[usize]>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header(etag(view.revision))
-        .json(body)
+        .json(QueueBody { view, skipped })
 }
 
 /// `GET /queue/` → `{state, revision, tracks}` with `ETag`; 304 on a matching `If-None-Match`.
@@ -154,7 +160,7 @@ pub async fn post_ops(
     let (view, skipped) = queues
         .apply(caller.user_id, body.ops, &caller.device_id)
         .await?;
-    Ok(queue_response(&view, Some(("skipped", json!(skipped)))))
+    Ok(queue_response(&view, Some(&skipped)))
 }
 
 /// `GET /preferences/`.
