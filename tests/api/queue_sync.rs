@@ -8,6 +8,25 @@ use serde_json::{Value, json};
 use crate::helpers::{Backend, ClusterBus, TestApp, redis_url, spawn_cluster};
 use crate::phoenix::{PhxClient, connect, connect_url, socket_url};
 
+/// `GET /queue/` on `app`, repeated (up to 2 s) until it serves `revision` or later: a
+/// replica serves a write made on another once it has heard of it.
+async fn queue_at_revision(app: &TestApp, token: &str, revision: i64) -> Value {
+    let mut body = Value::Null;
+    for _ in 0..100 {
+        body = app
+            .get_with_token("/queue/", token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if body["revision"].as_i64() >= Some(revision) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    body
+}
+
 async fn device(app: &TestApp, token: &str, device_id: &str) -> PhxClient {
     connect_url(&socket_url(
         app,
@@ -168,8 +187,8 @@ async fn concurrent_edits_from_devices_on_two_replicas_both_survive(replicas: Ve
     assert_eq!(phone.reply_to(&append).await[4]["status"], "ok");
     assert_eq!(laptop.reply_to(&moved).await[4]["status"], "ok");
 
-    let response = a.get_with_token("/queue/", &account.access_token).await;
-    let stored: Value = response.json().await.unwrap();
+    // A serves B's write once it has heard of it (milliseconds).
+    let stored = queue_at_revision(a, &account.access_token, 3).await;
     assert_eq!(stored["revision"], 3);
     assert_eq!(stored["state"]["track_ids"], json!(["a", "c", "b", "d"]));
     // Each device's last queue_changed is the store's final state.
@@ -331,22 +350,9 @@ async fn many_writers_on_two_replicas_lose_nothing(replicas: Vec<TestApp>) {
         .flatten()
         .collect();
 
-    // A replica serves a change made on the other one once it has heard of it (milliseconds):
-    // wait until A has the last acknowledged revision.
+    // A replica serves a change made on the other one once it has heard of it (milliseconds).
     let last_acknowledged = acknowledged.iter().map(|(r, _)| *r).max().unwrap_or(0);
-    let mut stored: Value = Value::Null;
-    for _ in 0..100 {
-        stored = a
-            .get_with_token("/queue/", &account.access_token)
-            .await
-            .json()
-            .await
-            .unwrap();
-        if stored["revision"].as_i64() >= Some(last_acknowledged) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stored = queue_at_revision(a, &account.access_token, last_acknowledged).await;
     let final_revision = stored["revision"].as_i64().unwrap();
     let tracks: Vec<&str> = stored["state"]["track_ids"]
         .as_array()
