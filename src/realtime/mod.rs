@@ -7,7 +7,9 @@
 //! * [`topics`] and [`channels`]: what each topic is and does;
 //! * [`session`]: one actor per online user per replica, fanning events out to their sockets;
 //! * [`hub`]: one actor per replica, user → session, and the bus subscriptions;
-//! * [`relay`]: bus → hub, dropping this replica's own messages.
+//! * [`relay`]: bus → hub, dropping this replica's own messages;
+//! * [`queue`]: queue reads and writes (run in the user's session), the replica's queue cache,
+//!   and `queue_changed`.
 //!
 //! ```text
 //! socket ─▶ Connection ─▶ channels ─▶ Hub::Publish ─┬─▶ UserSession ─▶ Connection(s) ─▶ sockets
