@@ -204,3 +204,14 @@ pub fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Erro
     )
     .into()
 }
+
+impl From<crate::presence::RegistryError> for ApiError {
+    fn from(error: crate::presence::RegistryError) -> Self {
+        tracing::warn!(%error, "presence registry unavailable");
+        Self::client(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Presence is unavailable right now; try again shortly.",
+        )
+    }
+}

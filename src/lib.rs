@@ -34,6 +34,7 @@ pub mod bus;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod presence;
 pub mod realtime;
 pub mod redis;
 pub mod settings;

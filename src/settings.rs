@@ -83,6 +83,12 @@ pub struct Settings {
     pub queue_cache_ttl_secs: u64,
     /// Most users whose queue a replica keeps cached (least recently used go first).
     pub queue_cache_capacity: u64,
+    /// A device not heard from (heartbeat or `now_playing`) for this long is offline; a
+    /// replica that dies leaves its devices listed at most this long, in seconds.
+    pub presence_ttl_secs: u64,
+    /// How long a device whose last socket closed stays listed, so a quick reconnect does
+    /// not flap, in milliseconds.
+    pub presence_leave_delay_ms: u64,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -126,6 +132,8 @@ impl Default for Settings {
             queue_max_entries: 10_000,
             queue_cache_ttl_secs: 300,
             queue_cache_capacity: 10_000,
+            presence_ttl_secs: 60,
+            presence_leave_delay_ms: 3_000,
             log_format: LogFormat::Text,
             log: "info".into(),
         }
@@ -255,6 +263,18 @@ impl Settings {
             return Err(SettingsError::new(
                 "SEGUE_WORKERS",
                 "must be greater than zero",
+            ));
+        }
+        if !(1..=3_600).contains(&self.presence_ttl_secs) {
+            return Err(SettingsError::new(
+                "SEGUE_PRESENCE_TTL_SECS",
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        if self.presence_leave_delay_ms > 60_000 {
+            return Err(SettingsError::new(
+                "SEGUE_PRESENCE_LEAVE_DELAY_MS",
+                "must be at most 60000 (a minute)",
             ));
         }
         Ok(())

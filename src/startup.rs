@@ -14,6 +14,7 @@ use crate::auth::{Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
 use crate::error;
 use crate::http::{self, AppState};
+use crate::presence::{AnyRegistry, RedisRegistry};
 use crate::realtime::Realtime;
 use crate::settings::{Settings, SettingsError};
 use crate::store::{Store, StoreInitError};
@@ -109,9 +110,18 @@ impl Application {
             }
         };
         let bus_kind = bus.0.kind();
+        let registry = match &redis {
+            Some(pool) => AnyRegistry::Redis(RedisRegistry::new(
+                pool.clone(),
+                &settings.redis_namespace,
+                std::time::Duration::from_secs(settings.presence_ttl_secs),
+            )),
+            None => AnyRegistry::Memory(network.presence_registry()),
+        };
         let realtime = web::Data::new(Realtime::start(
             replica,
             bus,
+            registry,
             store.clone(),
             &settings,
             metrics.clone(),

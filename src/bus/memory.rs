@@ -20,12 +20,14 @@ struct Members {
     channels: HashMap<UserId, HashSet<ReplicaId>>,
 }
 
-/// The shared medium several in-process replicas can attach to.
+/// The shared medium several in-process replicas can attach to. It also carries the
+/// in-process presence registry, so such replicas share presence as they would through Redis.
 #[derive(Clone, Default)]
 pub struct MemoryNetwork {
     // A std Mutex, not tokio's: it is never held across an await, and every critical
     // section is a few map operations.
     members: Arc<Mutex<Members>>,
+    presence: crate::presence::MemoryRegistry,
 }
 
 impl MemoryNetwork {
@@ -44,6 +46,11 @@ impl MemoryNetwork {
             },
             notices,
         )
+    }
+
+    /// The presence registry of replicas on this network.
+    pub fn presence_registry(&self) -> crate::presence::MemoryRegistry {
+        self.presence.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Members> {

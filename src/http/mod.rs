@@ -6,6 +6,7 @@ mod accounts;
 mod catalog;
 mod extract;
 mod health;
+mod presence;
 mod queue;
 mod socket;
 
@@ -56,6 +57,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(queue::get_preferences))
                 .route(web::patch().to(queue::patch_preferences)),
         )
+        .route("/devices/", web::get().to(presence::list_devices))
+        .route("/devices", web::get().to(presence::list_devices))
+        .route("/follows/", web::get().to(presence::list_follows))
+        .route("/follows", web::get().to(presence::list_follows))
+        .service(
+            web::resource("/follows/{user_id}")
+                .route(web::post().to(presence::follow))
+                .route(web::delete().to(presence::unfollow)),
+        )
+        .service(
+            web::resource(["/now-playing/", "/now-playing"])
+                .route(web::post().to(presence::report_playing))
+                .route(web::delete().to(presence::stop_playing)),
+        )
+        .route(
+            "/now-playing/by-handle/{handle}",
+            web::get().to(presence::by_handle),
+        )
+        .route("/history/", web::get().to(presence::history))
+        .route("/history", web::get().to(presence::history))
         .route("/tracks", web::post().to(catalog::upsert_tracks))
         .route("/tracks/{id}", web::get().to(catalog::get_track));
 }

@@ -119,6 +119,6 @@ pub async fn upgrade(
     drop(pooled);
 
     realtime
-        .accept(&req, body, identity, device.id)
+        .accept(&req, body, identity, device)
         .map_err(|e| ApiError::bad_request("not_a_websocket", format!("The upgrade failed: {e}.")))
 }

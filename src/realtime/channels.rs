@@ -10,11 +10,15 @@ use serde_json::{Map, Value, json};
 
 use super::events::UserEvent;
 use super::hub::{Hub, Publish, SessionOf};
+use super::presence::{Playing, Presence};
 use super::queue::{QueueError, Queues};
 use super::topics::Topic;
 use crate::auth::Identity;
-use crate::domain::DeviceId;
 use crate::domain::queue::{QueueOp, QueueState};
+use crate::domain::{DeviceId, InvalidInput, UserId};
+use crate::presence::input::{CommandInput, PlayReportInput, TransferInput};
+use crate::presence::{AnyRegistry, Registry};
+use crate::store::{Store, devices};
 
 /// A reply's `response`, for `status: "ok"` or `status: "error"`.
 pub type Response = Result<Value, Value>;
@@ -32,6 +36,9 @@ pub struct ChannelContext<'a> {
     pub device: &'a DeviceId,
     pub hub: &'a Addr<Hub>,
     pub queues: &'a Queues,
+    pub presence: &'a Addr<Presence>,
+    pub registry: &'a AnyRegistry,
+    pub store: &'a Store,
 }
 
 fn refuse(reason: &str) -> Reply {
@@ -52,6 +59,44 @@ fn queue_error(error: QueueError) -> Value {
     }
 }
 
+fn invalid(error: &InvalidInput) -> Reply {
+    refuse(&error.to_string())
+}
+
+/// Why a device cannot be sent anything: never seen, or not online now.
+async fn absent_device(store: &Store, user: UserId, device: &DeviceId) -> Value {
+    let known = match store.conn().await {
+        Ok(mut pooled) => devices::exists(&mut pooled.conn(), user, device.as_str())
+            .await
+            .unwrap_or(false),
+        Err(_) => false,
+    };
+    let reason = if known {
+        "device offline"
+    } else {
+        "unknown device"
+    };
+    json!({ "reason": reason })
+}
+
+/// Checks that `device` of `user` is online now (somewhere).
+async fn online(
+    registry: &AnyRegistry,
+    store: &Store,
+    user: UserId,
+    device: &DeviceId,
+) -> Result<(), Value> {
+    let snapshot = registry
+        .snapshot(user)
+        .await
+        .map_err(|_| json!({"reason": "unavailable"}))?;
+    if snapshot.has_device(device.as_str()) {
+        Ok(())
+    } else {
+        Err(absent_device(store, user, device).await)
+    }
+}
+
 /// Parses an event payload into `T`, or refuses it with the reason.
 fn payload<T: for<'de> Deserialize<'de>>(payload: Map<String, Value>) -> Result<T, Reply> {
     serde_json::from_value(Value::Object(payload))
@@ -61,7 +106,8 @@ fn payload<T: for<'de> Deserialize<'de>>(payload: Map<String, Value>) -> Result<
 /// Answers a join of `topic` (already authorised by [`Topic::route`]).
 pub fn join(topic: &Topic, join_payload: &Map<String, Value>, ctx: &ChannelContext<'_>) -> Reply {
     match topic {
-        Topic::Echo(..) => Reply::Now(Ok(json!({}))),
+        Topic::Echo(..) | Topic::Friends(_) => Reply::Now(Ok(json!({}))),
+        Topic::Devices(_) => Reply::Now(Ok(json!({"device_id": ctx.device.as_str()}))),
         Topic::Queue(user) => {
             let (queues, user, hub) = (ctx.queues.clone(), *user, ctx.hub.clone());
             let known = join_payload.get("revision").and_then(Value::as_i64);
@@ -162,5 +208,84 @@ pub fn handle_in(
                 _ => refuse("unknown event"),
             }
         }
+        Topic::Devices(user) => devices_event(*user, event, body, ctx),
+        Topic::Friends(_) => refuse("unknown event"),
+    }
+}
+
+/// `now_playing`, `transfer` and `command` on `devices:{user}`.
+fn devices_event(
+    user: UserId,
+    event: &str,
+    body: Map<String, Value>,
+    ctx: &ChannelContext<'_>,
+) -> Reply {
+    let (registry, store, hub) = (ctx.registry.clone(), ctx.store.clone(), ctx.hub.clone());
+    match event {
+        "now_playing" => {
+            let input: PlayReportInput = match payload(body) {
+                Ok(input) => input,
+                Err(reply) => return reply,
+            };
+            match input.parse() {
+                Ok(report) => {
+                    ctx.presence.do_send(Playing {
+                        user,
+                        device: ctx.device.clone(),
+                        report,
+                    });
+                    Reply::Now(Ok(json!({})))
+                }
+                Err(error) => invalid(&error),
+            }
+        }
+        "transfer" => {
+            let input: TransferInput = match payload(body) {
+                Ok(input) => input,
+                Err(reply) => return reply,
+            };
+            let (device, play) = match input.parse() {
+                Ok(parsed) => parsed,
+                Err(error) => return invalid(&error),
+            };
+            Reply::Later(Box::pin(async move {
+                online(&registry, &store, user, &device).await?;
+                let device_id = device.as_str().to_owned();
+                registry
+                    .set_output(user, device_id.clone())
+                    .await
+                    .map_err(|_| json!({"reason": "unavailable"}))?;
+                hub.do_send(Publish {
+                    user,
+                    event: UserEvent::OutputChanged {
+                        device_id: device_id.clone(),
+                        play,
+                    },
+                });
+                Ok(json!({ "device_id": device_id }))
+            }))
+        }
+        "command" => {
+            let input: CommandInput = match payload(body) {
+                Ok(input) => input,
+                Err(reply) => return reply,
+            };
+            let (device, command) = match input.parse(ctx.device) {
+                Ok(parsed) => parsed,
+                Err(error) => return invalid(&error),
+            };
+            Reply::Later(Box::pin(async move {
+                online(&registry, &store, user, &device).await?;
+                hub.do_send(Publish {
+                    user,
+                    event: UserEvent::DeviceCommand {
+                        device_id: device.as_str().to_owned(),
+                        payload: command,
+                    },
+                });
+                Ok(json!({}))
+            }))
+        }
+        _ => refuse("unknown event"),
     }
 }

@@ -15,12 +15,15 @@ use serde_json::{Value, json};
 use super::channels::{self, ChannelContext, Reply, Response};
 use super::frame::{self, Frame};
 use super::hub::{Attach, Detach, Hub, SocketId};
+use super::presence::{self, Presence, Shown};
 use super::queue::Queues;
 use super::session::Member;
 use super::topics::Topic;
 use super::transport::{CloseKind, Inbound, Outbound, Outbox};
 use crate::auth::Identity;
-use crate::domain::DeviceId;
+use crate::domain::Device;
+use crate::presence::AnyRegistry;
+use crate::store::Store;
 use crate::telemetry::Metrics;
 
 /// Most topics one socket may have joined at once.
@@ -55,6 +58,9 @@ impl SocketLimits {
 pub struct Shared {
     pub hub: Addr<Hub>,
     pub queues: Queues,
+    pub presence: Addr<Presence>,
+    pub registry: AnyRegistry,
+    pub store: Store,
     pub limits: SocketLimits,
     pub metrics: Metrics,
 }
@@ -74,7 +80,7 @@ struct Joined {
 pub struct Connection {
     id: SocketId,
     identity: Identity,
-    device: DeviceId,
+    device: Device,
     shared: Arc<Shared>,
     outbox: Outbox,
     /// Joined topics by name.
@@ -90,7 +96,7 @@ impl Connection {
     pub fn new(
         id: SocketId,
         identity: Identity,
-        device: DeviceId,
+        device: Device,
         shared: Arc<Shared>,
         outbox: Outbox,
     ) -> Self {
@@ -188,6 +194,10 @@ impl Connection {
 
     fn on_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) {
         if frame.topic == "phoenix" && frame.event == "heartbeat" {
+            self.shared.presence.do_send(presence::Heartbeat {
+                user: self.identity.user_id,
+                device: self.device.id.clone(),
+            });
             let reply = frame::reply(None, frame.reference.as_deref(), "phoenix", true, json!({}));
             self.send(reply, ctx);
             return;
@@ -221,6 +231,7 @@ impl Connection {
         };
         // Joining a joined topic again ends the old join first, as Phoenix does.
         if let Some(old) = self.joined.remove(&frame.topic) {
+            self.stop_showing(&old.topic);
             let close = frame::encode(
                 Some(&old.join_ref),
                 Some(&old.join_ref),
@@ -242,7 +253,8 @@ impl Connection {
                     .ok()
                     .and_then(|r| r.get("revision"))
                     .and_then(Value::as_i64);
-                if response.is_ok() {
+                let joined = response.is_ok().then(|| topic.clone());
+                if joined.is_some() {
                     self.joined.insert(
                         name.clone(),
                         Joined {
@@ -254,6 +266,9 @@ impl Connection {
                     );
                 }
                 self.finish_reply(&join_ref, reference.as_deref(), &name, response, ctx);
+                if let Some(topic) = joined {
+                    self.start_showing(&topic, &name, ctx);
+                }
             }
             Reply::Later(future) => {
                 let joined = Joined {
@@ -317,10 +332,42 @@ impl Connection {
     fn context(&self) -> ChannelContext<'_> {
         ChannelContext {
             identity: &self.identity,
-            device: &self.device,
+            device: &self.device.id,
             hub: &self.shared.hub,
             queues: &self.shared.queues,
+            presence: &self.shared.presence,
+            registry: &self.shared.registry,
+            store: &self.shared.store,
         }
+    }
+
+    /// After a presence topic's join reply: the presence actor sends `presence_state`.
+    fn start_showing(&self, topic: &Topic, name: &str, ctx: &mut Context<Self>) {
+        let shown = match topic {
+            Topic::Devices(_) => Shown::Devices,
+            Topic::Friends(_) => Shown::Friends,
+            _ => return,
+        };
+        self.shared.presence.do_send(presence::WatchTopic {
+            socket: self.id,
+            user: self.identity.user_id,
+            shown,
+            recipient: ctx.address().recipient(),
+            topic: name.into(),
+        });
+    }
+
+    /// A presence topic was left (or joined again): no more diffs for the old join.
+    fn stop_showing(&self, topic: &Topic) {
+        let shown = match topic {
+            Topic::Devices(_) => Shown::Devices,
+            Topic::Friends(_) => Shown::Friends,
+            _ => return,
+        };
+        self.shared.presence.do_send(presence::UnwatchTopic {
+            socket: self.id,
+            shown,
+        });
     }
 
     /// Writes a broadcast for `topic` if the socket joined it and it is not stale.
@@ -366,7 +413,9 @@ impl Connection {
         );
         self.send(reply, ctx);
         if let Some(join_ref) = current {
-            self.joined.remove(&frame.topic);
+            if let Some(old) = self.joined.remove(&frame.topic) {
+                self.stop_showing(&old.topic);
+            }
             let close = frame::encode(
                 Some(&join_ref),
                 Some(&join_ref),
@@ -426,8 +475,13 @@ impl Actor for Connection {
                 socket: self.id,
                 recipient: ctx.address().recipient(),
                 login_session: self.identity.session.clone(),
-                device: self.device.clone(),
+                device: self.device.id.clone(),
             },
+        });
+        self.shared.presence.do_send(presence::Connected {
+            user: self.identity.user_id,
+            device: self.device.clone(),
+            socket: self.id,
         });
         // Checked at half the timeout, so an idle socket goes between 1 and 1.5 timeouts.
         let check = self.shared.limits.idle_timeout / 2;
@@ -443,6 +497,11 @@ impl Actor for Connection {
         self.shared.metrics.ws_open.dec();
         self.shared.hub.do_send(Detach {
             user: self.identity.user_id,
+            socket: self.id,
+        });
+        self.shared.presence.do_send(presence::Disconnected {
+            user: self.identity.user_id,
+            device: self.device.id.clone(),
             socket: self.id,
         });
     }

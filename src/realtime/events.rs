@@ -4,6 +4,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::presence::DeviceEntry;
+
 /// An event for every socket of one user, wherever it is connected.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -22,6 +24,32 @@ pub enum UserEvent {
     EndSession { session: String },
     /// The user's preferences changed: cached queues (which carry `auto_advance`) are stale.
     PreferencesChanged,
+    /// One of the user's presence entries was written (by its owner).
+    PresenceUpsert {
+        instance: String,
+        entry: DeviceEntry,
+    },
+    /// One of the user's presence entries was removed; `seq` is newer than the entry's.
+    PresenceRemove { instance: String, seq: u64 },
+    /// The user's output device changed (`play`: start playing there).
+    OutputChanged { device_id: String, play: bool },
+    /// A command for one device of the user, pushed as `command` on `devices:{user}`.
+    DeviceCommand { device_id: String, payload: Value },
+    /// The user followed or unfollowed someone.
+    FollowsChanged,
+}
+
+impl UserEvent {
+    /// Whether the replica's presence actor needs to hear it.
+    pub fn concerns_presence(&self) -> bool {
+        matches!(
+            self,
+            Self::PresenceUpsert { .. }
+                | Self::PresenceRemove { .. }
+                | Self::OutputChanged { .. }
+                | Self::FollowsChanged
+        )
+    }
 }
 
 impl UserEvent {
@@ -61,6 +89,31 @@ mod tests {
                 session: "abc".into(),
             },
             UserEvent::PreferencesChanged,
+            UserEvent::PresenceUpsert {
+                instance: "d/r".into(),
+                entry: DeviceEntry {
+                    device_id: "d".into(),
+                    name: "Phone".into(),
+                    kind: "phone".into(),
+                    online_at: 1,
+                    now_playing: None,
+                    seq: 2,
+                    expires_at: 3,
+                },
+            },
+            UserEvent::PresenceRemove {
+                instance: "d/r".into(),
+                seq: 4,
+            },
+            UserEvent::OutputChanged {
+                device_id: "d".into(),
+                play: true,
+            },
+            UserEvent::DeviceCommand {
+                device_id: "d".into(),
+                payload: json!({"action": "pause"}),
+            },
+            UserEvent::FollowsChanged,
         ];
         for event in events {
             assert_eq!(UserEvent::decode(&event.encode()), Some(event));

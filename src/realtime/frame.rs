@@ -107,6 +107,21 @@ pub fn encode(
     ByteString::from(serde_json::to_string(&frame).unwrap_or_default())
 }
 
+/// A broadcast frame (`[null, null, topic, event, payload]`) around a payload already
+/// serialised, so one payload sent on many topics is serialised once.
+pub fn broadcast_raw(topic: &str, event: &str, payload_json: &str) -> ByteString {
+    let head = serde_json::to_string(&(topic, event)).unwrap_or_default();
+    // `head` is `["topic","event"]`: splice the payload in before its closing bracket.
+    let head = head.strip_suffix(']').unwrap_or(&head);
+    let mut text = String::with_capacity(head.len() + payload_json.len() + 14);
+    text.push_str("[null,null,");
+    text.push_str(head.strip_prefix('[').unwrap_or(head));
+    text.push(',');
+    text.push_str(payload_json);
+    text.push(']');
+    ByteString::from(text)
+}
+
 /// A `phx_reply` frame.
 pub fn reply(
     join_ref: Option<&str>,
@@ -198,5 +213,13 @@ mod tests {
         );
         let push = encode(None, None, "echo:1", "said", &json!({}));
         assert_eq!(&*push, r#"[null,null,"echo:1","said",{}]"#);
+    }
+
+    #[test]
+    fn a_raw_broadcast_is_the_same_frame_as_an_encoded_one() {
+        let payload = serde_json::json!({"joins": {"a\"b": {"metas": []}}, "leaves": {}});
+        let raw = broadcast_raw("friends:7", "presence_diff", &payload.to_string());
+        let encoded = encode(None, None, "friends:7", "presence_diff", &payload);
+        assert_eq!(raw, encoded);
     }
 }

@@ -1,7 +1,8 @@
 //! The hub: one per replica. It owns the map from user to [`UserSession`], spawns sessions
 //! when a user's first socket (or first queue request) arrives, subscribes the replica to that
-//! user's bus channel for as long as the session lives, and retires the session a while after
-//! it was last used and its last socket left.
+//! user's bus channel for as long as the session lives or the presence actor watches the user
+//! (a friend's presence), and retires the session a while after it was last used and its last
+//! socket left. What it hears about presence it hands to the presence actor.
 //!
 //! Every socket attaches and detaches through the hub, so the hub's count of a user's sockets
 //! is exact and a session is never retired while a socket is on its way to it.
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::events::UserEvent;
+use super::presence::{Observed, Presence};
 use super::queue::{Queues, changed_event};
 use super::session::{self, Member, UserSession};
 use crate::bus::{AnyBus, Bus};
@@ -31,6 +33,25 @@ enum Subscription {
     Done(bool),
 }
 
+impl Subscription {
+    /// Tells `waiter` whether the channel is heard, now or once the first attempt is done.
+    fn wait(&mut self, waiter: oneshot::Sender<bool>) {
+        match self {
+            Subscription::Pending(waiters) => waiters.push(waiter),
+            Subscription::Done(ok) => {
+                let _ = waiter.send(*ok);
+            }
+        }
+    }
+}
+
+/// Why this replica hears a user's channel: a session here, or the presence actor watching.
+struct Hearing {
+    subscription: Subscription,
+    session: bool,
+    watchers: usize,
+}
+
 /// A session and how many sockets it has.
 struct Entry {
     session: Addr<UserSession>,
@@ -38,16 +59,18 @@ struct Entry {
     /// When a socket or request last used the session; it is retired once it has had no
     /// socket for the linger time since then.
     last_used: Instant,
-    subscription: Subscription,
 }
 
 pub struct Hub {
     bus: AnyBus,
     sessions: HashMap<UserId, Entry>,
+    hearing: HashMap<UserId, Hearing>,
     /// How long a session outlives its last use (a quick reconnect finds it warm).
     linger: Duration,
     /// Set right after start ([`UseQueues`]).
     queues: Option<Queues>,
+    /// Set right after start ([`UsePresence`]).
+    presence: Option<Addr<Presence>>,
     metrics: Metrics,
 }
 
@@ -56,17 +79,17 @@ impl Hub {
         Self {
             bus,
             sessions: HashMap::new(),
+            hearing: HashMap::new(),
             linger,
             queues: None,
+            presence: None,
             metrics,
         }
     }
 
-    /// The user's entry, creating the session (and subscribing) when there is none. Counts
-    /// as a use: a pending retirement is called off.
-    fn entry(&mut self, user: UserId, ctx: &mut Context<Self>) -> &mut Entry {
-        let created = !self.sessions.contains_key(&user);
-        if created {
+    /// The user's channel, subscribing when this replica does not hear it yet.
+    fn hear(&mut self, user: UserId, ctx: &mut Context<Self>) -> &mut Hearing {
+        if !self.hearing.contains_key(&user) {
             let bus = self.bus.clone();
             ctx.spawn(
                 async move { bus.subscribe(user).await }
@@ -75,10 +98,10 @@ impl Hub {
                         if let Err(error) = &result {
                             tracing::warn!(%error, %user, "bus subscribe failed");
                         }
-                        if let Some(entry) = hub.sessions.get_mut(&user) {
+                        if let Some(hearing) = hub.hearing.get_mut(&user) {
                             let done = Subscription::Done(result.is_ok());
                             if let Subscription::Pending(waiters) =
-                                std::mem::replace(&mut entry.subscription, done)
+                                std::mem::replace(&mut hearing.subscription, done)
                             {
                                 for waiter in waiters {
                                     let _ = waiter.send(result.is_ok());
@@ -87,6 +110,44 @@ impl Hub {
                         }
                     }),
             );
+        }
+        self.hearing.entry(user).or_insert_with(|| Hearing {
+            subscription: Subscription::Pending(Vec::new()),
+            session: false,
+            watchers: 0,
+        })
+    }
+
+    /// Stops hearing the user's channel once nothing here needs it.
+    fn stop_hearing_if_unused(&mut self, user: UserId, ctx: &mut Context<Self>) {
+        let unused = self
+            .hearing
+            .get(&user)
+            .is_some_and(|h| !h.session && h.watchers == 0);
+        if !unused {
+            return;
+        }
+        self.hearing.remove(&user);
+        // Not hearing the channel any more, the replica may not keep the queue cached.
+        if let Some(queues) = &self.queues {
+            queues.forget(user);
+        }
+        let bus = self.bus.clone();
+        ctx.spawn(
+            async move {
+                if let Err(error) = bus.unsubscribe(user).await {
+                    tracing::warn!(%error, %user, "bus unsubscribe failed");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+
+    /// The user's entry, creating the session (and subscribing) when there is none. Counts
+    /// as a use: a pending retirement is called off.
+    fn entry(&mut self, user: UserId, ctx: &mut Context<Self>) -> &mut Entry {
+        if !self.sessions.contains_key(&user) {
+            self.hear(user, ctx).session = true;
             self.metrics.sessions.set(self.sessions.len() as i64 + 1);
         }
         let queues = self.queues.clone();
@@ -94,7 +155,6 @@ impl Hub {
             session: UserSession::new(user, queues).start(),
             sockets: 0,
             last_used: Instant::now(),
-            subscription: Subscription::Pending(Vec::new()),
         });
         entry.last_used = Instant::now();
         entry
@@ -122,19 +182,22 @@ impl Hub {
         if let Some(entry) = self.sessions.remove(&user) {
             entry.session.do_send(session::Stop);
             self.metrics.sessions.set(self.sessions.len() as i64);
-            // Not hearing the channel any more, the replica may not keep the queue cached.
-            if let Some(queues) = &self.queues {
-                queues.forget(user);
+            if let Some(hearing) = self.hearing.get_mut(&user) {
+                hearing.session = false;
             }
-            let bus = self.bus.clone();
-            ctx.spawn(
-                async move {
-                    if let Err(error) = bus.unsubscribe(user).await {
-                        tracing::warn!(%error, %user, "bus unsubscribe failed");
-                    }
-                }
-                .into_actor(self),
-            );
+            self.stop_hearing_if_unused(user, ctx);
+        }
+    }
+
+    /// Hands presence events to the presence actor.
+    fn tell_presence(&self, user: UserId, event: &UserEvent) {
+        if let Some(presence) = &self.presence
+            && event.concerns_presence()
+        {
+            presence.do_send(Observed {
+                user,
+                event: event.clone(),
+            });
         }
     }
 
@@ -197,15 +260,9 @@ impl Handler<SessionOf> for Hub {
     type Result = MessageResult<SessionOf>;
 
     fn handle(&mut self, msg: SessionOf, ctx: &mut Context<Self>) -> Self::Result {
-        let entry = self.entry(msg.user, ctx);
+        let session = self.entry(msg.user, ctx).session.clone();
         let (done, signal) = oneshot::channel();
-        match &mut entry.subscription {
-            Subscription::Pending(waiters) => waiters.push(done),
-            Subscription::Done(ok) => {
-                let _ = done.send(*ok);
-            }
-        }
-        let session = entry.session.clone();
+        self.hear(msg.user, ctx).subscription.wait(done);
         MessageResult((session, signal))
     }
 }
@@ -249,6 +306,7 @@ impl Handler<Publish> for Hub {
         if matches!(msg.event, UserEvent::PreferencesChanged) {
             self.observe(msg.user, &msg.event);
         }
+        self.tell_presence(msg.user, &msg.event);
         if let Some(entry) = self.sessions.get(&msg.user) {
             entry.session.do_send(session::Deliver(msg.event));
         }
@@ -277,6 +335,7 @@ impl Handler<Heard> for Hub {
             return;
         };
         self.observe(msg.user, &event);
+        self.tell_presence(msg.user, &event);
         if let Some(entry) = self.sessions.get(&msg.user) {
             entry.session.do_send(session::Deliver(event));
         }
@@ -311,6 +370,11 @@ impl Handler<BusRestored> for Hub {
 
     fn handle(&mut self, _: BusRestored, ctx: &mut Context<Self>) {
         self.metrics.bus_restored.inc();
+        // Presence heard meanwhile was missed too: the presence actor rewrites its own
+        // entries and re-reads every view.
+        if let Some(presence) = &self.presence {
+            presence.do_send(super::presence::Resync);
+        }
         let Some(queues) = self.queues.clone() else {
             return;
         };
@@ -344,5 +408,55 @@ impl Handler<UseQueues> for Hub {
 
     fn handle(&mut self, UseQueues(queues): UseQueues, _: &mut Context<Self>) {
         self.queues = Some(queues);
+    }
+}
+
+/// Gives the hub the presence actor (built after the hub, which it needs).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UsePresence(pub Addr<Presence>);
+
+impl Handler<UsePresence> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, UsePresence(presence): UsePresence, _: &mut Context<Self>) {
+        self.presence = Some(presence);
+    }
+}
+
+/// Keep hearing `user`'s channel until the matching [`Unwatch`] (the presence actor shows
+/// that user to sockets here). `heard` says once whether the subscription is live.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Watch {
+    pub user: UserId,
+    pub heard: oneshot::Sender<bool>,
+}
+
+impl Handler<Watch> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Watch, ctx: &mut Context<Self>) {
+        let hearing = self.hear(msg.user, ctx);
+        hearing.watchers += 1;
+        hearing.subscription.wait(msg.heard);
+    }
+}
+
+/// Ends one [`Watch`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unwatch {
+    pub user: UserId,
+}
+
+impl Handler<Unwatch> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unwatch, ctx: &mut Context<Self>) {
+        if let Some(hearing) = self.hearing.get_mut(&msg.user) {
+            hearing.watchers = hearing.watchers.saturating_sub(1);
+        }
+        self.stop_hearing_if_unused(msg.user, ctx);
     }
 }

@@ -9,7 +9,9 @@
 //! * [`hub`]: one actor per replica, user → session, and the bus subscriptions;
 //! * [`relay`]: bus → hub, dropping this replica's own messages;
 //! * [`queue`]: queue reads and writes (run in the user's session), the replica's queue cache,
-//!   and `queue_changed`.
+//!   and `queue_changed`;
+//! * [`presence`]: one actor per replica owning its sockets' device presence and showing
+//!   `devices:` and `friends:` presence to its sockets.
 //!
 //! ```text
 //! socket ─▶ Connection ─▶ channels ─▶ Hub::Publish ─┬─▶ UserSession ─▶ Connection(s) ─▶ sockets
@@ -21,6 +23,7 @@ pub mod connection;
 pub mod events;
 pub mod frame;
 pub mod hub;
+pub mod presence;
 pub mod queue;
 pub mod relay;
 pub mod session;
@@ -38,9 +41,11 @@ pub use connection::SocketLimits;
 
 use self::connection::Shared;
 use self::hub::{Hub, Publish};
+use self::presence::{Presence, PresenceTimes};
 use self::queue::Queues;
 use crate::bus::{AnyBus, BusNotices, ReplicaId};
-use crate::domain::UserId;
+use crate::domain::{Device, UserId};
+use crate::presence::AnyRegistry;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -51,6 +56,8 @@ pub struct Realtime {
     pub replica: ReplicaId,
     pub hub: Addr<Hub>,
     pub queues: Queues,
+    pub presence: Addr<Presence>,
+    pub registry: AnyRegistry,
     shared: Arc<Shared>,
     next_socket: AtomicU64,
 }
@@ -60,6 +67,7 @@ impl Realtime {
     pub fn start(
         replica: ReplicaId,
         bus: (AnyBus, BusNotices),
+        registry: AnyRegistry,
         store: Store,
         settings: &Settings,
         metrics: Metrics,
@@ -68,8 +76,22 @@ impl Realtime {
         let linger = Duration::from_secs(settings.session_linger_secs);
         let hub = Hub::new(bus, linger, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
-        let queues = Queues::new(store, hub.clone(), settings);
+        let queues = Queues::new(store.clone(), hub.clone(), settings);
         hub.do_send(hub::UseQueues(queues.clone()));
+        let times = PresenceTimes {
+            ttl: Duration::from_secs(settings.presence_ttl_secs),
+            leave_delay: Duration::from_millis(settings.presence_leave_delay_ms),
+        };
+        let presence = Presence::new(
+            replica.clone(),
+            registry.clone(),
+            hub.clone(),
+            store.clone(),
+            queues.clone(),
+            times,
+        )
+        .start();
+        hub.do_send(hub::UsePresence(presence.clone()));
         let limits = SocketLimits {
             max_message_bytes: settings.ws_max_message_bytes,
             idle_timeout: Duration::from_secs(settings.ws_idle_timeout_secs),
@@ -78,6 +100,9 @@ impl Realtime {
         let shared = Arc::new(Shared {
             hub: hub.clone(),
             queues: queues.clone(),
+            presence: presence.clone(),
+            registry: registry.clone(),
+            store,
             limits,
             metrics,
         });
@@ -85,6 +110,8 @@ impl Realtime {
             replica,
             hub,
             queues,
+            presence,
+            registry,
             shared,
             next_socket: AtomicU64::new(1),
         }
@@ -102,7 +129,7 @@ impl Realtime {
         req: &actix_web::HttpRequest,
         body: actix_web::web::Payload,
         identity: crate::auth::Identity,
-        device: crate::domain::DeviceId,
+        device: Device,
     ) -> Result<actix_web::HttpResponse, actix_web::Error> {
         let limits = &self.shared.limits;
         let (response, inbound, outbox) =

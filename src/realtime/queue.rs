@@ -417,8 +417,19 @@ impl Queues {
     /// Hydrates `state` into a view: one track per position, duplicates kept, order kept,
     /// unknown ids dropped; tracks come from the cache, the rest from one query.
     pub async fn view(&self, state: QueueState, revision: i64) -> Result<QueueView, QueueError> {
+        let tracks = self.tracks(&state.track_ids).await?;
+        Ok(QueueView {
+            state,
+            revision,
+            tracks,
+        })
+    }
+
+    /// The catalog's tracks for `ids`, one per known id, in order; from the cache, the rest
+    /// from one query.
+    pub async fn tracks(&self, ids: &[String]) -> Result<Vec<TrackView>, QueueError> {
         let mut missing: Vec<&str> = Vec::new();
-        for id in &state.track_ids {
+        for id in ids {
             let known =
                 self.inner.tracks.contains_key(id) || self.inner.unknown_tracks.contains_key(id);
             if !known && !missing.contains(&id.as_str()) {
@@ -437,16 +448,15 @@ impl Queues {
                 self.inner.tracks.insert(track.id.clone(), track);
             }
         }
-        let tracks = state
-            .track_ids
+        Ok(ids
             .iter()
             .filter_map(|id| self.inner.tracks.get(id))
-            .collect();
-        Ok(QueueView {
-            state,
-            revision,
-            tracks,
-        })
+            .collect())
+    }
+
+    /// A track's length, if the track is cached and has one.
+    pub fn cached_duration(&self, id: &str) -> Option<i64> {
+        self.inner.tracks.get(id).and_then(|t| t.duration_ms)
     }
 
     /// Forgets cached tracks after the catalog changed.

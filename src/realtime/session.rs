@@ -1,7 +1,6 @@
 //! A user's session on this replica: the sockets that user has here, and the one place the
 //! user's events fan out to them. One per online user per replica, started and retired by the
-//! [`Hub`](super::hub::Hub). (The queue issue adds the user's cached queue, whose changes the
-//! session serialises.)
+//! [`Hub`](super::hub::Hub). It also runs the user's queue writes one at a time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,7 +106,38 @@ impl Handler<Deliver> for UserSession {
                     });
                 }
             }
-            UserEvent::PreferencesChanged => {}
+            UserEvent::OutputChanged { device_id, play } => {
+                let topic: Arc<str> = format!("devices:{}", self.user).into();
+                let payload = serde_json::json!({"device_id": device_id, "play": play});
+                let text = frame::encode(None, None, &topic, "output_changed", &payload);
+                for member in self.members.values() {
+                    member.recipient.do_send(ToSocket::Push {
+                        topic: topic.clone(),
+                        text: text.clone(),
+                        revision: None,
+                    });
+                }
+            }
+            UserEvent::DeviceCommand { device_id, payload } => {
+                let topic: Arc<str> = format!("devices:{}", self.user).into();
+                let text = frame::encode(None, None, &topic, "command", &payload);
+                let targets = self
+                    .members
+                    .values()
+                    .filter(|m| m.device.as_str() == device_id);
+                for member in targets {
+                    member.recipient.do_send(ToSocket::Push {
+                        topic: topic.clone(),
+                        text: text.clone(),
+                        revision: None,
+                    });
+                }
+            }
+            // Presence views are the presence actor's; the hub hands these to it.
+            UserEvent::PreferencesChanged
+            | UserEvent::PresenceUpsert { .. }
+            | UserEvent::PresenceRemove { .. }
+            | UserEvent::FollowsChanged => {}
             UserEvent::EndSession { session } => {
                 for member in self.members.values().filter(|m| m.login_session == session) {
                     member.recipient.do_send(ToSocket::Close(CloseKind::Policy));

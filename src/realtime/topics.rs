@@ -17,6 +17,10 @@ pub enum Topic {
     Echo(UserId, Option<String>),
     /// `queue:{user_id}`: the user's play queue; `queue_changed` after every write.
     Queue(UserId),
+    /// `devices:{user_id}`: the user's devices' presence, the output device, commands.
+    Devices(UserId),
+    /// `friends:{user_id}`: the presence of the users this user follows.
+    Friends(UserId),
 }
 
 /// Longest label of an `echo:{user_id}:{label}` topic.
@@ -58,6 +62,8 @@ impl Topic {
         let topic = match (kind, label) {
             ("echo", _) if label_ok => Topic::Echo(UserId(owner), label.map(str::to_owned)),
             ("queue", None) => Topic::Queue(UserId(owner)),
+            ("devices", None) => Topic::Devices(UserId(owner)),
+            ("friends", None) => Topic::Friends(UserId(owner)),
             _ => return Err(JoinRefusal::Unmatched),
         };
         if topic.user() == identity.user_id {
@@ -70,7 +76,9 @@ impl Topic {
     /// The user whose broadcasts this topic receives.
     pub fn user(&self) -> UserId {
         match self {
-            Self::Echo(user, _) | Self::Queue(user) => *user,
+            Self::Echo(user, _) | Self::Queue(user) | Self::Devices(user) | Self::Friends(user) => {
+                *user
+            }
         }
     }
 }
@@ -81,6 +89,8 @@ impl fmt::Display for Topic {
             Self::Echo(user, None) => write!(f, "echo:{user}"),
             Self::Echo(user, Some(label)) => write!(f, "echo:{user}:{label}"),
             Self::Queue(user) => write!(f, "queue:{user}"),
+            Self::Devices(user) => write!(f, "devices:{user}"),
+            Self::Friends(user) => write!(f, "friends:{user}"),
         }
     }
 }
@@ -109,6 +119,26 @@ mod tests {
         assert_eq!(
             labelled.map(|t| t.to_string()),
             Ok("echo:42:room-1".to_owned())
+        );
+    }
+
+    #[test]
+    fn presence_topics_route_for_their_owner_only() {
+        assert_eq!(
+            Topic::route("devices:42", &alice()),
+            Ok(Topic::Devices(UserId(42)))
+        );
+        assert_eq!(
+            Topic::route("friends:42", &alice()),
+            Ok(Topic::Friends(UserId(42)))
+        );
+        assert_eq!(
+            Topic::route("friends:43", &alice()),
+            Err(JoinRefusal::Unauthorized)
+        );
+        assert_eq!(
+            Topic::route("devices:42:x", &alice()),
+            Err(JoinRefusal::Unmatched)
         );
     }
 

@@ -65,3 +65,28 @@ pub async fn upsert(conn: &mut Conn<'_>, device: &DeviceSighting<'_>) -> Result<
         .await)?;
     Ok(())
 }
+
+/// Every device the user has been seen on, most recently seen first.
+pub async fn list(conn: &mut Conn<'_>, user: UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+    Ok(run!(conn, c => devices::table
+        .filter(devices::user_id.eq(user.0))
+        .select(DeviceRecord::as_select())
+        .order((devices::last_seen_at.desc(), devices::device_id))
+        .load(c)
+        .await)?)
+}
+
+/// Whether the user has ever been seen on `device_id`.
+pub async fn exists(
+    conn: &mut Conn<'_>,
+    user: UserId,
+    device_id: &str,
+) -> Result<bool, StoreError> {
+    let found: Option<String> = run!(conn, c => devices::table
+        .find((user.0, device_id))
+        .select(devices::device_id)
+        .first(c)
+        .await
+        .optional())?;
+    Ok(found.is_some())
+}

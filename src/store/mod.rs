@@ -11,6 +11,8 @@
 
 pub mod catalog;
 pub mod devices;
+pub mod follows;
+pub mod plays;
 pub mod preferences;
 pub mod queue;
 pub mod schema;

@@ -1,0 +1,50 @@
+//! `play_history`: one row per counted play (see [`crate::presence::plays`]).
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use super::schema::play_history as ph;
+use super::{Conn, StoreError, run};
+use crate::domain::UserId;
+
+/// A recorded play.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, serde::Serialize)]
+pub struct Played {
+    pub track_id: String,
+    pub device_id: Option<String>,
+    pub played_at: chrono::NaiveDateTime,
+}
+
+pub async fn record(
+    conn: &mut Conn<'_>,
+    user: UserId,
+    track_id: &str,
+    device_id: &str,
+) -> Result<(), StoreError> {
+    let now = super::now();
+    run!(conn, c => diesel::insert_into(ph::table)
+        .values((
+            ph::user_id.eq(user.0),
+            ph::track_id.eq(track_id),
+            ph::device_id.eq(device_id),
+            ph::played_at.eq(now),
+        ))
+        .execute(c)
+        .await)?;
+    Ok(())
+}
+
+/// The user's most recent plays, newest first.
+pub async fn recent(
+    conn: &mut Conn<'_>,
+    user: UserId,
+    limit: i64,
+) -> Result<Vec<Played>, StoreError> {
+    Ok(run!(conn, c => ph::table
+        .filter(ph::user_id.eq(user.0))
+        .select((ph::track_id, ph::device_id, ph::played_at))
+        .order((ph::played_at.desc(), ph::id.desc()))
+        .limit(limit)
+        .load(c)
+        .await)?)
+}
