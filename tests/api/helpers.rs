@@ -76,6 +76,8 @@ pub fn test_settings(data_dir: &Path) -> Settings {
         jwt_secret: Some(TEST_JWT_SECRET.into()),
         workers: Some(1),
         db_pool_size: 4,
+        // Short, so tests that watch a device leave need not wait the default 3 s.
+        presence_leave_delay_ms: 100,
         ..Settings::default()
     }
 }
@@ -281,6 +283,15 @@ pub enum ClusterBus {
 
 /// `count` replicas sharing one fresh PostgreSQL database, one signing key and one bus.
 pub async fn spawn_cluster(count: usize, bus: ClusterBus) -> Vec<TestApp> {
+    spawn_cluster_tuned(count, bus, |_| {}).await
+}
+
+/// Like [`spawn_cluster`], with `tune` applied to every replica's settings.
+pub async fn spawn_cluster_tuned(
+    count: usize,
+    bus: ClusterBus,
+    tune: impl Fn(&mut Settings),
+) -> Vec<TestApp> {
     let (name, url) = fresh_postgres_database().await;
     let namespace = unique("segue_test");
     let network = MemoryNetwork::new();
@@ -293,6 +304,7 @@ pub async fn spawn_cluster(count: usize, bus: ClusterBus) -> Vec<TestApp> {
         if let ClusterBus::Redis(redis) = &bus {
             settings.redis_url = Some(redis.clone().into());
         }
+        tune(&mut settings);
         // The first replica drops the shared database when the test ends.
         let owner = (index == 0).then(|| name.clone());
         replicas.push(TestApp::spawn_on(settings, data_dir, owner, network.clone()).await);

@@ -14,6 +14,7 @@ mod cluster;
 mod failures;
 mod health;
 mod phoenix_js;
+mod presence;
 mod queue;
 mod queue_sync;
 mod settings;

@@ -163,6 +163,43 @@ impl PhxClient {
         }
     }
 
+    /// Reads until a frame for which `wanted` holds, keeping others for later.
+    pub async fn next_matching(&mut self, wanted: impl Fn(&Value) -> bool) -> Value {
+        if let Some(index) = self.pending.iter().position(&wanted) {
+            return self.pending.remove(index).expect("index is valid");
+        }
+        loop {
+            let frame = self
+                .read()
+                .await
+                .expect("socket open while waiting for a frame");
+            if wanted(&frame) {
+                return frame;
+            }
+            self.pending.push_back(frame);
+        }
+    }
+
+    /// Whether a frame for which `unwanted` holds arrives within `wait` (frames read meanwhile
+    /// are kept).
+    pub async fn sees_within(&mut self, wait: Duration, unwanted: impl Fn(&Value) -> bool) -> bool {
+        if self.pending.iter().any(&unwanted) {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            if let Message::Text(text) = message {
+                let frame: Value = serde_json::from_str(&text).expect("server frames are JSON");
+                let seen = unwanted(&frame);
+                self.pending.push_back(frame);
+                if seen {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Reads and discards whatever has already arrived.
     pub async fn drain_now(&mut self) {
         self.pending.clear();
