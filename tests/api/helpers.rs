@@ -385,7 +385,7 @@ pub fn block_on_thread<T: Send + 'static>(
     .expect("helper thread")
 }
 
-fn drop_database_blocking(name: String) {
+pub fn drop_database_blocking(name: String) {
     block_on_thread(async move {
         if let Ok(mut admin) = AsyncPgConnection::establish(&admin_database_url()).await {
             let _ = admin

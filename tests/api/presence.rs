@@ -913,3 +913,101 @@ mod registry {
         }
     }
 }
+
+/// Drops a test database when the test ends, however it ends.
+struct DatabaseGuard(String);
+
+impl Drop for DatabaseGuard {
+    fn drop(&mut self) {
+        crate::helpers::drop_database_blocking(self.0.clone());
+    }
+}
+
+#[actix_web::test]
+async fn a_replica_killed_with_sigkill_leaves_no_ghost_beyond_the_ttl() {
+    use crate::helpers::{HubProcess, fresh_postgres_database};
+
+    const TTL_SECS: u64 = 2;
+    let (name, database) = fresh_postgres_database().await;
+    let _guard = DatabaseGuard(name);
+    let namespace = unique("segue_kill");
+    let redis = redis_url();
+    let ttl = TTL_SECS.to_string();
+    let env = [
+        ("DATABASE_URL", database.as_str()),
+        ("REDIS_URL", redis.as_str()),
+        ("SEGUE_REDIS_NAMESPACE", namespace.as_str()),
+        ("SEGUE_PRESENCE_TTL_SECS", ttl.as_str()),
+        ("SEGUE_LOG", "warn"),
+    ];
+    let mut doomed = HubProcess::start(&env).await;
+    let survivor = HubProcess::start(&env).await;
+    let client = reqwest::Client::new();
+    let body: Value = client
+        .post(format!("{}/auth/register", survivor.address))
+        .json(&json!({"handle": unique("k").replace('_', ""), "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let user = body["user"]["id"].as_i64().unwrap();
+    let topic = format!("devices:{user}");
+    let url = |address: &str, device: &str| {
+        format!(
+            "{}/socket/websocket?vsn=2.0.0&token={token}&device_id={device}",
+            address.replacen("http", "ws", 1)
+        )
+    };
+    let mut doomed_device = connect_url(&url(&doomed.address, "on-doomed"))
+        .await
+        .unwrap();
+    let mut watcher = connect_url(&url(&survivor.address, "watcher"))
+        .await
+        .unwrap();
+    join(&mut watcher, &topic).await;
+    let mut list = PresenceList::default();
+    until_beating(&mut watcher, &topic, &mut list, |l| {
+        l.keys.contains_key("on-doomed")
+    })
+    .await;
+
+    // Both keep heartbeating for longer than the TTL: the device stays listed.
+    let alive_until = Instant::now() + Duration::from_secs(TTL_SECS + 1);
+    while Instant::now() < alive_until {
+        doomed_device
+            .push(None, "phoenix", "heartbeat", json!({}))
+            .await;
+        watcher.push(None, "phoenix", "heartbeat", json!({})).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let leaves_doomed =
+        |f: &Value| f[3] == "presence_diff" && f[4]["leaves"].get("on-doomed").is_some();
+    assert!(
+        !watcher
+            .sees_within(Duration::from_millis(10), leaves_doomed)
+            .await
+    );
+    assert!(list.keys.contains_key("on-doomed"));
+
+    doomed.child.kill().expect("SIGKILL");
+    let killed = Instant::now();
+    doomed.child.wait().expect("reaped");
+    until_beating(&mut watcher, &topic, &mut list, |l| {
+        !l.keys.contains_key("on-doomed")
+    })
+    .await;
+    let gone_after = killed.elapsed();
+    println!(
+        "presence: device of a SIGKILLed replica left the other replica's list after {} ms (TTL {} s)",
+        gone_after.as_millis(),
+        TTL_SECS
+    );
+    assert!(
+        gone_after <= Duration::from_secs(TTL_SECS) + Duration::from_millis(1_500),
+        "ghost lasted {gone_after:?}"
+    );
+    assert!(list.keys.contains_key("watcher"));
+}
