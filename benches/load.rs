@@ -13,6 +13,12 @@
 //! second through the first replica for `seconds`; with two replicas every socket is on the
 //! second, so every event crosses Redis. It prints sockets held, server RSS per socket,
 //! deliveries per second, end-to-end latency percentiles and losses.
+//!
+//! `--queue` measures queue writes instead (PUT on the first replica → `queue_changed`);
+//! `--presence` measures presence fan-out: `users` followers of one user, their sockets on
+//! `friends:` spread over the replicas, and that user's device reporting `now_playing` at
+//! `rate`/s on the first replica. `--presence-memory N` measures, in-process, the server
+//! memory presence takes per online device (N devices tracked, listed in registry and views).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -29,7 +35,7 @@ use hdrhistogram::Histogram;
 use segue::auth::TokenKeys;
 use segue::domain::{DeviceId, UserId};
 use segue::settings::Settings;
-use segue::store::{Store, users};
+use segue::store::{Store, follows, users};
 use serde_json::{Value, json};
 use tokio::net::TcpSocket;
 use tokio::sync::Mutex;
@@ -87,6 +93,15 @@ struct Args {
     /// and time each `queue_changed`.
     #[arg(long)]
     queue: bool,
+    /// Measure presence: user 1 is followed by `users` other users, whose sockets join
+    /// `friends:{user}` (spread over the replicas); a device of user 1 on the first replica
+    /// reports `now_playing` `rate` times a second; every follower times every update.
+    #[arg(long)]
+    presence: bool,
+    /// Measure presence memory in-process with this many online devices (two per user, each
+    /// user's `devices:` shown to one viewer) and exit.
+    #[arg(long)]
+    presence_memory: Option<usize>,
     /// Internal: run as a load-generator worker.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -98,6 +113,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if let Some(devices) = args.presence_memory {
+        drop(runtime);
+        return presence_memory(devices);
+    }
     match &args.worker {
         Some(spec) => runtime.block_on(worker(spec)),
         None => runtime.block_on(coordinate(args)),
@@ -267,6 +286,13 @@ async fn hold(
                 let sent = match frame[3].as_str() {
                     Some("said") => frame[4]["t"].as_u64(),
                     Some("queue_changed") => frame[4]["state"]["t"].as_u64(),
+                    // A now-playing update: the joined meta's track id is `t<send time>`.
+                    Some("presence_diff") => frame[4]["joins"]
+                        .as_object()
+                        .and_then(|joins| joins.values().next())
+                        .and_then(|joined| joined["metas"][0]["now_playing"]["track_id"].as_str())
+                        .and_then(|track| track.strip_prefix('t'))
+                        .and_then(|t| t.parse().ok()),
                     _ => None,
                 };
                 if let Some(sent) = sent {
@@ -328,7 +354,7 @@ fn free_port() -> u16 {
 }
 
 /// Seeds `count` accounts (ids 1..=count) into the fresh database at `database_url`.
-async fn seed(dir: &Path, database_url: &str, count: usize) {
+async fn seed(dir: &Path, database_url: &str, count: usize, followed: Option<i64>) {
     use scoped_futures::ScopedFutureExt;
     let settings = Settings {
         data_dir: dir.to_path_buf(),
@@ -350,7 +376,10 @@ async fn seed(dir: &Path, database_url: &str, count: usize) {
                         password_hash: "not-a-login",
                         created_at: now,
                     };
-                    users::insert(conn, &user).await?;
+                    let inserted = users::insert(conn, &user).await?;
+                    if let Some(star) = followed.filter(|star| *star != inserted.id) {
+                        follows::follow(conn, inserted.user_id(), UserId(star)).await?;
+                    }
                 }
                 Ok::<_, segue::store::StoreError>(())
             }
@@ -429,8 +458,14 @@ async fn coordinate(args: Args) {
             (format!("{base}/{name}"), Some((admin.clone(), name)))
         }
     };
-    println!("seeding {} users", args.users);
-    seed(&dir, &database_url, args.users).await;
+    // With --presence, user 1 is the followed user and users 2..=users+1 follow them.
+    let (first_user, seeded) = if args.presence {
+        (2, args.users + 1)
+    } else {
+        (1, args.users)
+    };
+    println!("seeding {seeded} users");
+    seed(&dir, &database_url, seeded, args.presence.then_some(1)).await;
 
     let namespace = format!("segue_load_{}", std::process::id());
     let redis = (args.replicas == 2).then_some((args.redis.as_str(), namespace.as_str()));
@@ -451,22 +486,33 @@ async fn coordinate(args: Args) {
         .workers
         .max(sockets.div_ceil(MAX_SOCKETS_PER_WORKER))
         .max(1);
-    let users_per_worker = args.users.div_ceil(worker_count);
     let exe = std::env::current_exe().unwrap();
     let started = Instant::now();
     let mut workers = Vec::new();
+    let worker_count = if args.presence {
+        // Followers are spread over the replicas: at least one worker per replica.
+        worker_count.max(hubs.len())
+    } else {
+        worker_count
+    };
+    let users_per_worker = args.users.div_ceil(worker_count);
     for w in 0..worker_count {
-        let first = w * users_per_worker + 1;
-        let last = ((w + 1) * users_per_worker).min(args.users);
+        let first = w * users_per_worker + first_user;
+        let last = ((w + 1) * users_per_worker + first_user - 1).min(seeded);
         if first > last {
             continue;
         }
+        let (port, kind) = if args.presence {
+            (hubs[w % hubs.len()].port, "friends")
+        } else if args.queue {
+            (socket_hub.port, "queue")
+        } else {
+            (socket_hub.port, "echo")
+        };
         let spec = format!(
-            "{},127.0.0.{},{first},{last},{},{}",
-            socket_hub.port,
+            "{port},127.0.0.{},{first},{last},{},{kind}",
             w + 2,
             args.sockets_per_user,
-            if args.queue { "queue" } else { "echo" }
         );
         let mut child = Command::new("taskset")
             .args(["-c", "1"])
@@ -496,10 +542,22 @@ async fn coordinate(args: Args) {
     let per_socket = (loaded.saturating_sub(baseline)) as f64 / held.max(1) as f64;
 
     // The publisher: one socket per target user on the first replica.
-    let publisher_users = args.users.min(args.publishers).max(1);
+    let publisher_users = if args.presence {
+        1
+    } else {
+        args.users.min(args.publishers).max(1)
+    };
     let mut publishers = Vec::with_capacity(publisher_users);
+    if args.presence {
+        let ws = open_socket(publisher_hub.port, "127.0.0.1", 1, "star", "devices")
+            .await
+            .unwrap();
+        let (sink, mut stream) = ws.split();
+        tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+        publishers.push(sink);
+    }
     for user in 1..=publisher_users as i64 {
-        if args.queue {
+        if args.queue || args.presence {
             break;
         }
         let ws = open_socket(
@@ -557,6 +615,13 @@ async fn coordinate(args: Args) {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 });
+            } else if args.presence {
+                let frame = json!(["1", sent.to_string(), "devices:1", "now_playing",
+                    {"track_id": format!("t{}", now_ns()), "progress_ms": 0, "is_playing": true}]);
+                publishers[0]
+                    .send(Message::text(frame.to_string()))
+                    .await
+                    .unwrap();
             } else {
                 let frame = json!(["1", sent.to_string(), format!("echo:{user}"), "broadcast",
                     {"event": "said", "payload": {"t": now_ns(), "s": sent}}]);
@@ -570,7 +635,12 @@ async fn coordinate(args: Args) {
     }
     let publish_elapsed = publish_start.elapsed();
     // Events go only to the publisher's users; their sockets on the workers receive them.
-    let expected = sent * args.sockets_per_user as u64;
+    // A presence update goes to every follower's socket.
+    let expected = if args.presence {
+        sent * held
+    } else {
+        sent * args.sockets_per_user as u64
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).unwrap();
@@ -602,7 +672,9 @@ async fn coordinate(args: Args) {
             .status();
     }
 
-    let what = if args.queue {
+    let what = if args.presence {
+        "presence updates (now_playing → every follower's presence_diff)"
+    } else if args.queue {
         "queue writes (PUT /queue/ → queue_changed)"
     } else {
         "echo broadcasts"
@@ -646,4 +718,136 @@ async fn coordinate(args: Args) {
         percentile(&histogram, 0.999),
         histogram.max() as f64 / 1000.0
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Presence memory, in-process.
+
+/// Resident memory of this process, in KiB.
+fn own_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Swallows what the presence actor pushes to a viewer.
+struct Sink;
+
+impl actix::Actor for Sink {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<segue::realtime::connection::ToSocket> for Sink {
+    type Result = ();
+
+    fn handle(&mut self, _: segue::realtime::connection::ToSocket, _: &mut Self::Context) {}
+}
+
+/// Devices brought online between waits in [`presence_memory`].
+const BATCH: usize = 2_000;
+
+/// Waits until the registry lists `devices` entries for `users`, each with its track.
+async fn settle(registry: &segue::presence::MemoryRegistry, users: &[UserId], devices: usize) {
+    use segue::presence::Registry;
+    loop {
+        let snapshots = registry.snapshots(users.to_vec()).await.unwrap();
+        let playing: usize = snapshots
+            .iter()
+            .flat_map(|s| s.entries.values())
+            .filter(|e| e.now_playing.is_some())
+            .count();
+        if playing >= devices {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts one replica's realtime side (in-process bus and registry, SQLite), brings
+/// `devices` devices online through the presence actor (two per user, each user's
+/// `devices:` topic shown to one viewer), has each report a track, and prints the growth of
+/// this process's RSS per device.
+fn presence_memory(devices: usize) {
+    use actix::Actor;
+    use segue::domain::Device;
+    use segue::presence::AnyRegistry;
+    use segue::realtime::presence::{Connected, Playing, Shown, WatchTopic};
+
+    actix::System::new().block_on(async move {
+        let dir = std::env::temp_dir().join(format!("segue-presence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let settings = Settings {
+            data_dir: dir.clone(),
+            ..Settings::default()
+        };
+        let store = Store::connect(&settings).await.unwrap();
+        let network = segue::bus::MemoryNetwork::new();
+        let replica = segue::bus::ReplicaId::generate();
+        let bus = network.attach(replica.clone());
+        let registry = network.presence_registry();
+        let realtime = segue::realtime::Realtime::start(
+            replica,
+            (segue::bus::AnyBus::Memory(bus.0), bus.1),
+            AnyRegistry::Memory(registry.clone()),
+            store,
+            &settings,
+            segue::telemetry::Metrics::new().unwrap(),
+        );
+        let users = devices.div_ceil(2);
+        let sink = Sink.start().recipient();
+        // Everything that exists before the devices do (runtime, pools, caches) is baseline.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = own_rss_kib();
+        for user in 1..=users as i64 {
+            realtime.presence.do_send(WatchTopic {
+                socket: u64::MAX - user as u64,
+                user: UserId(user),
+                shown: Shown::Devices,
+                recipient: sink.clone(),
+                topic: format!("devices:{user}").into(),
+            });
+        }
+        // In batches, each settled before the next, so what is measured is what presence
+        // keeps, not the high-water mark of messages in flight.
+        let all: Vec<UserId> = (1..=users as i64).map(UserId).collect();
+        for index in 0..devices {
+            if index % BATCH == 0 && index > 0 {
+                settle(&registry, &all[..index / 2], index).await;
+            }
+            let user = UserId((index / 2 + 1) as i64);
+            let id = format!("device-{index:08}");
+            let device = Device::parse(Some(&id), Some("Living room speaker"), Some("speaker"))
+                .unwrap();
+            realtime.presence.do_send(Connected {
+                user,
+                device: device.clone(),
+                socket: index as u64,
+            });
+            realtime.presence.do_send(Playing {
+                user,
+                device: device.id,
+                report: Some(segue::presence::PlayReport {
+                    // Listeners share tracks: 1,000 distinct ones over all devices.
+                    track_id: format!("spotify:track:{:022}", index % 1_000),
+                    progress_ms: 12_345,
+                    is_playing: true,
+                }),
+            });
+        }
+        settle(&registry, &all, devices).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = own_rss_kib();
+        println!("measuring           presence memory, in-process (one replica, in-process registry)");
+        println!("online devices      {devices} ({users} users, each user's devices: shown to one viewer)");
+        println!("RSS                 {before} KiB before, {after} KiB after");
+        println!(
+            "RSS per device      {:.2} KiB (tracked device + registry entry + shown meta + now playing)",
+            after.saturating_sub(before) as f64 / devices as f64
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        actix::System::current().stop();
+    });
 }

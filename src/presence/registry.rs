@@ -99,11 +99,19 @@ impl Registry for AnyRegistry {
     }
 }
 
+/// One user in the in-process registry: a small vector of entries (a user has a handful of
+/// devices, and a map's nodes would cost more than the entries).
+#[derive(Default)]
+struct Held {
+    entries: Vec<(InstanceId, DeviceEntry)>,
+    output: Option<String>,
+}
+
 /// The in-process registry; clones share one map.
 #[derive(Clone, Default)]
 pub struct MemoryRegistry {
     // A std Mutex: never held across an await, each critical section a few map operations.
-    users: Arc<Mutex<HashMap<UserId, Snapshot>>>,
+    users: Arc<Mutex<HashMap<UserId, Held>>>,
 }
 
 impl MemoryRegistry {
@@ -111,7 +119,7 @@ impl MemoryRegistry {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Snapshot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Held>> {
         self.users.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -120,11 +128,15 @@ impl Registry for MemoryRegistry {
     async fn put(&self, writes: Vec<Write>) -> Result<(), RegistryError> {
         let mut users = self.lock();
         for (user, instance, entry) in writes {
-            users
-                .entry(user)
-                .or_default()
-                .entries
-                .insert(instance, entry);
+            let held = users.entry(user).or_default();
+            match held.entries.iter_mut().find(|(i, _)| *i == instance) {
+                Some(slot) => slot.1 = entry,
+                None => {
+                    // Exactly one more slot: most users have one or two devices.
+                    held.entries.reserve_exact(1);
+                    held.entries.push((instance, entry));
+                }
+            }
         }
         Ok(())
     }
@@ -132,9 +144,9 @@ impl Registry for MemoryRegistry {
     async fn remove(&self, removals: Vec<(UserId, InstanceId)>) -> Result<(), RegistryError> {
         let mut users = self.lock();
         for (user, instance) in removals {
-            if let Some(snapshot) = users.get_mut(&user) {
-                snapshot.entries.remove(&instance);
-                if snapshot.entries.is_empty() && snapshot.output.is_none() {
+            if let Some(held) = users.get_mut(&user) {
+                held.entries.retain(|(i, _)| *i != instance);
+                if held.entries.is_empty() && held.output.is_none() {
                     users.remove(&user);
                 }
             }
@@ -148,9 +160,12 @@ impl Registry for MemoryRegistry {
         Ok(users
             .into_iter()
             .map(|user| match map.get_mut(&user) {
-                Some(snapshot) => {
-                    snapshot.entries.retain(|_, e| e.is_live(now));
-                    snapshot.clone()
+                Some(held) => {
+                    held.entries.retain(|(_, e)| e.is_live(now));
+                    Snapshot {
+                        entries: held.entries.iter().cloned().collect(),
+                        output: held.output.clone(),
+                    }
                 }
                 None => Snapshot::default(),
             })

@@ -8,8 +8,6 @@
 //! Refs are made by the viewing replica, so every socket of that replica sees one consistent
 //! history.
 
-use std::collections::BTreeMap;
-
 use serde_json::{Map, Value, json};
 
 use super::{DeviceEntry, InstanceId, Snapshot};
@@ -35,17 +33,18 @@ impl RefGen {
     }
 }
 
-/// One entry as shown: the entry, its meta (without refs) and the ref it was shown under.
+/// One entry as shown: the entry and the ref its current meta was shown under. (The meta
+/// itself is derived when needed: keeping it would cost more memory than the entry.)
 #[derive(Debug, Clone)]
 struct Shown {
+    instance: InstanceId,
     entry: DeviceEntry,
-    meta: Map<String, Value>,
     phx_ref: String,
 }
 
 impl Shown {
-    fn meta_with_ref(&self, previous: Option<&str>) -> Value {
-        let mut meta = self.meta.clone();
+    fn meta(&self, output: Option<&str>, previous: Option<&str>) -> Value {
+        let mut meta = meta_of(&self.entry, output);
         meta.insert("phx_ref".into(), Value::String(self.phx_ref.clone()));
         if let Some(previous) = previous {
             meta.insert("phx_ref_prev".into(), Value::String(previous.to_owned()));
@@ -118,10 +117,11 @@ fn meta_of(entry: &DeviceEntry, output: Option<&str>) -> Map<String, Value> {
     meta
 }
 
-/// One user's presence as this replica shows it.
+/// One user's presence as this replica shows it. A user has a handful of devices, so the
+/// entries are a small vector (a map's nodes would cost more than the entries).
 #[derive(Debug, Clone, Default)]
 pub struct View {
-    shown: BTreeMap<InstanceId, Shown>,
+    shown: Vec<Shown>,
     output: Option<String>,
 }
 
@@ -133,9 +133,14 @@ impl View {
         view
     }
 
+    fn find(&self, instance: &str) -> Option<usize> {
+        self.shown.iter().position(|s| s.instance == instance)
+    }
+
     /// Every meta, with its ref.
     pub fn metas(&self) -> Vec<Value> {
-        self.shown.values().map(|s| s.meta_with_ref(None)).collect()
+        let output = self.output.as_deref();
+        self.shown.iter().map(|s| s.meta(output, None)).collect()
     }
 
     /// `presence_state` for `devices:{user}`.
@@ -149,62 +154,77 @@ impl View {
 
     /// The earliest expiry of a shown entry.
     pub fn next_expiry(&self) -> Option<i64> {
-        self.shown.values().map(|s| s.entry.expires_at).min()
+        self.shown.iter().map(|s| s.entry.expires_at).min()
     }
 
     /// Shows `entry` under `instance` unless what is shown is as new or newer.
     pub fn upsert(&mut self, instance: &str, entry: DeviceEntry, refs: &mut RefGen) -> Change {
-        if let Some(shown) = self.shown.get_mut(instance) {
-            if shown.entry.seq >= entry.seq {
-                shown.entry.expires_at = shown.entry.expires_at.max(entry.expires_at);
-                return Change::default();
-            }
-            let meta = meta_of(&entry, self.output.as_deref());
-            if meta == shown.meta {
-                shown.entry = entry;
-                return Change::default();
-            }
-            let old = shown.meta_with_ref(None);
-            let previous = std::mem::replace(&mut shown.phx_ref, refs.fresh());
-            shown.entry = entry;
-            shown.meta = meta;
-            return Change {
-                joins: vec![shown.meta_with_ref(Some(&previous))],
-                leaves: vec![old],
+        let output = self.output.as_deref();
+        let Some(index) = self.find(instance) else {
+            let shown = Shown {
+                instance: instance.to_owned(),
+                entry,
+                phx_ref: refs.fresh(),
             };
-        }
-        let shown = Shown {
-            meta: meta_of(&entry, self.output.as_deref()),
-            entry,
-            phx_ref: refs.fresh(),
+            let join = shown.meta(output, None);
+            // Exactly one more slot: most users have one or two devices.
+            self.shown.reserve_exact(1);
+            self.shown.push(shown);
+            return Change {
+                joins: vec![join],
+                leaves: Vec::new(),
+            };
         };
-        let join = shown.meta_with_ref(None);
-        self.shown.insert(instance.to_owned(), shown);
+        let Some(shown) = self.shown.get_mut(index) else {
+            return Change::default();
+        };
+        if shown.entry.seq >= entry.seq {
+            shown.entry.expires_at = shown.entry.expires_at.max(entry.expires_at);
+            return Change::default();
+        }
+        if meta_of(&entry, output) == meta_of(&shown.entry, output) {
+            shown.entry = entry;
+            return Change::default();
+        }
+        let old = shown.meta(output, None);
+        let previous = std::mem::replace(&mut shown.phx_ref, refs.fresh());
+        shown.entry = entry;
         Change {
-            joins: vec![join],
-            leaves: Vec::new(),
+            joins: vec![shown.meta(output, Some(&previous))],
+            leaves: vec![old],
         }
     }
 
     /// Takes `instance` off, unless what is shown is newer than the removal.
     pub fn remove(&mut self, instance: &str, seq: u64) -> Change {
-        match self.shown.get(instance) {
-            Some(shown) if shown.entry.seq <= seq => {
-                let leave = shown.meta_with_ref(None);
-                self.shown.remove(instance);
-                Change {
-                    joins: Vec::new(),
-                    leaves: vec![leave],
-                }
-            }
-            _ => Change::default(),
+        let Some(index) = self.find(instance) else {
+            return Change::default();
+        };
+        if self.shown.get(index).is_some_and(|s| s.entry.seq > seq) {
+            return Change::default();
+        }
+        let shown = self.shown.swap_remove(index);
+        Change {
+            joins: Vec::new(),
+            leaves: vec![shown.meta(self.output.as_deref(), None)],
         }
     }
 
     /// Marks `device_id` as the output device.
     pub fn set_output(&mut self, device_id: Option<String>, refs: &mut RefGen) -> Change {
-        self.output = device_id;
-        self.refresh_metas(refs)
+        let before = std::mem::replace(&mut self.output, device_id);
+        let mut change = Change::default();
+        let output = self.output.as_deref();
+        for shown in &mut self.shown {
+            let was = before.as_deref() == Some(shown.entry.device_id.as_str());
+            let is = output == Some(shown.entry.device_id.as_str());
+            if was != is {
+                change.leaves.push(shown.meta(before.as_deref(), None));
+                let previous = std::mem::replace(&mut shown.phx_ref, refs.fresh());
+                change.joins.push(shown.meta(output, Some(&previous)));
+            }
+        }
+        change
     }
 
     /// Takes the registry's `snapshot` as the truth, except for entries this view has seen
@@ -213,15 +233,14 @@ impl View {
         let mut change = Change::default();
         let gone: Vec<InstanceId> = self
             .shown
-            .keys()
-            .filter(|instance| !snapshot.entries.contains_key(*instance))
-            .cloned()
+            .iter()
+            .filter(|s| !snapshot.entries.contains_key(&s.instance))
+            .map(|s| s.instance.clone())
             .collect();
         for instance in gone {
             change.extend(self.remove(&instance, u64::MAX));
         }
-        self.output = snapshot.output;
-        change.extend(self.refresh_metas(refs));
+        change.extend(self.set_output(snapshot.output, refs));
         for (instance, entry) in snapshot.entries {
             change.extend(self.upsert(&instance, entry, refs));
         }
@@ -233,27 +252,12 @@ impl View {
         let expired: Vec<(InstanceId, u64)> = self
             .shown
             .iter()
-            .filter(|(_, s)| !s.entry.is_live(now_ms))
-            .map(|(i, s)| (i.clone(), s.entry.seq))
+            .filter(|s| !s.entry.is_live(now_ms))
+            .map(|s| (s.instance.clone(), s.entry.seq))
             .collect();
         let mut change = Change::default();
         for (instance, seq) in expired {
             change.extend(self.remove(&instance, seq));
-        }
-        change
-    }
-
-    /// Recomputes every meta (after the output changed); changed ones get new refs.
-    fn refresh_metas(&mut self, refs: &mut RefGen) -> Change {
-        let mut change = Change::default();
-        for shown in self.shown.values_mut() {
-            let meta = meta_of(&shown.entry, self.output.as_deref());
-            if meta != shown.meta {
-                change.leaves.push(shown.meta_with_ref(None));
-                let previous = std::mem::replace(&mut shown.phx_ref, refs.fresh());
-                shown.meta = meta;
-                change.joins.push(shown.meta_with_ref(Some(&previous)));
-            }
         }
         change
     }

@@ -109,7 +109,8 @@ async fn run_writer(registry: AnyRegistry, hub: Addr<Hub>, mut jobs: mpsc::Unbou
 /// A device with a socket here.
 struct Local {
     entry: DeviceEntry,
-    sockets: HashSet<SocketId>,
+    /// Usually one.
+    sockets: Vec<SocketId>,
     last_heartbeat: Instant,
     /// Set while the device has no socket here.
     left_at: Option<Instant>,
@@ -771,7 +772,9 @@ impl Handler<Connected> for Presence {
         let key = (msg.user, msg.device.id.clone());
         let kind = msg.device.kind.as_str();
         if let Some(local) = self.local.get_mut(&key) {
-            local.sockets.insert(msg.socket);
+            if !local.sockets.contains(&msg.socket) {
+                local.sockets.push(msg.socket);
+            }
             local.left_at = None;
             local.last_heartbeat = Instant::now();
             let changed =
@@ -795,7 +798,7 @@ impl Handler<Connected> for Presence {
         };
         let local = Local {
             entry,
-            sockets: HashSet::from([msg.socket]),
+            sockets: vec![msg.socket],
             last_heartbeat: Instant::now(),
             left_at: None,
             online: true,
@@ -825,7 +828,7 @@ impl Handler<Disconnected> for Presence {
         let Some(local) = self.local.get_mut(&key) else {
             return;
         };
-        local.sockets.remove(&msg.socket);
+        local.sockets.retain(|socket| *socket != msg.socket);
         if local.sockets.is_empty() {
             let now = Instant::now();
             local.left_at = Some(now);
