@@ -102,6 +102,10 @@ struct Args {
     /// user's `devices:` shown to one viewer) and exit.
     #[arg(long)]
     presence_memory: Option<usize>,
+    /// With --presence-memory: keep the registry in Redis (`--redis`), as a deployment of
+    /// several replicas does, instead of in the process.
+    #[arg(long)]
+    redis_registry: bool,
     /// Internal: run as a load-generator worker.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -115,7 +119,8 @@ fn main() {
         .unwrap();
     if let Some(devices) = args.presence_memory {
         drop(runtime);
-        return presence_memory(devices);
+        let redis = args.redis_registry.then_some(args.redis.clone());
+        return presence_memory(devices, redis);
     }
     match &args.worker {
         Some(spec) => runtime.block_on(worker(spec)),
@@ -749,20 +754,23 @@ impl actix::Handler<segue::realtime::connection::ToSocket> for Sink {
 /// Devices brought online between waits in [`presence_memory`].
 const BATCH: usize = 2_000;
 
-/// Waits until the registry lists `devices` entries for `users`, each with its track.
-async fn settle(registry: &segue::presence::MemoryRegistry, users: &[UserId], devices: usize) {
+/// Waits until the registry lists two playing devices for each of `users` (asked 1,000
+/// users at a time, so Redis is never blocked by one huge pipeline).
+async fn settle(registry: &segue::presence::AnyRegistry, users: &[UserId]) {
     use segue::presence::Registry;
-    loop {
-        let snapshots = registry.snapshots(users.to_vec()).await.unwrap();
-        let playing: usize = snapshots
-            .iter()
-            .flat_map(|s| s.entries.values())
-            .filter(|e| e.now_playing.is_some())
-            .count();
-        if playing >= devices {
-            return;
+    for chunk in users.chunks(1_000) {
+        loop {
+            let snapshots = registry.snapshots(chunk.to_vec()).await.unwrap();
+            let playing: usize = snapshots
+                .iter()
+                .flat_map(|s| s.entries.values())
+                .filter(|e| e.now_playing.is_some())
+                .count();
+            if playing >= 2 * chunk.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -770,7 +778,7 @@ async fn settle(registry: &segue::presence::MemoryRegistry, users: &[UserId], de
 /// `devices` devices online through the presence actor (two per user, each user's
 /// `devices:` topic shown to one viewer), has each report a track, and prints the growth of
 /// this process's RSS per device.
-fn presence_memory(devices: usize) {
+fn presence_memory(devices: usize, redis: Option<String>) {
     use actix::Actor;
     use segue::domain::Device;
     use segue::presence::AnyRegistry;
@@ -787,11 +795,22 @@ fn presence_memory(devices: usize) {
         let network = segue::bus::MemoryNetwork::new();
         let replica = segue::bus::ReplicaId::generate();
         let bus = network.attach(replica.clone());
-        let registry = network.presence_registry();
+        let namespace = format!("segue_presence_memory_{}", std::process::id());
+        let registry = match &redis {
+            Some(url) => {
+                let pool = segue::redis::build_pool(&url.clone().into()).unwrap();
+                AnyRegistry::Redis(segue::presence::RedisRegistry::new(
+                    pool,
+                    &namespace,
+                    Duration::from_secs(settings.presence_ttl_secs),
+                ))
+            }
+            None => AnyRegistry::Memory(network.presence_registry()),
+        };
         let realtime = segue::realtime::Realtime::start(
             replica,
             (segue::bus::AnyBus::Memory(bus.0), bus.1),
-            AnyRegistry::Memory(registry.clone()),
+            registry.clone(),
             store,
             &settings,
             segue::telemetry::Metrics::new().unwrap(),
@@ -815,7 +834,7 @@ fn presence_memory(devices: usize) {
         let all: Vec<UserId> = (1..=users as i64).map(UserId).collect();
         for index in 0..devices {
             if index % BATCH == 0 && index > 0 {
-                settle(&registry, &all[..index / 2], index).await;
+                settle(&registry, &all[(index - BATCH) / 2..index / 2]).await;
             }
             let user = UserId((index / 2 + 1) as i64);
             let id = format!("device-{index:08}");
@@ -837,17 +856,37 @@ fn presence_memory(devices: usize) {
                 }),
             });
         }
-        settle(&registry, &all, devices).await;
+        settle(&registry, &all[users.saturating_sub(BATCH / 2)..]).await;
+        settle(&registry, &all).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = own_rss_kib();
-        println!("measuring           presence memory, in-process (one replica, in-process registry)");
+        let kept = if redis.is_some() {
+            "registry in Redis"
+        } else {
+            "in-process registry"
+        };
+        println!("measuring           presence memory, in-process (one replica, {kept})");
         println!("online devices      {devices} ({users} users, each user's devices: shown to one viewer)");
         println!("RSS                 {before} KiB before, {after} KiB after");
         println!(
-            "RSS per device      {:.2} KiB (tracked device + registry entry + shown meta + now playing)",
+            "RSS per device      {:.2} KiB (tracked device, its registry entry unless in Redis, its view on a viewer, now playing)",
             after.saturating_sub(before) as f64 / devices as f64
         );
         let _ = std::fs::remove_dir_all(&dir);
+        if let Some(url) = &redis {
+            // The entries expire by themselves; remove them now all the same.
+            let client = ::redis::Client::open(url.as_str()).unwrap();
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let keys: Vec<String> = ::redis::cmd("KEYS")
+                    .arg(format!("{namespace}:*"))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                for chunk in keys.chunks(1_000) {
+                    let _: Result<(), _> = ::redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                }
+            }
+        }
         actix::System::current().stop();
     });
 }

@@ -280,10 +280,14 @@ impl Registry for RedisRegistry {
                         Ok(entry) if entry.is_live(now) => {
                             snapshot.entries.insert(instance, entry);
                         }
-                        // Expired, or written by a version this one cannot read.
-                        _ => {
+                        Ok(_) => {
                             expired.hdel(self.entries_key(*user), instance).ignore();
                             any_expired = true;
+                        }
+                        // Written by a version this one cannot read (a rolling upgrade): not
+                        // shown, and left to its owner and the hash's TTL.
+                        Err(error) => {
+                            tracing::debug!(%error, %instance, "unreadable presence entry skipped");
                         }
                     }
                 }

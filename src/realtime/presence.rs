@@ -40,6 +40,9 @@ use crate::store::{Store, follows, plays};
 /// Most registry writes sent in one round trip.
 const MAX_WRITE_BATCH: usize = 256;
 
+/// Most users read from the registry in one round trip when they start being shown.
+const MAX_LOAD_BATCH: usize = 1_000;
+
 /// How often views are checked for entries past their expiry (at most).
 const VIEW_SWEEP_MAX: Duration = Duration::from_secs(1);
 
@@ -175,6 +178,10 @@ pub struct Presence {
     leaving: VecDeque<(Instant, (UserId, DeviceId))>,
     rest: HashMap<(UserId, DeviceId), RestDevice>,
     views: HashMap<UserId, Watched>,
+    /// Users to read from the registry (with the hub's signal that their channel is heard).
+    to_load: Vec<(UserId, oneshot::Receiver<bool>)>,
+    /// A read of `to_load` is under way.
+    loading: bool,
     device_viewers: HashMap<SocketId, DeviceViewer>,
     friend_viewers: HashMap<SocketId, FriendsViewer>,
 }
@@ -205,6 +212,8 @@ impl Presence {
             leaving: VecDeque::new(),
             rest: HashMap::new(),
             views: HashMap::new(),
+            to_load: Vec::new(),
+            loading: false,
             device_viewers: HashMap::new(),
             friend_viewers: HashMap::new(),
         }
@@ -300,7 +309,7 @@ impl Presence {
         device: &DeviceId,
     ) {
         if let Some(report) = report
-            && self.queues.cached_duration(&report.track_id).is_none()
+            && !self.queues.knows_track(&report.track_id)
         {
             let (queues, id) = (self.queues.clone(), report.track_id.clone());
             actix::spawn(async move {
@@ -399,11 +408,24 @@ impl Presence {
             new.push(user);
             heard.push(signal);
         }
-        if new.is_empty() {
+        self.to_load.extend(new.into_iter().zip(heard));
+        self.load_next(ctx);
+    }
+
+    /// Reads the next batch of newly watched users from the registry, one batch at a time (a
+    /// burst of joins, say after a restart, becomes a few large reads, not thousands).
+    fn load_next(&mut self, ctx: &mut Context<Self>) {
+        if self.loading || self.to_load.is_empty() {
             return;
         }
+        self.loading = true;
+        let batch: Vec<_> = self
+            .to_load
+            .drain(..self.to_load.len().min(MAX_LOAD_BATCH))
+            .collect();
+        let (users, heard): (Vec<UserId>, Vec<_>) = batch.into_iter().unzip();
         let registry = self.registry.clone();
-        let asked = new.clone();
+        let asked = users.clone();
         ctx.spawn(
             async move {
                 for signal in heard {
@@ -412,7 +434,11 @@ impl Presence {
                 registry.snapshots(asked).await
             }
             .into_actor(self)
-            .map(move |result, this, _| this.loaded(new, result)),
+            .map(move |result, this, ctx| {
+                this.loaded(users, result);
+                this.loading = false;
+                this.load_next(ctx);
+            }),
         );
     }
 

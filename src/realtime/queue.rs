@@ -454,6 +454,11 @@ impl Queues {
             .collect())
     }
 
+    /// Whether the track caches know `id` (as a track, or as an id the catalog lacks).
+    pub fn knows_track(&self, id: &str) -> bool {
+        self.inner.tracks.contains_key(id) || self.inner.unknown_tracks.contains_key(id)
+    }
+
     /// A track's length, if the track is cached and has one.
     pub fn cached_duration(&self, id: &str) -> Option<i64> {
         self.inner.tracks.get(id).and_then(|t| t.duration_ms)
