@@ -6,8 +6,9 @@
 //! ```
 //!
 //! It seeds `users` accounts into a fresh SQLite database, starts the release `segue` binary
-//! (one replica with the in-process bus, or two sharing Redis), pinned to core 0, and opens
-//! `users × sockets-per-user` authenticated sockets from worker processes pinned to core 1,
+//! (one replica with the in-process bus, or two sharing Redis), pinned to core 0 (see
+//! `--hub-cpus`), and opens `users × sockets-per-user` authenticated sockets from worker
+//! processes pinned to core 1 (`--load-cpus`),
 //! spread over 127.0.0.x source addresses (a process here holds at most ~20,000 files). Each
 //! socket joins `echo:{user}`. A publisher (core 1) then sends `rate` user-scoped events per
 //! second through the first replica for `seconds`; with two replicas every socket is on the
@@ -106,6 +107,16 @@ struct Args {
     /// several replicas does, instead of in the process.
     #[arg(long)]
     redis_registry: bool,
+    /// CPUs for each replica, `;`-separated in replica order (taskset lists), e.g. `0;1`
+    /// to give each replica its own core. One entry applies to every replica.
+    #[arg(long, default_value = "0")]
+    hub_cpus: String,
+    /// HTTP worker threads per replica (`SEGUE_WORKERS`); sockets are spread over them.
+    #[arg(long, default_value_t = 1)]
+    hub_workers: usize,
+    /// CPUs for the load generator (workers and publisher), as a taskset list.
+    #[arg(long, default_value = "1")]
+    load_cpus: String,
     /// Internal: run as a load-generator worker.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -285,19 +296,21 @@ async fn hold(
             message = stream.next() => {
                 let Some(Ok(Message::Text(text))) = message else { return };
                 let arrived = now_ns();
+                // A presence update is found by a plain search (a follower socket gets many,
+                // and parsing each would add the client's time to the measured latency).
+                if let Some(sent) = presence_send_time(&text) {
+                    received.count.fetch_add(1, Ordering::Relaxed);
+                    if let Some(histogram) = received.histogram.lock().await.as_mut() {
+                        let _ = histogram.record((arrived.saturating_sub(sent) / 1_000).max(1));
+                    }
+                    continue;
+                }
                 let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
                 // An echo broadcast carries its send time in the payload, a queue change in
                 // the state the publisher wrote.
                 let sent = match frame[3].as_str() {
                     Some("said") => frame[4]["t"].as_u64(),
                     Some("queue_changed") => frame[4]["state"]["t"].as_u64(),
-                    // A now-playing update: the joined meta's track id is `t<send time>`.
-                    Some("presence_diff") => frame[4]["joins"]
-                        .as_object()
-                        .and_then(|joins| joins.values().next())
-                        .and_then(|joined| joined["metas"][0]["now_playing"]["track_id"].as_str())
-                        .and_then(|track| track.strip_prefix('t'))
-                        .and_then(|t| t.parse().ok()),
                     _ => None,
                 };
                 if let Some(sent) = sent {
@@ -317,6 +330,28 @@ async fn hold(
             }
         }
     }
+}
+
+/// The send time carried by a `presence_diff` whose joined meta plays track `t<ns>`.
+fn presence_send_time(text: &str) -> Option<u64> {
+    if !text.contains(r#""presence_diff""#) {
+        return None;
+    }
+    let joins = text.find(r#""joins""#)?;
+    let leaves = text.find(r#""leaves""#).unwrap_or(text.len());
+    let (start, end) = if joins < leaves {
+        (joins, leaves)
+    } else {
+        (joins, text.len())
+    };
+    let within = text.get(start..end)?;
+    let at = within.find(r#""track_id":"t"#)? + r#""track_id":"t"#.len();
+    let digits: String = within
+        .get(at..)?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 fn rand_offset(max: u64) -> u64 {
@@ -394,17 +429,23 @@ async fn seed(dir: &Path, database_url: &str, count: usize, followed: Option<i64
         .expect("seed users");
 }
 
-fn start_hub(dir: &Path, database_url: &str, redis: Option<(&str, &str)>) -> Hub {
+fn start_hub(
+    dir: &Path,
+    database_url: &str,
+    redis: Option<(&str, &str)>,
+    cpus: &str,
+    workers: usize,
+) -> Hub {
     let port = free_port();
     let mut command = Command::new("taskset");
     command
-        .args(["-c", "0", env!("CARGO_BIN_EXE_segue")])
+        .args(["-c", cpus, env!("CARGO_BIN_EXE_segue")])
         .env_clear()
         .env("SEGUE_BIND", format!("127.0.0.1:{port}"))
         .env("SEGUE_DATA_DIR", dir)
         .env("DATABASE_URL", database_url)
         .env("SEGUE_JWT_SECRET", SECRET)
-        .env("SEGUE_WORKERS", "1")
+        .env("SEGUE_WORKERS", workers.to_string())
         .env("SEGUE_LOG", "warn")
         .stdout(Stdio::null());
     if let Some((url, namespace)) = redis {
@@ -440,7 +481,7 @@ fn percentile(histogram: &Histogram<u64>, q: f64) -> f64 {
 async fn coordinate(args: Args) {
     // The coordinator (and so the publisher) runs on core 1, beside the workers.
     let _ = Command::new("taskset")
-        .args(["-p", "-c", "1", &std::process::id().to_string()])
+        .args(["-p", "-c", &args.load_cpus, &std::process::id().to_string()])
         .output();
     let sockets = args.users * args.sockets_per_user;
     let dir: PathBuf = std::env::temp_dir().join(format!("segue-load-{}", std::process::id()));
@@ -478,7 +519,14 @@ async fn coordinate(args: Args) {
         .map(|i| {
             let hub_dir = dir.join(format!("replica{i}"));
             std::fs::create_dir_all(&hub_dir).unwrap();
-            start_hub(&hub_dir, &database_url, redis)
+            let cpus: Vec<&str> = args.hub_cpus.split(';').collect();
+            start_hub(
+                &hub_dir,
+                &database_url,
+                redis,
+                cpus[i.min(cpus.len() - 1)],
+                args.hub_workers,
+            )
         })
         .collect();
     let publisher_hub = &hubs[0];
@@ -520,7 +568,7 @@ async fn coordinate(args: Args) {
             args.sockets_per_user,
         );
         let mut child = Command::new("taskset")
-            .args(["-c", "1"])
+            .args(["-c", &args.load_cpus])
             .arg(&exe)
             .args(["--worker", &spec])
             .stdin(Stdio::piped())
