@@ -172,9 +172,18 @@ async fn open_socket(
         "ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0&token={}&device_id={device}",
         token(user, device)
     );
-    let (mut ws, _) = tokio_tungstenite::client_async(url.into_client_request().unwrap(), stream)
-        .await
-        .map_err(|e| e.to_string())?;
+    // tungstenite's default read buffer is 128 KiB, zeroed for every read: with thousands of
+    // small frames that memset was most of the load generator's time (and so of the
+    // measured latency). Frames here are small.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4 * 1024);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        url.into_client_request().unwrap(),
+        stream,
+        Some(config),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let join = json!(["1", "1", format!("{kind}:{user}"), "phx_join", {}]).to_string();
     ws.send(Message::text(join))
         .await
