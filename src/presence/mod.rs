@@ -20,6 +20,7 @@ pub mod registry;
 pub mod view;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -74,7 +75,8 @@ pub const REST_OWNER: &str = "rest";
 /// Everything the registry holds for one user: live entries and the output device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub entries: BTreeMap<InstanceId, DeviceEntry>,
+    /// Shared with the in-process registry (and then with the views built from it).
+    pub entries: BTreeMap<InstanceId, Arc<DeviceEntry>>,
     pub output: Option<String>,
 }
 
@@ -89,7 +91,7 @@ impl Snapshot {
     pub fn listening(&self) -> Option<&DeviceEntry> {
         let reporting = self.entries.values().filter(|e| e.now_playing.is_some());
         let output = self.output.as_deref();
-        reporting.max_by_key(|e| {
+        reporting.map(|e| &**e).max_by_key(|e| {
             let playing = e.now_playing.as_ref().is_some_and(|n| n.is_playing);
             let at = e.now_playing.as_ref().map_or(0, |n| n.at);
             (Some(e.device_id.as_str()) == output, playing, at)
@@ -131,14 +133,16 @@ mod tests {
         assert!(snapshot.listening().is_none());
         snapshot
             .entries
-            .insert("a/r".into(), entry("a", Some((false, 30))));
+            .insert("a/r".into(), Arc::new(entry("a", Some((false, 30)))));
         snapshot
             .entries
-            .insert("b/r".into(), entry("b", Some((true, 10))));
-        snapshot.entries.insert("c/r".into(), entry("c", None));
+            .insert("b/r".into(), Arc::new(entry("b", Some((true, 10)))));
         snapshot
             .entries
-            .insert("d/r".into(), entry("d", Some((true, 20))));
+            .insert("c/r".into(), Arc::new(entry("c", None)));
+        snapshot
+            .entries
+            .insert("d/r".into(), Arc::new(entry("d", Some((true, 20)))));
         assert_eq!(snapshot.listening().unwrap().device_id, "d");
         snapshot.output = Some("a".into());
         assert_eq!(snapshot.listening().unwrap().device_id, "a");

@@ -26,8 +26,9 @@ pub enum RegistryError {
     Unavailable(String),
 }
 
-/// One entry to write.
-pub type Write = (UserId, InstanceId, DeviceEntry);
+/// One entry to write. Shared, so the in-process registry keeps the owner's copy instead of
+/// one of its own.
+pub type Write = (UserId, InstanceId, Arc<DeviceEntry>);
 
 /// The port. Writes of one caller are applied in call order.
 pub trait Registry: Clone + Send + Sync + 'static {
@@ -103,7 +104,7 @@ impl Registry for AnyRegistry {
 /// devices, and a map's nodes would cost more than the entries).
 #[derive(Default)]
 struct Held {
-    entries: Vec<(InstanceId, DeviceEntry)>,
+    entries: Vec<(InstanceId, Arc<DeviceEntry>)>,
     output: Option<String>,
 }
 
@@ -163,7 +164,11 @@ impl Registry for MemoryRegistry {
                 Some(held) => {
                     held.entries.retain(|(_, e)| e.is_live(now));
                     Snapshot {
-                        entries: held.entries.iter().cloned().collect(),
+                        entries: held
+                            .entries
+                            .iter()
+                            .map(|(instance, entry)| (instance.clone(), entry.clone()))
+                            .collect(),
                         output: held.output.clone(),
                     }
                 }
@@ -225,7 +230,7 @@ impl Registry for RedisRegistry {
         let mut pipe = redis::pipe();
         for (user, instance, entry) in &writes {
             let key = self.entries_key(*user);
-            let json = serde_json::to_string(entry).unwrap_or_default();
+            let json = serde_json::to_string(&**entry).unwrap_or_default();
             pipe.hset(&key, instance, json).ignore();
             pipe.pexpire(&key, ttl_ms as i64).ignore();
         }
@@ -278,7 +283,7 @@ impl Registry for RedisRegistry {
                 for (instance, json) in fields {
                     match serde_json::from_str::<DeviceEntry>(&json) {
                         Ok(entry) if entry.is_live(now) => {
-                            snapshot.entries.insert(instance, entry);
+                            snapshot.entries.insert(instance, Arc::new(entry));
                         }
                         Ok(_) => {
                             expired.hdel(self.entries_key(*user), instance).ignore();

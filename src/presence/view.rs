@@ -8,6 +8,8 @@
 //! Refs are made by the viewing replica, so every socket of that replica sees one consistent
 //! history.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value, json};
 
 use super::{DeviceEntry, InstanceId, Snapshot};
@@ -38,7 +40,8 @@ impl RefGen {
 #[derive(Debug, Clone)]
 struct Shown {
     instance: InstanceId,
-    entry: DeviceEntry,
+    /// Shared with the event it came in (and, on the owner's replica, the owner's record).
+    entry: Arc<DeviceEntry>,
     phx_ref: String,
 }
 
@@ -158,7 +161,13 @@ impl View {
     }
 
     /// Shows `entry` under `instance` unless what is shown is as new or newer.
-    pub fn upsert(&mut self, instance: &str, entry: DeviceEntry, refs: &mut RefGen) -> Change {
+    pub fn upsert(
+        &mut self,
+        instance: &str,
+        entry: impl Into<Arc<DeviceEntry>>,
+        refs: &mut RefGen,
+    ) -> Change {
+        let entry = entry.into();
         let output = self.output.as_deref();
         let Some(index) = self.find(instance) else {
             let shown = Shown {
@@ -179,7 +188,9 @@ impl View {
             return Change::default();
         };
         if shown.entry.seq >= entry.seq {
-            shown.entry.expires_at = shown.entry.expires_at.max(entry.expires_at);
+            if entry.expires_at > shown.entry.expires_at {
+                Arc::make_mut(&mut shown.entry).expires_at = entry.expires_at;
+            }
             return Change::default();
         }
         if meta_of(&entry, output) == meta_of(&shown.entry, output) {
@@ -379,8 +390,12 @@ mod tests {
         view.upsert("a/1", entry("a", 3), &mut refs);
         view.upsert("b/1", entry("b", 1), &mut refs);
         let mut snapshot = Snapshot::default();
-        snapshot.entries.insert("a/1".into(), entry("a", 2));
-        snapshot.entries.insert("c/1".into(), entry("c", 1));
+        snapshot
+            .entries
+            .insert("a/1".into(), Arc::new(entry("a", 2)));
+        snapshot
+            .entries
+            .insert("c/1".into(), Arc::new(entry("c", 1)));
         let change = view.replace(snapshot, &mut refs);
         let left: Vec<_> = change
             .leaves

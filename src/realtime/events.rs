@@ -1,5 +1,7 @@
 //! What travels on a user's bus channel, between replicas.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -27,7 +29,8 @@ pub enum UserEvent {
     /// One of the user's presence entries was written (by its owner).
     PresenceUpsert {
         instance: String,
-        entry: DeviceEntry,
+        /// Shared with the owner's record and every view of this replica.
+        entry: Arc<DeviceEntry>,
     },
     /// One of the user's presence entries was removed; `seq` is newer than the entry's.
     PresenceRemove { instance: String, seq: u64 },
@@ -91,7 +94,7 @@ mod tests {
             UserEvent::PreferencesChanged,
             UserEvent::PresenceUpsert {
                 instance: "d/r".into(),
-                entry: DeviceEntry {
+                entry: Arc::new(DeviceEntry {
                     device_id: "d".into(),
                     name: "Phone".into(),
                     kind: "phone".into(),
@@ -99,7 +102,7 @@ mod tests {
                     now_playing: None,
                     seq: 2,
                     expires_at: 3,
-                },
+                }),
             },
             UserEvent::PresenceRemove {
                 instance: "d/r".into(),

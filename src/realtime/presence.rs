@@ -111,7 +111,8 @@ async fn run_writer(registry: AnyRegistry, hub: Addr<Hub>, mut jobs: mpsc::Unbou
 
 /// A device with a socket here.
 struct Local {
-    entry: DeviceEntry,
+    /// Shared with the in-process registry's copy (changes copy it on write).
+    entry: Arc<DeviceEntry>,
     /// Usually one.
     sockets: Vec<SocketId>,
     last_heartbeat: Instant,
@@ -244,8 +245,9 @@ impl Presence {
         let Some(local) = self.local.get_mut(key) else {
             return;
         };
-        local.entry.seq = seq;
-        local.entry.expires_at = expires_at;
+        let entry = Arc::make_mut(&mut local.entry);
+        entry.seq = seq;
+        entry.expires_at = expires_at;
         let entry = local.entry.clone();
         let event = UserEvent::PresenceUpsert {
             instance: instance.clone(),
@@ -266,7 +268,7 @@ impl Presence {
                 return;
             };
             local.online = false;
-            local.entry.now_playing = None;
+            Arc::make_mut(&mut local.entry).now_playing = None;
             let queues = &self.queues;
             local
                 .plays
@@ -364,7 +366,7 @@ impl Presence {
             .iter_mut()
             .filter(|(_, l)| l.online)
             .map(|((user, device), local)| {
-                local.entry.expires_at = expires_at;
+                Arc::make_mut(&mut local.entry).expires_at = expires_at;
                 let instance = instance_id(device.as_str(), replica.as_str());
                 (*user, instance, local.entry.clone())
             })
@@ -807,8 +809,9 @@ impl Handler<Connected> for Presence {
                 !local.online || local.entry.name != msg.device.name || local.entry.kind != kind;
             if changed {
                 local.online = true;
-                local.entry.name = msg.device.name;
-                local.entry.kind = kind.to_owned();
+                let entry = Arc::make_mut(&mut local.entry);
+                entry.name = msg.device.name;
+                entry.kind = kind.to_owned();
                 self.publish_local(&key);
             }
             return;
@@ -823,7 +826,7 @@ impl Handler<Connected> for Presence {
             expires_at: 0,
         };
         let local = Local {
-            entry,
+            entry: Arc::new(entry),
             sockets: vec![msg.socket],
             last_heartbeat: Instant::now(),
             left_at: None,
@@ -908,7 +911,7 @@ impl Handler<Playing> for Presence {
         };
         let now_playing = msg.report.map(|r| stamped(r, now_ms()));
         self.track_play(&mut local.plays, now_playing.as_ref(), key.0, &key.1);
-        local.entry.now_playing = now_playing;
+        Arc::make_mut(&mut local.entry).now_playing = now_playing;
         local.last_heartbeat = Instant::now();
         local.online = !local.sockets.is_empty();
         self.local.insert(key.clone(), local);
@@ -961,6 +964,7 @@ impl Handler<RestPlaying> for Presence {
             expires_at: self.expiry(),
         };
         self.rest.insert(key, rest);
+        let entry = Arc::new(entry);
         let event = UserEvent::PresenceUpsert {
             instance: instance.clone(),
             entry: entry.clone(),

@@ -781,6 +781,7 @@ async fn history_of(app: &TestApp, account: &Account, count: usize) -> Vec<Value
 
 /// The registry port's acceptance suite, run on both implementations.
 mod registry {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use segue::domain::UserId;
@@ -809,9 +810,9 @@ mod registry {
 
         registry
             .put(vec![
-                (alice, "a/r1".into(), entry("a", 1, 60_000)),
-                (alice, "b/r2".into(), entry("b", 1, 60_000)),
-                (bob, "c/r1".into(), entry("c", 1, 60_000)),
+                (alice, "a/r1".into(), Arc::new(entry("a", 1, 60_000))),
+                (alice, "b/r2".into(), Arc::new(entry("b", 1, 60_000))),
+                (bob, "c/r1".into(), Arc::new(entry("c", 1, 60_000))),
             ])
             .await
             .unwrap();
@@ -823,7 +824,7 @@ mod registry {
             at: 4,
         });
         registry
-            .put(vec![(alice, "a/r1".into(), newer.clone())])
+            .put(vec![(alice, "a/r1".into(), Arc::new(newer.clone()))])
             .await
             .unwrap();
         let both = registry
@@ -833,7 +834,10 @@ mod registry {
         assert_eq!(both.len(), 3, "one snapshot per user asked, in order");
         assert_eq!(both[0].entries.keys().collect::<Vec<_>>(), ["c/r1"]);
         assert_eq!(both[1].entries.len(), 2);
-        assert_eq!(both[1].entries["a/r1"], newer, "a write replaces the entry");
+        assert_eq!(
+            *both[1].entries["a/r1"], newer,
+            "a write replaces the entry"
+        );
         assert!(both[2].entries.is_empty());
 
         registry
@@ -853,7 +857,7 @@ mod registry {
 
         // An entry past its expiry is never returned (its owner stopped refreshing it).
         registry
-            .put(vec![(bob, "d/r3".into(), entry("d", 1, 150))])
+            .put(vec![(bob, "d/r3".into(), Arc::new(entry("d", 1, 150)))])
             .await
             .unwrap();
         assert!(
@@ -887,7 +891,11 @@ mod registry {
         let pool = segue::redis::build_pool(&url.into()).unwrap();
         let short = RedisRegistry::new(pool.clone(), &namespace, Duration::from_millis(300));
         short
-            .put(vec![(UserId(7), "x/r".into(), entry("x", 1, 60_000))])
+            .put(vec![(
+                UserId(7),
+                "x/r".into(),
+                Arc::new(entry("x", 1, 60_000)),
+            )])
             .await
             .unwrap();
         let key = format!("{namespace}:presence:7");
