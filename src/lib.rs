@@ -31,6 +31,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod http;

@@ -33,6 +33,9 @@ pub struct Settings {
     /// Where the embedded defaults keep their files: the SQLite database, the generated
     /// token-signing key, local blobs.
     pub data_dir: PathBuf,
+    /// The web page's files, served at `/` (a relative path is relative to the working
+    /// directory: `cargo run` in the repository finds `static/`).
+    pub static_dir: PathBuf,
     /// `postgres://…` or `sqlite://path`; unset means SQLite at `$data_dir/segue.db`.
     pub database_url: Option<SecretString>,
     /// `redis://…`; unset means the in-process bus and registries (one replica only).
@@ -108,6 +111,7 @@ impl Default for Settings {
         Self {
             bind: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./data"),
+            static_dir: PathBuf::from("./static"),
             database_url: None,
             redis_url: None,
             redis_namespace: "segue".into(),

@@ -143,6 +143,10 @@ impl Application {
         let max_body = settings.max_body_bytes;
         let origins = settings.origins();
         let workers = settings.workers;
+        let static_dir = settings.static_dir.clone();
+        if !static_dir.join("index.html").is_file() {
+            tracing::warn!(dir = %static_dir.display(), "no index.html in the static directory: the web page is not served");
+        }
         let state = web::Data::new(AppState {
             settings: Arc::new(settings),
             sessions: Sessions::new(store.clone()),
@@ -168,7 +172,7 @@ impl Application {
                 .app_data(web::PathConfig::default().error_handler(error::path_error))
                 .app_data(web::QueryConfig::default().error_handler(error::query_error))
                 .configure(http::routes)
-                .default_service(web::to(http::not_found))
+                .service(http::static_files(&static_dir))
         })
         .shutdown_timeout(SHUTDOWN_GRACE_SECS);
         if let Some(workers) = workers {

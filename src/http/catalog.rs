@@ -141,3 +141,37 @@ pub async fn get_track(
         .ok_or_else(|| ApiError::not_found("track_not_found", "There is no such track."))?;
     Ok(HttpResponse::Ok().json(track))
 }
+
+#[derive(Deserialize)]
+pub struct SearchQuery {
+    q: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /tracks?q=…&limit=…` → `{"tracks": [...]}`: tracks whose title, artist or album
+/// contains `q` (case-insensitive; all tracks without `q`), by artist and title; `limit`
+/// 1–200, default 50.
+pub async fn search_tracks(
+    state: web::Data<AppState>,
+    _caller: AuthenticatedUser,
+    query: web::Query<SearchQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let SearchQuery { q, limit } = query.into_inner();
+    let limit = limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(InvalidInput::new("limit", "must be 1 to 200").into());
+    }
+    let q = q.map(|q| q.trim().to_owned()).filter(|q| !q.is_empty());
+    if let Some(q) = &q
+        && (q.chars().count() > catalog::MAX_QUERY_CHARS || q.chars().any(char::is_control))
+    {
+        return Err(InvalidInput::new(
+            "q",
+            "must be at most 100 characters, without control characters",
+        )
+        .into());
+    }
+    let mut pooled = state.store.conn().await?;
+    let tracks = catalog::search(&mut pooled.conn(), q.as_deref(), limit).await?;
+    Ok(HttpResponse::Ok().json(json!({ "tracks": tracks })))
+}

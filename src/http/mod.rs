@@ -77,8 +77,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/history/", web::get().to(presence::history))
         .route("/history", web::get().to(presence::history))
-        .route("/tracks", web::post().to(catalog::upsert_tracks))
+        .route(
+            "/users/by-handle/{handle}",
+            web::get().to(presence::user_by_handle),
+        )
+        .service(
+            web::resource(["/tracks", "/tracks/"])
+                .route(web::get().to(catalog::search_tracks))
+                .route(web::post().to(catalog::upsert_tracks)),
+        )
         .route("/tracks/{id}", web::get().to(catalog::get_track));
+}
+
+/// The web page's files from `dir`, at `/` (`index.html` for `/`); any other path that
+/// nothing matches gets the JSON 404.
+pub fn static_files(dir: &std::path::Path) -> actix_files::Files {
+    actix_files::Files::new("/", dir)
+        .index_file("index.html")
+        .use_etag(true)
+        .use_last_modified(true)
+        .default_handler(web::to(not_found))
 }
 
 /// The answer to a path no route matches, in the house error shape.

@@ -60,6 +60,24 @@ pub async fn list_devices(
     Ok(HttpResponse::Ok().json(json!({ "devices": listed, "output_device_id": output })))
 }
 
+/// `GET /users/by-handle/{handle}` → `{id, handle, display_name}` (to follow someone by
+/// handle); 404 `unknown_user`.
+pub async fn user_by_handle(
+    state: web::Data<AppState>,
+    _caller: AuthenticatedUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let unknown = || ApiError::not_found("unknown_user", "There is no user with that handle.");
+    let handle = Handle::parse(&path.into_inner()).map_err(|_| unknown())?;
+    let mut pooled = state.store.conn().await?;
+    let account = users::find_by_handle(&mut pooled.conn(), &handle)
+        .await?
+        .ok_or_else(unknown)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "id": account.id, "handle": account.handle, "display_name": account.display_name
+    })))
+}
+
 /// `GET /follows/`.
 pub async fn list_follows(
     state: web::Data<AppState>,

@@ -179,3 +179,55 @@ pub async fn find_tracks(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Vec<TrackV
         .await)?;
     Ok(rows.into_iter().map(view).collect())
 }
+
+diesel::define_sql_function! {
+    /// SQL `lower`, on both backends.
+    fn lower(text: diesel::sql_types::Text) -> diesel::sql_types::Text;
+}
+
+/// Longest search text accepted.
+pub const MAX_QUERY_CHARS: usize = 100;
+
+/// Tracks whose title, artist or album contains `query` (case-insensitive; every track when
+/// `None`), ordered by artist then title, at most `limit`.
+pub async fn search(
+    conn: &mut Conn<'_>,
+    query: Option<&str>,
+    limit: i64,
+) -> Result<Vec<TrackView>, StoreError> {
+    // `%` and `_` in the query match themselves.
+    let pattern = query.map(|q| {
+        let escaped = q
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        format!("%{escaped}%")
+    });
+    let rows: Vec<TrackRow> = run!(conn, c => {
+        let mut select = tracks::table
+            .inner_join(artists::table)
+            .select((
+                tracks::id,
+                tracks::title,
+                artists::name,
+                tracks::album,
+                tracks::duration_ms,
+                tracks::image_url,
+            ))
+            .order((artists::name, tracks::title, tracks::id))
+            .limit(limit)
+            .into_boxed();
+        if let Some(pattern) = &pattern {
+            select = select.filter(
+                lower(tracks::title)
+                    .like(pattern.clone())
+                    .escape('\\')
+                    .or(lower(artists::name).like(pattern.clone()).escape('\\'))
+                    .or(lower(tracks::album.assume_not_null()).like(pattern.clone()).escape('\\')),
+            );
+        }
+        select.load(c).await
+    })?;
+    Ok(rows.into_iter().map(view).collect())
+}

@@ -73,6 +73,7 @@ pub fn test_settings(data_dir: &Path) -> Settings {
     Settings {
         bind: "127.0.0.1:0".into(),
         data_dir: data_dir.to_path_buf(),
+        static_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("static"),
         jwt_secret: Some(TEST_JWT_SECRET.into()),
         workers: Some(1),
         db_pool_size: 4,
