@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Segue test on this machine, setting up what is missing first: on a fresh Debian
-# machine it installs PostgreSQL, Redis and Node.js with apt-get, starts them when they are stopped,
-# then runs clippy and the whole test suite. Safe to run again and again.
+# machine it installs PostgreSQL, Redis, Node.js and Chromium with apt-get, starts the servers
+# when they are stopped, installs the npm packages the client and browser tests use, then runs
+# clippy and the whole test suite. Safe to run again and again.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -- accounts     # extra arguments go to `cargo test`
@@ -23,6 +24,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -61,10 +63,11 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
-# The official phoenix client (tests/node), reinstalled when package.json changes. No lock
-# file is kept: package.json pins exact versions.
+# The official phoenix client and playwright-core (tests/node), reinstalled when package.json
+# changes. No lock file is kept: package.json pins exact versions. playwright-core drives
+# Debian's /usr/bin/chromium, so no browser is downloaded.
 if [ ! -f tests/node/node_modules/.segue-installed ] || [ tests/node/package.json -nt tests/node/node_modules/.segue-installed ]; then
-  log "installing the phoenix npm client for the client tests"
+  log "installing the npm packages for the client and browser tests"
   (cd tests/node && npm install --no-package-lock --no-audit --no-fund --silent)
   touch tests/node/node_modules/.segue-installed
 fi

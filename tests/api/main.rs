@@ -19,3 +19,4 @@ mod queue;
 mod queue_sync;
 mod settings;
 mod socket;
+mod web;

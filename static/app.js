@@ -1,0 +1,490 @@
+// The Segue web page: a reference client and a demo. REST for accounts and the catalog;
+// everything live over the socket (segue.js): queue:{me}, devices:{me}, friends:{me}.
+import { Socket, Presence, reply } from "/segue.js";
+
+const $ = (id) => document.getElementById(id);
+const saved = window.localStorage;
+const pageParams = new URLSearchParams(window.location.search);
+
+// ---- identity -------------------------------------------------------------------------
+
+function randomId() {
+  const bytes = new Uint8Array(9);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// One id per browser profile, kept, so this tab is the same device after a reload.
+const deviceId = saved.getItem("segue.device_id") || `web-${randomId()}`;
+saved.setItem("segue.device_id", deviceId);
+// `?device=Kitchen` names the device (remembered); otherwise a name from the browser.
+if (pageParams.get("device")) saved.setItem("segue.device_name", pageParams.get("device").slice(0, 50));
+const deviceName = saved.getItem("segue.device_name")
+  || `Web on ${(navigator.userAgentData && navigator.userAgentData.platform) || navigator.platform || "a browser"}`.slice(0, 50);
+
+let auth = JSON.parse(saved.getItem("segue.auth") || "null");
+
+function saveAuth(body) {
+  auth = body ? { access_token: body.access_token, refresh_token: body.refresh_token, user: body.user || auth.user, expires_in: body.expires_in } : null;
+  if (auth) saved.setItem("segue.auth", JSON.stringify(auth));
+  else saved.removeItem("segue.auth");
+}
+
+// ---- REST -----------------------------------------------------------------------------
+
+let refreshing = null;
+
+async function refreshTokens() {
+  if (!auth) return false;
+  refreshing = refreshing || fetch("/auth/refresh", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ refresh_token: auth.refresh_token }),
+  }).then(async (res) => {
+    if (!res.ok) return false;
+    saveAuth(await res.json());
+    return true;
+  }).finally(() => { refreshing = null; });
+  return refreshing;
+}
+
+async function api(method, path, body, retried = false) {
+  const headers = {};
+  if (auth) headers.authorization = `Bearer ${auth.access_token}`;
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (res.status === 401 && auth && !retried) {
+    if (await refreshTokens()) return api(method, path, body, true);
+    signOut();
+  }
+  return res;
+}
+
+async function errorOf(res) {
+  try { return (await res.json()).detail || res.statusText; } catch { return res.statusText; }
+}
+
+// ---- state ----------------------------------------------------------------------------
+
+const view = {
+  queue: { revision: 0, state: { track_ids: [], entry_ids: [], current_index: 0 }, tracks: [] },
+  tracks: new Map(), // id -> track, from hydration and the catalog
+  devices: null, // Presence of devices:{me}
+  friends: null, // Presence of friends:{me}
+  following: [], // [{id, handle, display_name}]
+  output: null,
+  playing: false,
+  progressMs: 0,
+};
+
+let socket = null;
+let queueChannel = null;
+let devicesChannel = null;
+
+function notice(text) {
+  const el = $("notice");
+  el.textContent = text;
+  el.hidden = false;
+  clearTimeout(notice.timer);
+  notice.timer = setTimeout(() => { el.hidden = true; }, 6000);
+}
+
+function deviceLabel(id) {
+  if (id === deviceId) return "this device";
+  const entry = view.devices && view.devices.list().find(([key]) => key === id);
+  return entry ? entry[1][0].name : id;
+}
+
+// ---- queue ----------------------------------------------------------------------------
+
+function takeQueue(payload) {
+  if (payload.revision < view.queue.revision) return;
+  view.queue = { revision: payload.revision, state: payload.state, tracks: payload.tracks || [] };
+  for (const track of view.queue.tracks) view.tracks.set(track.id, track);
+  renderQueue();
+}
+
+async function ops(list) {
+  try {
+    const response = await reply(queueChannel.push("ops", { base_revision: view.queue.revision, ops: list }));
+    if (response.skipped && response.skipped.length) notice("Someone changed that entry first; the rest was applied.");
+  } catch (error) {
+    notice(`The queue did not change: ${error.message}`);
+  }
+}
+
+function trackText(id) {
+  const track = view.tracks.get(id);
+  return track ? `${track.title} — ${track.artist}` : id;
+}
+
+function renderQueue() {
+  const { state } = view.queue;
+  const ids = state.track_ids || [];
+  const entries = state.entry_ids || [];
+  const current = ids.length ? state.current_index : -1;
+  $("now-track").textContent = current >= 0 ? trackText(ids[current]) : "Nothing yet";
+  $("shuffle").setAttribute("aria-pressed", String(Boolean(state.shuffle)));
+  $("repeat").textContent = `Repeat: ${state.repeat_mode || "none"}`;
+  const list = $("up-next");
+  list.replaceChildren();
+  for (let index = current + 1; index < ids.length; index += 1) {
+    const entry = entries[index];
+    const item = document.createElement("li");
+    item.draggable = true;
+    item.dataset.entry = entry;
+    item.tabIndex = 0;
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = trackText(ids[index]);
+    item.append(title,
+      button("Play", `Play ${trackText(ids[index])} now`, () => ops([{ op: "jump", entry_id: entry }])),
+      button("Up", `Move ${trackText(ids[index])} up`, () => moveBy(entry, -1)),
+      button("Down", `Move ${trackText(ids[index])} down`, () => moveBy(entry, 1)),
+      button("Remove", `Remove ${trackText(ids[index])}`, () => ops([{ op: "remove", entry_id: entry }])));
+    item.addEventListener("dragstart", (e) => { e.dataTransfer.setData("text/plain", entry); item.classList.add("dragging"); });
+    item.addEventListener("dragend", () => item.classList.remove("dragging"));
+    item.addEventListener("dragover", (e) => { e.preventDefault(); item.classList.add("drop-target"); });
+    item.addEventListener("dragleave", () => item.classList.remove("drop-target"));
+    item.addEventListener("drop", (e) => {
+      e.preventDefault();
+      item.classList.remove("drop-target");
+      const moved = e.dataTransfer.getData("text/plain");
+      if (moved && moved !== entry) ops([{ op: "move", entry_id: moved, after_entry_id: entryBefore(entry) }]);
+    });
+    list.append(item);
+  }
+  renderNowWhere();
+}
+
+// The entry before `entry` in up-next (null: right after the current entry).
+function entryBefore(entry) {
+  const { state } = view.queue;
+  const index = state.entry_ids.indexOf(entry);
+  return index - 1 > state.current_index ? state.entry_ids[index - 1] : null;
+}
+
+function moveBy(entry, delta) {
+  const { state } = view.queue;
+  const index = state.entry_ids.indexOf(entry);
+  const target = index + delta;
+  if (target <= state.current_index || target >= state.entry_ids.length) return;
+  // Moving down puts it after its next neighbour; moving up after the one two above.
+  const after = delta > 0 ? state.entry_ids[target] : (target - 1 > state.current_index ? state.entry_ids[target - 1] : null);
+  ops([{ op: "move", entry_id: entry, after_entry_id: after }]);
+}
+
+function button(text, label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.setAttribute("aria-label", label);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// ---- playing (this page is a player: a simulated clock, reported as now_playing) -------
+
+function currentTrackId() {
+  const { state } = view.queue;
+  return state.track_ids && state.track_ids.length ? state.track_ids[state.current_index] : null;
+}
+
+function reportPlaying() {
+  if (!devicesChannel || devicesChannel.state !== "joined") return;
+  const track = currentTrackId();
+  const payload = view.playing && track
+    ? { track_id: track, progress_ms: Math.floor(view.progressMs), is_playing: true }
+    : { track_id: track, progress_ms: Math.floor(view.progressMs), is_playing: false };
+  devicesChannel.push("now_playing", payload);
+}
+
+function setPlaying(on) {
+  view.playing = on && Boolean(currentTrackId());
+  $("play").textContent = view.playing ? "Pause" : "Play";
+  $("play").setAttribute("aria-label", view.playing ? "Pause" : "Play");
+  reportPlaying();
+  renderNowWhere();
+}
+
+setInterval(() => {
+  if (!view.playing) return;
+  view.progressMs += 1000;
+  const track = view.tracks.get(currentTrackId());
+  if (track && track.duration_ms && view.progressMs >= track.duration_ms) {
+    view.progressMs = 0;
+    ops([{ op: "next" }]);
+  } else if (view.progressMs % 10000 === 0) {
+    reportPlaying();
+  }
+}, 1000);
+
+function renderNowWhere() {
+  const output = view.output;
+  $("now-where").textContent = output && output !== deviceId
+    ? `Playing on ${deviceLabel(output)}`
+    : view.playing ? "Playing here" : "";
+}
+
+function command(action) {
+  // The play button drives this page, or sends the command to the output device.
+  if (view.output && view.output !== deviceId) {
+    devicesChannel.push("command", { device_id: view.output, action });
+    return;
+  }
+  if (action === "play") setPlaying(true);
+  if (action === "pause") setPlaying(false);
+}
+
+// ---- devices and friends ---------------------------------------------------------------
+
+function renderDevices() {
+  const list = $("devices");
+  list.replaceChildren();
+  view.output = null;
+  for (const [id, metas] of view.devices.list()) {
+    const meta = metas[0];
+    const item = document.createElement("li");
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = id === deviceId ? `${meta.name} (this device)` : meta.name;
+    item.append(title);
+    if (meta.now_playing && meta.now_playing.track_id) {
+      const playing = document.createElement("span");
+      playing.className = "muted small";
+      playing.textContent = trackText(meta.now_playing.track_id);
+      item.append(playing);
+    }
+    if (metas.some((m) => m.is_output)) {
+      view.output = id;
+      const badge = document.createElement("span");
+      badge.className = "badge output";
+      badge.textContent = "output";
+      item.append(badge);
+    } else {
+      item.append(button("Play here", `Play on ${meta.name}`, () => transfer(id)));
+    }
+    list.append(item);
+  }
+  renderNowWhere();
+}
+
+async function transfer(id) {
+  try {
+    await reply(devicesChannel.push("transfer", { device_id: id, play: view.playing }));
+  } catch (error) {
+    notice(`Could not move playback: ${error.message}`);
+  }
+}
+
+function renderFriends() {
+  const list = $("friends");
+  list.replaceChildren();
+  const entries = view.friends ? view.friends.list() : [];
+  if (entries.length === 0) {
+    const empty = document.createElement("li");
+    empty.className = "muted";
+    empty.textContent = "Nobody you follow is online.";
+    list.append(empty);
+  }
+  for (const [userId, metas] of entries) {
+    const who = view.following.find((f) => String(f.id) === userId);
+    const playing = metas.find((m) => m.now_playing && m.now_playing.track_id);
+    const item = document.createElement("li");
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = who ? who.display_name || who.handle : `user ${userId}`;
+    const what = document.createElement("span");
+    what.className = "muted small";
+    what.textContent = playing ? `listening to ${trackText(playing.now_playing.track_id)}` : "online";
+    item.append(title, what);
+    list.append(item);
+    if (playing) ensureTrack(playing.now_playing.track_id).then(renderFriendsSoon);
+  }
+}
+
+let friendsTimer = null;
+function renderFriendsSoon() {
+  clearTimeout(friendsTimer);
+  friendsTimer = setTimeout(renderFriends, 50);
+}
+
+async function ensureTrack(id) {
+  if (view.tracks.has(id)) return;
+  view.tracks.set(id, null);
+  const res = await api("GET", `/tracks/${encodeURIComponent(id)}`);
+  if (res.ok) view.tracks.set(id, await res.json());
+  else view.tracks.delete(id);
+}
+
+async function loadFollowing() {
+  const res = await api("GET", "/follows/");
+  if (!res.ok) return;
+  view.following = (await res.json()).following;
+  const list = $("following");
+  list.replaceChildren();
+  for (const f of view.following) {
+    const item = document.createElement("li");
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = `Following ${f.handle}`;
+    item.append(title, button("Unfollow", `Unfollow ${f.handle}`, async () => {
+      await api("DELETE", `/follows/${f.id}`);
+      loadFollowing();
+    }));
+    list.append(item);
+  }
+  renderFriends();
+}
+
+// ---- catalog ----------------------------------------------------------------------------
+
+async function searchCatalog() {
+  const q = $("search").value.trim();
+  const res = await api("GET", `/tracks?limit=12${q ? `&q=${encodeURIComponent(q)}` : ""}`);
+  const list = $("catalog");
+  list.replaceChildren();
+  if (!res.ok) return;
+  for (const track of (await res.json()).tracks) {
+    view.tracks.set(track.id, track);
+    const item = document.createElement("li");
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = `${track.title} — ${track.artist}`;
+    item.append(title,
+      button("Add", `Add ${track.title} to the queue`, () => ops([{ op: "append", track_ids: [track.id] }])),
+      button("Next", `Play ${track.title} next`, () => ops([{ op: "play_next", track_ids: [track.id] }])),
+      button("Play", `Play ${track.title} now`, () => ops([{ op: "play_now", track_id: track.id }]).then(() => setPlaying(true))));
+    list.append(item);
+  }
+}
+
+// ---- socket -------------------------------------------------------------------------------
+
+function connect() {
+  socket = new Socket("/socket", {
+    token: () => auth && auth.access_token,
+    params: () => ({ device_id: deviceId, device_name: deviceName, device_kind: "web" }),
+  });
+  socket.onOpen(() => { $("connection").textContent = "live"; });
+  socket.onClose(async (event) => {
+    $("connection").textContent = "reconnecting…";
+    // A refused upgrade (expired token) looks like a close before open: refresh first.
+    if (event.code === 1006 || event.code === 1008) await refreshTokens();
+  });
+  const me = auth.user.id;
+
+  queueChannel = socket.channel(`queue:${me}`, () => ({ revision: view.queue.revision }));
+  queueChannel.on("queue_changed", (payload) => {
+    const before = view.queue.revision;
+    takeQueue(payload);
+    const origin = payload.origin_device_id;
+    if (payload.revision > before && origin && origin !== deviceId) notice(`Queue updated on ${deviceLabel(origin)}`);
+  });
+  queueChannel.join((response) => { if (!response.unchanged) takeQueue(response); },
+    (reason) => notice(`Could not open the queue: ${reason}`));
+
+  devicesChannel = socket.channel(`devices:${me}`);
+  view.devices = new Presence(devicesChannel);
+  view.devices.onSync(renderDevices);
+  devicesChannel.on("output_changed", ({ device_id: id, play }) => {
+    view.output = id;
+    if (id === deviceId && play) setPlaying(true);
+    if (id !== deviceId && view.playing) setPlaying(false);
+    renderNowWhere();
+  });
+  devicesChannel.on("command", ({ action, progress_ms: progress, from_device_id: from }) => {
+    notice(`${deviceLabel(from)} asked this device to ${action}`);
+    if (action === "play") setPlaying(true);
+    else if (action === "pause") setPlaying(false);
+    else if (action === "next") ops([{ op: "next" }]);
+    else if (action === "previous") ops([{ op: "previous" }]);
+    else if (action === "seek" && typeof progress === "number") { view.progressMs = progress; reportPlaying(); }
+  });
+  devicesChannel.join(() => { view.devices.resync(); reportPlaying(); });
+
+  const friendsChannel = socket.channel(`friends:${me}`);
+  view.friends = new Presence(friendsChannel);
+  view.friends.onSync(renderFriends);
+  friendsChannel.join(() => view.friends.resync());
+
+  socket.connect();
+}
+
+// ---- wiring ---------------------------------------------------------------------------
+
+function signedIn() {
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("who").hidden = false;
+  $("who-name").textContent = `${auth.user.display_name || auth.user.handle} · ${deviceName}`;
+  connect();
+  searchCatalog();
+  loadFollowing();
+  // Access tokens are short-lived: renew a minute before they lapse.
+  setInterval(refreshTokens, Math.max(60, (auth.expires_in || 900) - 60) * 1000);
+}
+
+function signOut() {
+  if (auth) api("POST", "/auth/logout", {}).catch(() => {});
+  saveAuth(null);
+  if (socket) socket.disconnect();
+  window.location.reload();
+}
+
+$("login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const action = event.submitter && event.submitter.value === "register" ? "register" : "login";
+  $("login-error").textContent = "";
+  const res = await fetch(`/auth/${action}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      handle: $("handle").value.trim(),
+      password: $("password").value,
+      device_id: deviceId,
+      device_name: deviceName,
+      device_kind: "web",
+    }),
+  });
+  if (!res.ok) {
+    $("login-error").textContent = await errorOf(res);
+    return;
+  }
+  saveAuth(await res.json());
+  signedIn();
+});
+
+$("logout").addEventListener("click", signOut);
+$("play").addEventListener("click", () => command(view.playing ? "pause" : "play"));
+$("next").addEventListener("click", () => { view.progressMs = 0; ops([{ op: "next" }]); });
+$("previous").addEventListener("click", () => { view.progressMs = 0; ops([{ op: "previous" }]); });
+$("shuffle").addEventListener("click", () => ops([{ op: view.queue.state.shuffle ? "unshuffle" : "shuffle" }]));
+$("repeat").addEventListener("click", () => {
+  const order = ["none", "all", "one"];
+  const mode = order[(order.indexOf(view.queue.state.repeat_mode || "none") + 1) % order.length];
+  ops([{ op: "set_repeat", mode }]);
+});
+$("clear").addEventListener("click", () => ops([{ op: "clear_up_next" }]));
+$("search-form").addEventListener("submit", (e) => { e.preventDefault(); searchCatalog(); });
+$("search").addEventListener("input", () => { clearTimeout(searchCatalog.timer); searchCatalog.timer = setTimeout(searchCatalog, 250); });
+$("follow-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("follow-error").textContent = "";
+  const handle = $("follow-handle").value.trim();
+  const found = await api("GET", `/users/by-handle/${encodeURIComponent(handle)}`);
+  if (!found.ok) { $("follow-error").textContent = await errorOf(found); return; }
+  const res = await api("POST", `/follows/${(await found.json()).id}`);
+  if (!res.ok) { $("follow-error").textContent = await errorOf(res); return; }
+  $("follow-handle").value = "";
+  loadFollowing();
+});
+// Keyboard reordering in the list: focus an entry, then Alt+↑ / Alt+↓.
+$("up-next").addEventListener("keydown", (event) => {
+  const entry = event.target.dataset && event.target.dataset.entry;
+  if (!entry || !event.altKey) return;
+  if (event.key === "ArrowUp") { event.preventDefault(); moveBy(entry, -1); }
+  if (event.key === "ArrowDown") { event.preventDefault(); moveBy(entry, 1); }
+});
+
+if (auth) signedIn();
