@@ -20,9 +20,12 @@ function authProtocol(token) {
 
 export class Socket {
   // `endpoint`: e.g. "/socket" (same origin) or "wss://hub.example/socket".
-  // `options.token()` and `options.params()` are read at every (re)connect.
+  // `options.token()` and `options.params()` are read at every (re)connect;
+  // `options.heartbeatMs` and `options.reconnectMs` (a list of waits) tune the timings.
   constructor(endpoint, options = {}) {
     this.endpoint = endpoint;
+    this.heartbeatMs = options.heartbeatMs || HEARTBEAT_MS;
+    this.reconnectMs = options.reconnectMs || RECONNECT_MS;
     this.token = options.token || (() => null);
     this.params = options.params || (() => ({}));
     this.channels = [];
@@ -72,7 +75,7 @@ export class Socket {
       this.channels.forEach((channel) => channel.socketClosed());
       this.listeners.close.forEach((cb) => cb(event));
       if (!this.closedByUs) {
-        const wait = after(RECONNECT_MS, this.tries);
+        const wait = after(this.reconnectMs, this.tries);
         this.tries += 1;
         this.reconnectTimer = setTimeout(() => this.connect(), wait);
       }
@@ -98,7 +101,7 @@ export class Socket {
       }
       this.heartbeatRef = this.makeRef();
       this.send([null, this.heartbeatRef, "phoenix", "heartbeat", {}]);
-    }, HEARTBEAT_MS);
+    }, this.heartbeatMs);
   }
 
   send(frame) {

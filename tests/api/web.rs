@@ -201,3 +201,29 @@ async fn two_browsers_of_one_user_on_two_replicas_see_each_others_edits() {
     println!("web: screenshot saved at {}", screenshot.display());
     let _: &TestApp = a;
 }
+
+#[actix_web::test]
+async fn the_pages_client_module_joins_heartbeats_reconnects_and_merges_presence() {
+    let replicas = spawn_cluster(1, ClusterBus::Memory).await;
+    let app = &replicas[0];
+    let alice = app.register().await;
+    let second = app.login_raw(&alice.handle, &alice.password).await;
+    let second: Value = second.json().await.unwrap();
+    let config = json!({
+        "url": app.address,
+        "userId": alice.id,
+        "tokenA": alice.access_token,
+        "tokenB": second["access_token"],
+    })
+    .to_string();
+    let result = tokio::task::spawn_blocking(move || run_node("segue_client.mjs", &[&config]))
+        .await
+        .expect("node runner");
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(
+        result["steps"].as_array().map(Vec::len),
+        Some(6),
+        "{result}"
+    );
+    assert_eq!(result["joins"], 2, "{result}");
+}
