@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{ClusterBus, TestApp, redis_url, spawn_cluster};
+use crate::helpers::{ClusterBus, redis_url, spawn_cluster};
 use crate::phoenix_js::run_node;
 
 /// The demo catalog as `POST /tracks` takes it.
@@ -124,14 +124,15 @@ async fn seed_demo_loads_the_demo_catalog_into_the_configured_store() {
     let dir = crate::helpers::temp_dir("seed");
     for _ in 0..2 {
         // Twice: seeding again replaces the same tracks.
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_segue"))
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_segue"))
             .arg("seed-demo")
             .env_clear()
             .env("SEGUE_DATA_DIR", &dir)
             .env("SEGUE_LOG", "warn")
-            .status()
+            .output()
             .expect("run segue seed-demo");
-        assert!(status.success());
+        assert!(output.status.success());
+        assert!(String::from_utf8_lossy(&output.stdout).contains("24 tracks"));
     }
     let settings = segue::settings::Settings {
         data_dir: dir.clone(),
@@ -162,6 +163,11 @@ async fn two_browsers_of_one_user_on_two_replicas_see_each_others_edits() {
         panic!("two replicas")
     };
     let alice: crate::helpers::Account = a.register().await;
+    let friend = b.register().await;
+    assert_eq!(
+        friend.password, alice.password,
+        "the script signs both in with one password"
+    );
     a.seed_tracks(&alice, &demo_catalog()).await;
     let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -172,6 +178,7 @@ async fn two_browsers_of_one_user_on_two_replicas_see_each_others_edits() {
         "urlB": b.address,
         "handle": alice.handle,
         "password": alice.password,
+        "friendHandle": friend.handle,
         "screenshot": screenshot,
     })
     .to_string();
@@ -181,7 +188,12 @@ async fn two_browsers_of_one_user_on_two_replicas_see_each_others_edits() {
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(
         result["steps"].as_array().map(Vec::len),
-        Some(6),
+        Some(8),
+        "{result}"
+    );
+    let friend_sees = result["friendSees"].as_str().unwrap_or_default();
+    assert!(
+        friend_sees.contains("listening to Morning Static"),
         "{result}"
     );
     assert!(
@@ -199,7 +211,6 @@ async fn two_browsers_of_one_user_on_two_replicas_see_each_others_edits() {
         screenshot.display()
     );
     println!("web: screenshot saved at {}", screenshot.display());
-    let _: &TestApp = a;
 }
 
 #[actix_web::test]

@@ -76,6 +76,36 @@ try {
   await laptop.locator("#now-where", { hasText: "Playing on Phone" }).waitFor();
   result.steps.push("playback moved to the phone on both");
 
+  // Drag-and-drop on the laptop: the dragged entry lands before the one it is dropped on,
+  // and the phone shows the new order.
+  await laptop.getByLabel("Search").fill("Pinecone");
+  await laptop.getByRole("button", { name: "Add Pinecone to the queue" }).click();
+  await phone.locator("#up-next li", { hasText: "Pinecone" }).waitFor();
+  await laptop.locator("#up-next li", { hasText: "Pinecone" })
+    .dragTo(laptop.locator("#up-next li", { hasText: "Porchlight" }));
+  await phone.locator("#up-next li").first().filter({ hasText: "Pinecone" }).waitFor();
+  // The keyboard alternative: "Down" moves it back.
+  await phone.getByRole("button", { name: "Move Pinecone — Field Notes down" }).click();
+  await laptop.locator("#up-next li").first().filter({ hasText: "Porchlight" }).waitFor();
+  result.steps.push("reordered by drag-and-drop and by button");
+
+  // Play from the laptop: the phone is the output, so it is the phone that plays; a friend
+  // who follows this user (through the follow box) sees what is playing.
+  await laptop.getByRole("button", { name: "Play", exact: true }).click();
+  await phone.locator("#now-where", { hasText: "Playing here" }).waitFor();
+  const friend = await browser.newContext();
+  const friendPage = await friend.newPage();
+  await friendPage.goto(`${config.urlA}/?device=Friend`);
+  await friendPage.getByLabel("Handle").fill(config.friendHandle);
+  await friendPage.getByLabel("Password", { exact: true }).fill(config.password);
+  await friendPage.getByRole("button", { name: "Log in" }).click();
+  await friendPage.locator("#connection", { hasText: "live" }).waitFor();
+  await friendPage.getByLabel("Follow someone").fill(config.handle);
+  await friendPage.getByRole("button", { name: "Follow", exact: true }).click();
+  await friendPage.locator("#friends li", { hasText: "listening to Morning Static" }).waitFor();
+  result.friendSees = await friendPage.locator("#friends li").first().textContent();
+  result.steps.push("a follower sees what the phone plays");
+
   await phone.locator("#up-next li", { hasText: "Porchlight" }).waitFor();
   await phone.screenshot({ path: config.screenshot, fullPage: true });
   result.screenshot = config.screenshot;
