@@ -88,6 +88,14 @@ pub async fn list_follows(
     Ok(HttpResponse::Ok().json(json!({ "following": following })))
 }
 
+/// Tells every replica showing `follower`'s `friends:` that the follow list changed.
+fn follows_changed(realtime: &Realtime, follower: UserId) {
+    realtime.hub.do_send(Publish {
+        user: follower,
+        event: UserEvent::FollowsChanged,
+    });
+}
+
 /// `POST /follows/{user_id}`: 201 when new, 200 when already following.
 pub async fn follow(
     state: web::Data<AppState>,
@@ -113,10 +121,7 @@ pub async fn follow(
     };
     let new = follows::follow(&mut conn, caller.user_id, followee).await?;
     if new {
-        realtime.hub.do_send(Publish {
-            user: caller.user_id,
-            event: UserEvent::FollowsChanged,
-        });
+        follows_changed(&realtime, caller.user_id);
     }
     let status = if new {
         StatusCode::CREATED
@@ -138,10 +143,7 @@ pub async fn unfollow(
     let followee = UserId(path.into_inner());
     let mut pooled = state.store.conn().await?;
     if follows::unfollow(&mut pooled.conn(), caller.user_id, followee).await? {
-        realtime.hub.do_send(Publish {
-            user: caller.user_id,
-            event: UserEvent::FollowsChanged,
-        });
+        follows_changed(&realtime, caller.user_id);
     }
     Ok(HttpResponse::NoContent().finish())
 }

@@ -343,10 +343,8 @@ impl Connection {
 
     /// After a presence topic's join reply: the presence actor sends `presence_state`.
     fn start_showing(&self, topic: &Topic, name: &str, ctx: &mut Context<Self>) {
-        let shown = match topic {
-            Topic::Devices(_) => Shown::Devices,
-            Topic::Friends(_) => Shown::Friends,
-            _ => return,
+        let Some(shown) = shown_on(topic) else {
+            return;
         };
         self.shared.presence.do_send(presence::WatchTopic {
             socket: self.id,
@@ -359,10 +357,8 @@ impl Connection {
 
     /// A presence topic was left (or joined again): no more diffs for the old join.
     fn stop_showing(&self, topic: &Topic) {
-        let shown = match topic {
-            Topic::Devices(_) => Shown::Devices,
-            Topic::Friends(_) => Shown::Friends,
-            _ => return,
+        let Some(shown) = shown_on(topic) else {
+            return;
         };
         self.shared.presence.do_send(presence::UnwatchTopic {
             socket: self.id,
@@ -535,6 +531,15 @@ impl StreamHandler<Inbound> for Connection {
         // The client went away.
         self.closing = true;
         ctx.stop();
+    }
+}
+
+/// The presence a topic shows, if it is a presence topic.
+fn shown_on(topic: &Topic) -> Option<Shown> {
+    match topic {
+        Topic::Devices(_) => Some(Shown::Devices),
+        Topic::Friends(_) => Some(Shown::Friends),
+        Topic::Echo(..) | Topic::Queue(_) => None,
     }
 }
 

@@ -8,27 +8,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::helpers::{ClusterBus, PrivateRedis, TestApp, spawn_cluster};
 use crate::phoenix::{FRAME_WAIT, PhxClient, connect};
 
-macro_rules! on_both_buses {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use crate::helpers::{ClusterBus, redis_url, spawn_cluster};
-
-                #[actix_web::test]
-                async fn memory() {
-                    super::$name(spawn_cluster(2, ClusterBus::Memory).await).await;
-                }
-
-                #[actix_web::test]
-                async fn redis() {
-                    super::$name(spawn_cluster(2, ClusterBus::Redis(redis_url())).await).await;
-                }
-            }
-        )*
-    };
-}
-
-on_both_buses!(
+crate::on_both_buses!(
     a_broadcast_on_one_replica_reaches_the_users_sockets_on_the_other_exactly_once,
     logout_on_one_replica_closes_the_sessions_sockets_on_the_other,
 );

@@ -778,3 +778,26 @@ macro_rules! on_both_backends {
         )*
     };
 }
+
+/// Generates one test per bus from `async fn name(replicas: Vec<TestApp>)`, given two
+/// replicas sharing one PostgreSQL database: on the in-process network, and over Redis.
+#[macro_export]
+macro_rules! on_both_buses {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use $crate::helpers::{ClusterBus, redis_url, spawn_cluster};
+
+                #[actix_web::test]
+                async fn memory() {
+                    super::$name(spawn_cluster(2, ClusterBus::Memory).await).await;
+                }
+
+                #[actix_web::test]
+                async fn redis() {
+                    super::$name(spawn_cluster(2, ClusterBus::Redis(redis_url())).await).await;
+                }
+            }
+        )*
+    };
+}

@@ -147,27 +147,7 @@ async fn delete(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
         .expect("request")
 }
 
-macro_rules! on_both_buses {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use crate::helpers::{ClusterBus, redis_url, spawn_cluster};
-
-                #[actix_web::test]
-                async fn memory() {
-                    super::$name(spawn_cluster(2, ClusterBus::Memory).await).await;
-                }
-
-                #[actix_web::test]
-                async fn redis() {
-                    super::$name(spawn_cluster(2, ClusterBus::Redis(redis_url())).await).await;
-                }
-            }
-        )*
-    };
-}
-
-on_both_buses!(
+crate::on_both_buses!(
     devices_of_one_user_see_each_other_join_play_and_leave_across_replicas,
     transfer_and_commands_reach_devices_on_the_other_replica,
     friends_see_followed_users_only_and_follow_changes_while_joined,
