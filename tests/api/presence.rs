@@ -999,3 +999,63 @@ async fn a_replica_killed_with_sigkill_leaves_no_ghost_beyond_the_ttl() {
     );
     assert!(list.keys.contains_key("watcher"));
 }
+
+#[actix_web::test]
+async fn presence_comes_back_after_redis_restarts_empty() {
+    let mut redis = crate::helpers::PrivateRedis::start();
+    let replicas = spawn_cluster(2, ClusterBus::Redis(redis.url())).await;
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let alice = a.register().await;
+    let topic = format!("devices:{}", alice.id);
+    let _phone = device_socket(a, &alice, "phone").await;
+    let mut watcher = device_socket(b, &alice, "watcher").await;
+    join(&mut watcher, &topic).await;
+    let mut list = PresenceList::default();
+    until(&mut watcher, &topic, &mut list, |l| {
+        l.keys.contains_key("phone")
+    })
+    .await;
+
+    // A restarted Redis keeps nothing: every replica writes its own devices again once its
+    // bus is back, and the views are read again.
+    redis.halt();
+    redis.resume();
+    let by_handle = format!("/now-playing/by-handle/{}", alice.handle);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // The registry itself lists the phone again (not only the watcher's memory of it).
+        let devices: Value = b
+            .get_with_token("/devices/", &alice.access_token)
+            .await
+            .json()
+            .await
+            .unwrap_or_default();
+        let online: Vec<&str> = devices["devices"]
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .filter(|d| d["online"] == true)
+                    .filter_map(|d| d["device_id"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if online.contains(&"phone") && online.contains(&"watcher") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "devices not back: {devices}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.get(&by_handle).await.status(), 204);
+    // And the watcher's list still shows the phone after every re-read has landed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while watcher
+        .sees_within(Duration::from_millis(10), |f| is_presence_on(f, &topic))
+        .await
+    {
+        let frame = watcher.next_matching(|f| is_presence_on(f, &topic)).await;
+        list.apply(&frame);
+    }
+    assert!(list.keys.contains_key("phone"), "{list:?}");
+}
