@@ -34,19 +34,37 @@ function saveAuth(body) {
 
 let refreshing = null;
 
+// Refresh tokens rotate, and reusing a spent one ends the login: tabs of one browser share
+// the tokens, so a refresh runs under a cross-tab lock and first looks whether another tab
+// already did it.
 async function refreshTokens() {
   if (!auth) return false;
-  refreshing = refreshing || fetch("/auth/refresh", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ refresh_token: auth.refresh_token }),
-  }).then(async (res) => {
+  const stale = auth.access_token;
+  const run = async () => {
+    const latest = JSON.parse(saved.getItem("segue.auth") || "null");
+    if (!latest) return false;
+    if (latest.access_token !== stale) { auth = latest; return true; }
+    const res = await fetch("/auth/refresh", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ refresh_token: latest.refresh_token }),
+    });
     if (!res.ok) return false;
     saveAuth(await res.json());
     return true;
-  }).finally(() => { refreshing = null; });
+  };
+  refreshing = refreshing
+    || (navigator.locks ? navigator.locks.request("segue.refresh", run) : run()).finally(() => { refreshing = null; });
   return refreshing;
 }
+
+// Another tab refreshed or signed out.
+window.addEventListener("storage", (event) => {
+  if (event.key !== "segue.auth") return;
+  const next = JSON.parse(event.newValue || "null");
+  if (!next && auth) window.location.reload();
+  auth = next;
+});
 
 async function api(method, path, body, retried = false) {
   const headers = {};
