@@ -1087,6 +1087,11 @@ impl Handler<Observed> for Presence {
             watched.buffered.push(msg.event);
             return;
         };
+        // Two transfers made at once on two replicas: the registry keeps the last write, but
+        // replicas may hear the events in either order; a re-read settles it.
+        if matches!(msg.event, UserEvent::OutputChanged { .. }) {
+            watched.stale = true;
+        }
         let change = apply(view, msg.event, &mut self.refs);
         self.broadcast(msg.user, &change);
     }
