@@ -8,6 +8,7 @@
 //! Refs are made by the viewing replica, so every socket of that replica sees one consistent
 //! history.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
@@ -241,17 +242,35 @@ impl View {
     /// Takes the registry's `snapshot` as the truth, except for entries this view has seen
     /// newer versions of (their events overtook the read).
     pub fn replace(&mut self, snapshot: Snapshot, refs: &mut RefGen) -> Change {
+        self.replace_except(snapshot, &HashSet::new(), false, refs)
+    }
+
+    /// Like [`replace`](Self::replace), but the instances in `heard` (and the output device
+    /// when `output_heard`) keep what this view shows: events about them arrived while the
+    /// snapshot was being read, so they are newer than it, whatever it says.
+    pub fn replace_except(
+        &mut self,
+        mut snapshot: Snapshot,
+        heard: &HashSet<InstanceId>,
+        output_heard: bool,
+        refs: &mut RefGen,
+    ) -> Change {
         let mut change = Change::default();
+        snapshot
+            .entries
+            .retain(|instance, _| !heard.contains(instance));
         let gone: Vec<InstanceId> = self
             .shown
             .iter()
-            .filter(|s| !snapshot.entries.contains_key(&s.instance))
+            .filter(|s| !heard.contains(&s.instance) && !snapshot.entries.contains_key(&s.instance))
             .map(|s| s.instance.clone())
             .collect();
         for instance in gone {
             change.extend(self.remove(&instance, u64::MAX));
         }
-        change.extend(self.set_output(snapshot.output, refs));
+        if !output_heard {
+            change.extend(self.set_output(snapshot.output, refs));
+        }
         for (instance, entry) in snapshot.entries {
             change.extend(self.upsert(&instance, entry, refs));
         }
@@ -424,5 +443,24 @@ mod tests {
         assert_eq!(change.leaves.len(), 1);
         assert_eq!(change.leaves[0]["device_id"], "a");
         assert_eq!(view.next_expiry(), Some(5_000));
+    }
+
+    #[test]
+    fn a_snapshot_read_while_events_arrived_keeps_what_they_said() {
+        let (mut view, mut refs) = (View::default(), refs());
+        view.upsert("a/1", entry("a", 1), &mut refs);
+        // Heard while the read was in flight: a new device joined, "a" left, output moved.
+        view.upsert("d/1", entry("d", 1), &mut refs);
+        view.remove("a/1", 2);
+        view.set_output(Some("d".into()), &mut refs);
+        let heard: HashSet<InstanceId> = ["d/1".to_owned(), "a/1".to_owned()].into();
+        let mut stale = Snapshot::default();
+        stale.entries.insert("a/1".into(), Arc::new(entry("a", 1)));
+        let change = view.replace_except(stale, &heard, true, &mut refs);
+        assert!(change.is_empty(), "{change:?}");
+        let metas = view.metas();
+        assert_eq!(metas.len(), 1);
+        assert_eq!(metas[0]["device_id"], "d");
+        assert_eq!(metas[0]["is_output"], true);
     }
 }

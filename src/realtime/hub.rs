@@ -50,6 +50,9 @@ struct Hearing {
     subscription: Subscription,
     session: bool,
     watchers: usize,
+    /// Tells this subscription from an earlier one of the same user, whose outcome may
+    /// still arrive.
+    epoch: u64,
 }
 
 /// A session and how many sockets it has.
@@ -65,6 +68,8 @@ pub struct Hub {
     bus: AnyBus,
     sessions: HashMap<UserId, Entry>,
     hearing: HashMap<UserId, Hearing>,
+    /// The next subscription epoch.
+    epochs: u64,
     /// How long a session outlives its last use (a quick reconnect finds it warm).
     linger: Duration,
     /// Set right after start ([`UseQueues`]).
@@ -80,6 +85,7 @@ impl Hub {
             bus,
             sessions: HashMap::new(),
             hearing: HashMap::new(),
+            epochs: 0,
             linger,
             queues: None,
             presence: None,
@@ -90,6 +96,8 @@ impl Hub {
     /// The user's channel, subscribing when this replica does not hear it yet.
     fn hear(&mut self, user: UserId, ctx: &mut Context<Self>) -> &mut Hearing {
         if !self.hearing.contains_key(&user) {
+            self.epochs += 1;
+            let epoch = self.epochs;
             let bus = self.bus.clone();
             ctx.spawn(
                 async move { bus.subscribe(user).await }
@@ -98,7 +106,8 @@ impl Hub {
                         if let Err(error) = &result {
                             tracing::warn!(%error, %user, "bus subscribe failed");
                         }
-                        if let Some(hearing) = hub.hearing.get_mut(&user) {
+                        let current = hub.hearing.get_mut(&user).filter(|h| h.epoch == epoch);
+                        if let Some(hearing) = current {
                             let done = Subscription::Done(result.is_ok());
                             if let Subscription::Pending(waiters) =
                                 std::mem::replace(&mut hearing.subscription, done)
@@ -111,10 +120,12 @@ impl Hub {
                     }),
             );
         }
+        let epoch = self.epochs;
         self.hearing.entry(user).or_insert_with(|| Hearing {
             subscription: Subscription::Pending(Vec::new()),
             session: false,
             watchers: 0,
+            epoch,
         })
     }
 

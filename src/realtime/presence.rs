@@ -127,20 +127,29 @@ struct Local {
 struct RestDevice {
     online_at: i64,
     last_report: Instant,
+    last_report_ms: i64,
     plays: PlayTracker,
 }
 
 /// A user whose presence sockets here are shown.
 #[derive(Default)]
 struct Watched {
+    /// Tells this watch from an earlier one of the same user, whose reads may still return.
+    generation: u64,
     /// `None` until the first read of the registry is back.
     view: Option<View>,
     /// Events heard while loading, applied on top of the first read.
     buffered: Vec<UserEvent>,
     /// A read of the registry is under way.
     reloading: bool,
+    /// Instances (and whether the output) that events changed while that read was under
+    /// way: the view's version of them is newer than the read's.
+    heard: HashSet<InstanceId>,
+    output_heard: bool,
     /// The last read failed: read again at the next sweep.
     stale: bool,
+    /// Read again once the read under way is back (the bus came back meanwhile).
+    reread: bool,
     device_viewers: HashSet<SocketId>,
     friend_viewers: HashSet<SocketId>,
 }
@@ -161,6 +170,9 @@ struct FriendsViewer {
     followees: HashSet<UserId>,
     loaded: bool,
     state_sent: bool,
+    /// Counts reads of the follow list; only the latest one's answer is applied (two reads
+    /// may finish in either order).
+    follows_read: u64,
 }
 
 pub struct Presence {
@@ -179,8 +191,11 @@ pub struct Presence {
     leaving: VecDeque<(Instant, (UserId, DeviceId))>,
     rest: HashMap<(UserId, DeviceId), RestDevice>,
     views: HashMap<UserId, Watched>,
-    /// Users to read from the registry (with the hub's signal that their channel is heard).
-    to_load: Vec<(UserId, oneshot::Receiver<bool>)>,
+    /// Users to read from the registry: the watch's generation, and the hub's signal that
+    /// their channel is heard.
+    to_load: Vec<(UserId, u64, oneshot::Receiver<bool>)>,
+    /// The next watch generation.
+    generations: u64,
     /// A read of `to_load` is under way.
     loading: bool,
     device_viewers: HashMap<SocketId, DeviceViewer>,
@@ -214,6 +229,7 @@ impl Presence {
             rest: HashMap::new(),
             views: HashMap::new(),
             to_load: Vec::new(),
+            generations: 0,
             loading: false,
             device_viewers: HashMap::new(),
             friend_viewers: HashMap::new(),
@@ -375,7 +391,8 @@ impl Presence {
             self.send_job(Job::Put(writes, Vec::new()));
         }
         // REST players tracked here that stopped reporting: their entries expire by
-        // themselves; credit their last play.
+        // themselves. Their last play is credited only up to their last report here (they
+        // may have stopped, or gone on reporting to another replica).
         let stale: Vec<(UserId, DeviceId)> = self
             .rest
             .iter()
@@ -387,7 +404,7 @@ impl Presence {
                 let queues = &self.queues;
                 if let Some(track) = rest
                     .plays
-                    .finish(now_ms(), &|id: &str| queues.cached_duration(id))
+                    .finish(rest.last_report_ms, &|id: &str| queues.cached_duration(id))
                 {
                     self.record_play(key.0, track, key.1);
                 }
@@ -404,13 +421,25 @@ impl Presence {
             if self.views.contains_key(&user) {
                 continue;
             }
-            self.views.insert(user, Watched::default());
+            self.generations += 1;
+            let generation = self.generations;
+            self.views.insert(
+                user,
+                Watched {
+                    generation,
+                    ..Watched::default()
+                },
+            );
             let (done, signal) = oneshot::channel();
             self.hub.do_send(Watch { user, heard: done });
-            new.push(user);
+            new.push((user, generation));
             heard.push(signal);
         }
-        self.to_load.extend(new.into_iter().zip(heard));
+        self.to_load.extend(
+            new.into_iter()
+                .zip(heard)
+                .map(|((user, generation), signal)| (user, generation, signal)),
+        );
         self.load_next(ctx);
     }
 
@@ -425,9 +454,14 @@ impl Presence {
             .to_load
             .drain(..self.to_load.len().min(MAX_LOAD_BATCH))
             .collect();
-        let (users, heard): (Vec<UserId>, Vec<_>) = batch.into_iter().unzip();
+        let mut users = Vec::with_capacity(batch.len());
+        let mut heard = Vec::with_capacity(batch.len());
+        for (user, generation, signal) in batch {
+            users.push((user, generation));
+            heard.push(signal);
+        }
         let registry = self.registry.clone();
-        let asked = users.clone();
+        let asked = users.iter().map(|(user, _)| *user).collect();
         ctx.spawn(
             async move {
                 for signal in heard {
@@ -447,7 +481,7 @@ impl Presence {
     /// The first read of `users` is back: their views start, and their viewers get state.
     fn loaded(
         &mut self,
-        users: Vec<UserId>,
+        users: Vec<(UserId, u64)>,
         result: Result<Vec<Snapshot>, crate::presence::RegistryError>,
     ) {
         let failed = result.is_err();
@@ -455,12 +489,13 @@ impl Presence {
             tracing::warn!(%error, "presence read failed; retrying");
         }
         let mut snapshots = result.unwrap_or_default().into_iter();
-        for user in users {
+        for (user, generation) in users {
             let snapshot = snapshots.next().unwrap_or_default();
             let Some(watched) = self.views.get_mut(&user) else {
                 continue;
             };
-            if watched.view.is_some() {
+            // Read for an earlier watch of this user (released and watched again since).
+            if watched.generation != generation || watched.view.is_some() {
                 continue;
             }
             let mut view = View::from_snapshot(snapshot, &mut self.refs);
@@ -468,7 +503,7 @@ impl Presence {
                 apply(&mut view, event, &mut self.refs);
             }
             watched.view = Some(view);
-            watched.stale = failed;
+            watched.stale = failed || std::mem::take(&mut watched.reread);
             let devices: Vec<SocketId> = watched.device_viewers.iter().copied().collect();
             let friends: Vec<SocketId> = watched.friend_viewers.iter().copied().collect();
             for socket in devices {
@@ -656,6 +691,11 @@ impl Presence {
 
     /// Reads a friends viewer's follows from the store and applies them.
     fn load_followees(&mut self, socket: SocketId, follower: UserId, ctx: &mut Context<Self>) {
+        let Some(viewer) = self.friend_viewers.get_mut(&socket) else {
+            return;
+        };
+        viewer.follows_read += 1;
+        let read = viewer.follows_read;
         let store = self.store.clone();
         ctx.spawn(
             async move {
@@ -664,7 +704,15 @@ impl Presence {
             }
             .into_actor(self)
             .map(move |result, this, ctx| match result {
-                Ok(ids) => this.set_followees(socket, ids.into_iter().collect(), ctx),
+                Ok(ids) => {
+                    let latest = this
+                        .friend_viewers
+                        .get(&socket)
+                        .is_some_and(|v| v.follows_read == read);
+                    if latest {
+                        this.set_followees(socket, ids.into_iter().collect(), ctx);
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, %follower, "could not read follows; retrying");
                     ctx.run_later(Duration::from_secs(1), move |this, ctx| {
@@ -720,8 +768,13 @@ impl Presence {
         self.reload(due, ctx);
     }
 
+    /// Reads `users` (whose views are marked `reloading`) again from the registry.
     fn reload(&mut self, users: Vec<UserId>, ctx: &mut Context<Self>) {
         let registry = self.registry.clone();
+        let generations: Vec<u64> = users
+            .iter()
+            .map(|user| self.views.get(user).map_or(0, |w| w.generation))
+            .collect();
         let asked = users.clone();
         ctx.spawn(
             async move { registry.snapshots(asked).await }
@@ -729,18 +782,25 @@ impl Presence {
                 .map(move |result, this, _| {
                     let failed = result.is_err();
                     let mut snapshots = result.unwrap_or_default().into_iter();
-                    for user in users {
+                    for (user, generation) in users.into_iter().zip(generations) {
                         let snapshot = snapshots.next();
                         let Some(watched) = this.views.get_mut(&user) else {
                             continue;
                         };
+                        if watched.generation != generation {
+                            continue;
+                        }
                         watched.reloading = false;
-                        watched.stale = failed;
+                        watched.stale = failed || std::mem::take(&mut watched.reread);
+                        let heard = std::mem::take(&mut watched.heard);
+                        let output_heard = std::mem::take(&mut watched.output_heard);
                         let Some(view) = watched.view.as_mut() else {
                             continue;
                         };
                         let change = match snapshot {
-                            Some(snapshot) => view.replace(snapshot, &mut this.refs),
+                            Some(snapshot) => {
+                                view.replace_except(snapshot, &heard, output_heard, &mut this.refs)
+                            }
                             // The registry is away: entries past their expiry go anyway, as
                             // nobody can have refreshed them.
                             None => view.expire(now_ms()),
@@ -939,14 +999,18 @@ impl Handler<RestPlaying> for Presence {
         let mut rest = self.rest.remove(&key).unwrap_or_else(|| RestDevice {
             online_at: now_ms(),
             last_report: Instant::now(),
+            last_report_ms: now_ms(),
             plays: PlayTracker::default(),
         });
         rest.last_report = Instant::now();
+        rest.last_report_ms = now_ms();
         self.track_play(&mut rest.plays, now_playing.as_ref(), msg.user, &key.1);
         let Some(now_playing) = now_playing else {
+            // Any replica may write a REST instance, and their clocks differ: a withdrawal
+            // removes whatever version a view shows.
             let event = UserEvent::PresenceRemove {
                 instance: instance.clone(),
-                seq,
+                seq: u64::MAX,
             };
             self.send_job(Job::Remove(
                 vec![(msg.user, instance)],
@@ -1029,6 +1093,7 @@ impl Handler<WatchTopic> for Presence {
                         followees: HashSet::new(),
                         loaded: false,
                         state_sent: false,
+                        follows_read: 0,
                     },
                 );
                 self.load_followees(msg.socket, msg.user, ctx);
@@ -1092,6 +1157,16 @@ impl Handler<Observed> for Presence {
         if matches!(msg.event, UserEvent::OutputChanged { .. }) {
             watched.stale = true;
         }
+        if watched.reloading {
+            match &msg.event {
+                UserEvent::PresenceUpsert { instance, .. }
+                | UserEvent::PresenceRemove { instance, .. } => {
+                    watched.heard.insert(instance.clone());
+                }
+                UserEvent::OutputChanged { .. } => watched.output_heard = true,
+                _ => {}
+            }
+        }
         let change = apply(view, msg.event, &mut self.refs);
         self.broadcast(msg.user, &change);
     }
@@ -1116,15 +1191,16 @@ impl Handler<Resync> for Presence {
         for key in online {
             self.publish_local(&key);
         }
-        let users: Vec<UserId> = self
-            .views
-            .iter_mut()
-            .filter(|(_, w)| w.view.is_some() && !w.reloading)
-            .map(|(user, w)| {
-                w.reloading = true;
-                *user
-            })
-            .collect();
+        let mut users = Vec::new();
+        for (user, watched) in &mut self.views {
+            if watched.view.is_some() && !watched.reloading {
+                watched.reloading = true;
+                users.push(*user);
+            } else {
+                // A read under way may have been answered while the bus was away.
+                watched.reread = true;
+            }
+        }
         if !users.is_empty() {
             // After the rewrites above are queued, so this replica's own entries are back.
             ctx.run_later(Duration::from_millis(200), move |this, ctx| {
