@@ -90,6 +90,14 @@ async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm(
         hub.data_dir().join("segue.db").exists(),
         "the embedded default is a SQLite file"
     );
+    // Run from the repository (as `cargo run` is), it serves the web page from ./static.
+    let page = client
+        .get(format!("{}/", hub.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<title>Segue</title>"));
 
     let status = Command::new("kill")
         .args(["-TERM", &hub.pid().to_string()])

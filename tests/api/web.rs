@@ -238,3 +238,31 @@ async fn the_pages_client_module_joins_heartbeats_reconnects_and_merges_presence
     );
     assert_eq!(result["joins"], 2, "{result}");
 }
+
+#[actix_web::test]
+async fn two_tabs_of_one_browser_stay_signed_in_through_token_refreshes() {
+    // Six-second access tokens: the page renews them every five seconds.
+    let replicas = crate::helpers::spawn_cluster_tuned(1, ClusterBus::Memory, |s| {
+        s.access_token_ttl_secs = 6;
+    })
+    .await;
+    let app = &replicas[0];
+    let alice = app.register().await;
+    app.seed_tracks(&alice, &demo_catalog()).await;
+    let config = json!({
+        "url": app.address,
+        "handle": alice.handle,
+        "password": alice.password,
+        "waitMs": 12_000,
+    })
+    .to_string();
+    let result = tokio::task::spawn_blocking(move || run_node("web_tabs.mjs", &[&config]))
+        .await
+        .expect("node runner");
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(
+        result["steps"].as_array().map(Vec::len),
+        Some(3),
+        "{result}"
+    );
+}
