@@ -5,7 +5,9 @@
 //! * [`settings`]: typed, layered configuration (defaults, `SEGUE_CONFIG` file, environment).
 //! * [`startup`]: builds every part and binds the listener; [`startup::Application`].
 //! * [`http`]: the REST API (accounts, catalog, health), the socket upgrade, extractors.
-//! * [`realtime`]: the Phoenix socket's actors: connection, user session, hub, relay.
+//! * [`realtime`]: the Phoenix socket's actors: connection, user session, hub, relay, presence.
+//! * [`presence`]: device entries, the presence registry (in-process or Redis), Phoenix
+//!   presence views and diffs, play counting.
 //! * [`bus`]: the bus between replicas (in-process or Redis pub/sub).
 //! * [`auth`]: password hashing, access tokens, refresh-token sessions.
 //! * [`domain`]: values parsed once at the edge (`Handle`, `DeviceId`, `TrackId`, …).
@@ -13,12 +15,14 @@
 //! * [`redis`]: the Redis pool (the bus and hot store once configured).
 //! * [`telemetry`]: logs and Prometheus metrics.
 //! * [`error`]: the one HTTP error type.
+//! * [`demo`]: the demo catalog behind `segue seed-demo`.
 //!
 //! ```text
 //! client ─HTTP─▶ http (parse, authenticate) ─▶ store (Diesel) ─▶ PostgreSQL | SQLite
 //!   │                 └─▶ auth (argon2, JWT, refresh families)
 //!   └─WS─▶ realtime: Connection ─▶ Hub ─▶ UserSession ─▶ Connection(s) ─▶ devices
-//!                                  └─▶ bus ─▶ other replicas' Relay ─▶ Hub ─▶ …
+//!            │                     └─▶ bus ─▶ other replicas' Relay ─▶ Hub ─▶ …
+//!            └─▶ Presence ─▶ presence registry (in-process | Redis), then bus
 //! ```
 //!
 //! Dependencies point the way data flows: `http` → `realtime` → `store` / `bus`; nothing in
