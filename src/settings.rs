@@ -24,7 +24,7 @@ const UNPREFIXED: [&str; 7] = [
 ];
 
 /// Everything the hub can be told at start-up. Field `foo_bar` is set by `SEGUE_FOO_BAR`
-/// (or the unprefixed name listed in [`UNPREFIXED`]) or by `foo_bar = ...` in the file.
+/// (or its usual unprefixed name: `DATABASE_URL`, `REDIS_URL`, `S3_*`) or by `foo_bar = ...` in the file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {

@@ -1,6 +1,6 @@
 //! The REST API: routes, shared state and the request extractors. Handlers parse their input
-//! into domain values at the edge, call the store (or, later, the realtime layer), and answer
-//! JSON; every failure is an [`ApiError`](crate::error::ApiError).
+//! into domain values at the edge, call the store or the realtime layer, and answer JSON;
+//! every failure is an [`ApiError`].
 
 mod accounts;
 mod catalog;
