@@ -49,7 +49,8 @@ async function refreshTokens() {
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ refresh_token: latest.refresh_token }),
     });
-    if (!res.ok) return false;
+    if (res.status === 401) return false; // refused: the login has ended
+    if (!res.ok) throw new Error(`refresh failed (${res.status})`); // try again later
     saveAuth(await res.json());
     return true;
   };
@@ -72,8 +73,9 @@ async function api(method, path, body, retried = false) {
   if (body !== undefined) headers["content-type"] = "application/json";
   const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   if (res.status === 401 && auth && !retried) {
-    if (await refreshTokens()) return api(method, path, body, true);
-    signOut();
+    const refreshed = await refreshTokens().catch(() => null);
+    if (refreshed) return api(method, path, body, true);
+    if (refreshed === false) signOut(); // null: the server is unwell; keep the login
   }
   return res;
 }
@@ -102,9 +104,8 @@ let devicesChannel = null;
 function notice(text) {
   const el = $("notice");
   el.textContent = text;
-  el.hidden = false;
   clearTimeout(notice.timer);
-  notice.timer = setTimeout(() => { el.hidden = true; }, 6000);
+  notice.timer = setTimeout(() => { el.textContent = ""; }, 6000);
 }
 
 function deviceLabel(id) {
@@ -115,17 +116,30 @@ function deviceLabel(id) {
 
 // ---- queue ----------------------------------------------------------------------------
 
+function currentEntry(state) {
+  return state.entry_ids && state.entry_ids.length ? state.entry_ids[state.current_index] : null;
+}
+
 function takeQueue(payload) {
   if (payload.revision < view.queue.revision) return;
+  const before = currentEntry(view.queue.state);
   view.queue = { revision: payload.revision, state: payload.state, tracks: payload.tracks || [] };
   for (const track of view.queue.tracks) view.tracks.set(track.id, track);
+  if (currentEntry(payload.state) !== before) {
+    // Another track is current: it starts from the top, and the devices hear so.
+    view.progressMs = 0;
+    reportPlaying();
+  }
   renderQueue();
 }
 
 async function ops(list) {
   try {
     const response = await reply(queueChannel.push("ops", { base_revision: view.queue.revision, ops: list }));
-    if (response.skipped && response.skipped.length) notice("Someone changed that entry first; the rest was applied.");
+    const skipped = response.skipped ? response.skipped.length : 0;
+    const named = list.some((op) => op.entry_id);
+    if (skipped && named) notice("That entry changed on another device first, so nothing was done to it.");
+    else if (skipped && list.length === 1 && list[0].op === "next") notice("That was the last track.");
   } catch (error) {
     notice(`The queue did not change: ${error.message}`);
   }
@@ -136,7 +150,27 @@ function trackText(id) {
   return track ? `${track.title} — ${track.artist}` : id;
 }
 
+// Re-rendering a list replaces its elements: put focus back on the same control of the same
+// item (by `data-key` and the control's label), so keyboard users keep their place.
+function keepingFocus(list, render) {
+  const focused = document.activeElement;
+  const item = focused && list.contains(focused) ? focused.closest("li") : null;
+  const key = item && item.dataset.key;
+  const label = focused && focused !== item ? focused.getAttribute("aria-label") : null;
+  render();
+  if (!key) return;
+  const again = [...list.children].find((li) => li.dataset.key === key);
+  if (!again) return;
+  const control = label ? [...again.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === label) : null;
+  (control || again).focus();
+}
+
 function renderQueue() {
+  keepingFocus($("up-next"), renderUpNext);
+  renderPlayButton();
+}
+
+function renderUpNext() {
   const { state } = view.queue;
   const ids = state.track_ids || [];
   const entries = state.entry_ids || [];
@@ -151,6 +185,7 @@ function renderQueue() {
     const item = document.createElement("li");
     item.draggable = true;
     item.dataset.entry = entry;
+    item.dataset.key = entry;
     item.tabIndex = 0;
     const title = document.createElement("span");
     title.className = "title";
@@ -168,7 +203,8 @@ function renderQueue() {
       e.preventDefault();
       item.classList.remove("drop-target");
       const moved = e.dataTransfer.getData("text/plain");
-      if (moved && moved !== entry) ops([{ op: "move", entry_id: moved, after_entry_id: entryBefore(entry) }]);
+      const after = entryBefore(entry);
+      if (moved && moved !== entry && moved !== after) ops([{ op: "move", entry_id: moved, after_entry_id: after }]);
     });
     list.append(item);
   }
@@ -209,6 +245,7 @@ function currentTrackId() {
 }
 
 function reportPlaying() {
+  view.reportedAt = Date.now();
   if (!devicesChannel || devicesChannel.state !== "joined") return;
   const track = currentTrackId();
   const payload = view.playing && track
@@ -219,8 +256,7 @@ function reportPlaying() {
 
 function setPlaying(on) {
   view.playing = on && Boolean(currentTrackId());
-  $("play").textContent = view.playing ? "Pause" : "Play";
-  $("play").setAttribute("aria-label", view.playing ? "Pause" : "Play");
+  renderPlayButton();
   reportPlaying();
   renderNowWhere();
 }
@@ -231,17 +267,41 @@ setInterval(() => {
   const track = view.tracks.get(currentTrackId());
   if (track && track.duration_ms && view.progressMs >= track.duration_ms) {
     view.progressMs = 0;
-    ops([{ op: "next" }]);
-  } else if (view.progressMs % 10000 === 0) {
+    advance();
+  } else if (Date.now() - (view.reportedAt || 0) >= 10000) {
     reportPlaying();
   }
 }, 1000);
+
+// At a track's end: jump to the entry after this one by name, so that two players that both
+// reach the end (tabs of one browser are one device) cannot skip a track between them.
+function advance() {
+  const { state } = view.queue;
+  if (state.repeat_mode === "one") { reportPlaying(); return; }
+  const following = state.entry_ids[state.current_index + 1];
+  if (following) ops([{ op: "jump", entry_id: following }]);
+  else if (state.repeat_mode === "all" && state.entry_ids.length) ops([{ op: "jump", entry_id: state.entry_ids[0] }]);
+  else setPlaying(false);
+}
 
 function renderNowWhere() {
   const output = view.output;
   $("now-where").textContent = output && output !== deviceId
     ? `Playing on ${deviceLabel(output)}`
     : view.playing ? "Playing here" : "";
+}
+
+// Whether the output device (this one or another) is playing now.
+function outputPlaying() {
+  if (!view.output || view.output === deviceId) return view.playing;
+  const entry = view.devices && view.devices.list().find(([key]) => key === view.output);
+  return Boolean(entry && entry[1].some((m) => m.now_playing && m.now_playing.is_playing));
+}
+
+function renderPlayButton() {
+  const playing = outputPlaying();
+  $("play").textContent = playing ? "Pause" : "Play";
+  $("play").setAttribute("aria-label", playing ? "Pause" : "Play");
 }
 
 function command(action) {
@@ -257,12 +317,18 @@ function command(action) {
 // ---- devices and friends ---------------------------------------------------------------
 
 function renderDevices() {
+  keepingFocus($("devices"), renderDeviceList);
+  renderPlayButton();
+}
+
+function renderDeviceList() {
   const list = $("devices");
   list.replaceChildren();
   view.output = null;
   for (const [id, metas] of view.devices.list()) {
     const meta = metas[0];
     const item = document.createElement("li");
+    item.dataset.key = id;
     const title = document.createElement("span");
     title.className = "title";
     title.textContent = id === deviceId ? `${meta.name} (this device)` : meta.name;
@@ -317,7 +383,7 @@ function renderFriends() {
     what.textContent = playing ? `listening to ${trackText(playing.now_playing.track_id)}` : "online";
     item.append(title, what);
     list.append(item);
-    if (playing) ensureTrack(playing.now_playing.track_id).then(renderFriendsSoon);
+    if (playing) ensureTrack(playing.now_playing.track_id).then((fetched) => { if (fetched) renderFriendsSoon(); });
   }
 }
 
@@ -327,12 +393,15 @@ function renderFriendsSoon() {
   friendsTimer = setTimeout(renderFriends, 50);
 }
 
+// Fetches a track not known yet; true when it was fetched now (so a re-render shows it).
+// Unknown ids are remembered too (as null), so nothing is asked twice.
 async function ensureTrack(id) {
-  if (view.tracks.has(id)) return;
+  if (view.tracks.has(id)) return false;
   view.tracks.set(id, null);
   const res = await api("GET", `/tracks/${encodeURIComponent(id)}`);
-  if (res.ok) view.tracks.set(id, await res.json());
-  else view.tracks.delete(id);
+  if (!res.ok) return false;
+  view.tracks.set(id, await res.json());
+  return true;
 }
 
 async function loadFollowing() {
@@ -372,7 +441,7 @@ async function searchCatalog() {
     item.append(title,
       button("Add", `Add ${track.title} to the queue`, () => ops([{ op: "append", track_ids: [track.id] }])),
       button("Next", `Play ${track.title} next`, () => ops([{ op: "play_next", track_ids: [track.id] }])),
-      button("Play", `Play ${track.title} now`, () => ops([{ op: "play_now", track_id: track.id }]).then(() => setPlaying(true))));
+      button("Play", `Play ${track.title} now`, () => ops([{ op: "play_now", track_id: track.id }]).then(() => command("play"))));
     list.append(item);
   }
 }
@@ -474,7 +543,7 @@ $("login-form").addEventListener("submit", async (event) => {
 });
 
 $("logout").addEventListener("click", signOut);
-$("play").addEventListener("click", () => command(view.playing ? "pause" : "play"));
+$("play").addEventListener("click", () => command(outputPlaying() ? "pause" : "play"));
 $("next").addEventListener("click", () => { view.progressMs = 0; ops([{ op: "next" }]); });
 $("previous").addEventListener("click", () => { view.progressMs = 0; ops([{ op: "previous" }]); });
 $("shuffle").addEventListener("click", () => ops([{ op: view.queue.state.shuffle ? "unshuffle" : "shuffle" }]));

@@ -67,19 +67,24 @@ export class Socket {
       this.channels.forEach((channel) => channel.socketOpened());
     };
     ws.onmessage = (event) => this.receive(event.data);
-    ws.onclose = (event) => {
-      if (this.ws !== ws) return;
-      this.ws = null;
-      clearInterval(this.heartbeatTimer);
-      this.failPending();
-      this.channels.forEach((channel) => channel.socketClosed());
-      this.listeners.close.forEach((cb) => cb(event));
-      if (!this.closedByUs) {
-        const wait = after(this.reconnectMs, this.tries);
-        this.tries += 1;
-        this.reconnectTimer = setTimeout(() => this.connect(), wait);
-      }
-    };
+    ws.onclose = (event) => this.lost(ws, event);
+  }
+
+  // The connection `ws` ended (or is given up): fail what waits, mark channels for rejoin,
+  // and reconnect unless we closed it on purpose. A late close of an abandoned socket is
+  // ignored.
+  lost(ws, event) {
+    if (this.ws !== ws) return;
+    this.ws = null;
+    clearInterval(this.heartbeatTimer);
+    this.failPending();
+    this.channels.forEach((channel) => channel.socketClosed());
+    this.listeners.close.forEach((cb) => cb(event));
+    if (!this.closedByUs) {
+      const wait = after(this.reconnectMs, this.tries);
+      this.tries += 1;
+      this.reconnectTimer = setTimeout(() => this.connect(), wait);
+    }
   }
 
   disconnect() {
@@ -94,9 +99,14 @@ export class Socket {
     this.heartbeatRef = null;
     this.heartbeatTimer = setInterval(() => {
       if (this.heartbeatRef !== null) {
-        // The last heartbeat went unanswered: the connection is dead; reconnect.
+        // The last heartbeat went unanswered: the connection is dead. Reconnect now rather
+        // than wait for a closing handshake that a dead connection never finishes.
         this.heartbeatRef = null;
-        if (this.ws) this.ws.close(4000, "heartbeat timeout");
+        const dead = this.ws;
+        if (dead) {
+          this.lost(dead, { code: 4000, reason: "heartbeat timeout" });
+          try { dead.close(4000, "heartbeat timeout"); } catch { /* already closing */ }
+        }
         return;
       }
       this.heartbeatRef = this.makeRef();

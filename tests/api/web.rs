@@ -233,7 +233,7 @@ async fn the_pages_client_module_joins_heartbeats_reconnects_and_merges_presence
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(
         result["steps"].as_array().map(Vec::len),
-        Some(6),
+        Some(7),
         "{result}"
     );
     assert_eq!(result["joins"], 2, "{result}");

@@ -1,10 +1,11 @@
 // The page's own client module (static/segue.js) against a running hub, in Node:
 //   node segue_client.mjs '<json config>'
 // config: {url: "http://127.0.0.1:<port>", userId, tokenA, tokenB}. Checks joins, replies,
-// heartbeats (a socket whose heartbeats went unanswered would reconnect), reconnect with
-// rejoin after the server drops the socket, and the presence merge. Prints one JSON line.
+// heartbeats (a socket whose heartbeats went unanswered would reconnect; a silent server
+// makes it reconnect at once), reconnect with rejoin after the server drops the socket, and
+// the presence merge. Prints one JSON line.
 import { readFileSync } from "node:fs";
-import WebSocket from "ws";
+import WebSocket, { WebSocketServer } from "ws";
 
 const config = JSON.parse(process.argv[2]);
 globalThis.WebSocket = WebSocket;
@@ -80,6 +81,24 @@ try {
   await until(() => keys().join() === "module-b");
   result.steps.push("a device that left is dropped");
   b.disconnect();
+
+  // A server that accepts and then says nothing (a dead connection that never closes): the
+  // module gives up on it after one unanswered heartbeat and reconnects at once.
+  const silent = new WebSocketServer({ port: 0, handleProtocols: () => "phoenix" });
+  await new Promise((resolve) => silent.on("listening", resolve));
+  let accepted = 0;
+  // Its TCP reads are paused, so not even a close frame is answered.
+  silent.on("connection", (ws) => { accepted += 1; ws._socket.pause(); });
+  const mute = new Socket(`http://127.0.0.1:${silent.address().port}/socket`, {
+    token: () => config.tokenA,
+    heartbeatMs: 100,
+    reconnectMs: [20],
+  });
+  mute.connect();
+  await until(() => accepted >= 2);
+  result.steps.push("an unanswered heartbeat reconnects");
+  mute.disconnect();
+  silent.close();
   finish(true);
 } catch (error) {
   finish(false, String(error));
