@@ -151,10 +151,12 @@ pub async fn unfollow(
 /// The caller's device as the store knows it (name and kind), or a plain one.
 async fn caller_device(state: &AppState, caller: &AuthenticatedUser) -> Result<Device, ApiError> {
     let mut pooled = state.store.conn().await?;
-    let known = devices::list(&mut pooled.conn(), caller.user_id).await?;
-    let record = known
-        .into_iter()
-        .find(|d| d.device_id == caller.device_id.as_str());
+    let record = devices::find(
+        &mut pooled.conn(),
+        caller.user_id,
+        caller.device_id.as_str(),
+    )
+    .await?;
     let device = match record {
         Some(d) => Device::parse(Some(&d.device_id), Some(&d.name), Some(&d.kind)),
         None => Device::parse(Some(caller.device_id.as_str()), None, None),

@@ -66,9 +66,9 @@ fn invalid(error: &InvalidInput) -> Reply {
 /// Why a device cannot be sent anything: never seen, or not online now.
 async fn absent_device(store: &Store, user: UserId, device: &DeviceId) -> Value {
     let known = match store.conn().await {
-        Ok(mut pooled) => devices::exists(&mut pooled.conn(), user, device.as_str())
+        Ok(mut pooled) => devices::find(&mut pooled.conn(), user, device.as_str())
             .await
-            .unwrap_or(false),
+            .is_ok_and(|found| found.is_some()),
         Err(_) => false,
     };
     let reason = if known {

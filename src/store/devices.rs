@@ -76,17 +76,16 @@ pub async fn list(conn: &mut Conn<'_>, user: UserId) -> Result<Vec<DeviceRecord>
         .await)?)
 }
 
-/// Whether the user has ever been seen on `device_id`.
-pub async fn exists(
+/// The user's device `device_id`, if the user was ever seen on it.
+pub async fn find(
     conn: &mut Conn<'_>,
     user: UserId,
     device_id: &str,
-) -> Result<bool, StoreError> {
-    let found: Option<String> = run!(conn, c => devices::table
+) -> Result<Option<DeviceRecord>, StoreError> {
+    Ok(run!(conn, c => devices::table
         .find((user.0, device_id))
-        .select(devices::device_id)
+        .select(DeviceRecord::as_select())
         .first(c)
         .await
-        .optional())?;
-    Ok(found.is_some())
+        .optional())?)
 }

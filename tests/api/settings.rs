@@ -34,6 +34,15 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
         (("SEGUE_NO_SUCH_SETTING", "1"), "no_such_setting"),
         (("REDIS_URL", "http://localhost"), "REDIS_URL"),
         (("SEGUE_CONFIG", "/nonexistent/segue.toml"), "SEGUE_CONFIG"),
+        (("SEGUE_PRESENCE_TTL_SECS", "0"), "SEGUE_PRESENCE_TTL_SECS"),
+        (
+            ("SEGUE_PRESENCE_TTL_SECS", "soon"),
+            "SEGUE_PRESENCE_TTL_SECS",
+        ),
+        (
+            ("SEGUE_PRESENCE_LEAVE_DELAY_MS", "600000"),
+            "SEGUE_PRESENCE_LEAVE_DELAY_MS",
+        ),
     ];
     for ((key, value), named) in cases {
         let (code, stderr) = run_with(&[(key, value)]);
