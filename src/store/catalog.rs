@@ -151,6 +151,23 @@ type TrackRow = (
     Option<String>,
 );
 
+/// What a [`TrackRow`] is read from (tracks joined with their artists).
+const TRACK_COLUMNS: (
+    tracks::id,
+    tracks::title,
+    artists::name,
+    tracks::album,
+    tracks::duration_ms,
+    tracks::image_url,
+) = (
+    tracks::id,
+    tracks::title,
+    artists::name,
+    tracks::album,
+    tracks::duration_ms,
+    tracks::image_url,
+);
+
 fn view((id, title, artist, album, duration_ms, image_url): TrackRow) -> TrackView {
     TrackView {
         id,
@@ -167,14 +184,7 @@ pub async fn find_tracks(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Vec<TrackV
     let rows: Vec<TrackRow> = run!(conn, c => tracks::table
         .inner_join(artists::table)
         .filter(tracks::id.eq_any(ids))
-        .select((
-            tracks::id,
-            tracks::title,
-            artists::name,
-            tracks::album,
-            tracks::duration_ms,
-            tracks::image_url,
-        ))
+        .select(TRACK_COLUMNS)
         .load(c)
         .await)?;
     Ok(rows.into_iter().map(view).collect())
@@ -207,14 +217,7 @@ pub async fn search(
     let rows: Vec<TrackRow> = run!(conn, c => {
         let mut select = tracks::table
             .inner_join(artists::table)
-            .select((
-                tracks::id,
-                tracks::title,
-                artists::name,
-                tracks::album,
-                tracks::duration_ms,
-                tracks::image_url,
-            ))
+            .select(TRACK_COLUMNS)
             .order((artists::name, tracks::title, tracks::id))
             .limit(limit)
             .into_boxed();

@@ -599,23 +599,50 @@ async fn follows_refuse_bad_targets_and_change_nothing() {
     );
 }
 
-#[actix_web::test]
-async fn a_device_that_stops_heartbeating_goes_offline_after_the_ttl() {
-    let replicas = crate::helpers::spawn_cluster_tuned(1, ClusterBus::Memory, |s| {
-        s.presence_ttl_secs = 1;
-    })
-    .await;
+/// One replica (settings tuned), a user with a `watcher` socket joined to `devices:` and a
+/// second device `other`, listed in the watcher's presence.
+struct Watching {
+    replicas: Vec<TestApp>,
+    alice: Account,
+    topic: String,
+    watcher: PhxClient,
+    other: PhxClient,
+    list: PresenceList,
+}
+
+async fn watching(other: &str, tune: impl Fn(&mut segue::settings::Settings)) -> Watching {
+    let replicas = crate::helpers::spawn_cluster_tuned(1, ClusterBus::Memory, tune).await;
     let app = &replicas[0];
     let alice = app.register().await;
     let topic = format!("devices:{}", alice.id);
     let mut watcher = device_socket(app, &alice, "watcher").await;
     join(&mut watcher, &topic).await;
-    let mut silent = device_socket(app, &alice, "silent").await;
+    let other_socket = device_socket(app, &alice, other).await;
     let mut list = PresenceList::default();
     until(&mut watcher, &topic, &mut list, |l| {
-        l.keys.contains_key("silent")
+        l.keys.contains_key(other)
     })
     .await;
+    Watching {
+        replicas,
+        alice,
+        topic,
+        watcher,
+        other: other_socket,
+        list,
+    }
+}
+
+#[actix_web::test]
+async fn a_device_that_stops_heartbeating_goes_offline_after_the_ttl() {
+    let Watching {
+        replicas: _replicas,
+        alice: _,
+        topic,
+        mut watcher,
+        mut other,
+        mut list,
+    } = watching("silent", |s| s.presence_ttl_secs = 1).await;
     let started = Instant::now();
     // The watcher heartbeats; the silent socket stays open but says nothing.
     until_beating(&mut watcher, &topic, &mut list, |l| {
@@ -632,7 +659,7 @@ async fn a_device_that_stops_heartbeating_goes_offline_after_the_ttl() {
         "a heartbeating device stays: {list:?}"
     );
     // Heard from again, it comes back.
-    silent.push(None, "phoenix", "heartbeat", json!({})).await;
+    other.push(None, "phoenix", "heartbeat", json!({})).await;
     until_beating(&mut watcher, &topic, &mut list, |l| {
         l.keys.contains_key("silent")
     })
@@ -641,21 +668,15 @@ async fn a_device_that_stops_heartbeating_goes_offline_after_the_ttl() {
 
 #[actix_web::test]
 async fn a_quick_reconnect_does_not_flap() {
-    let replicas = crate::helpers::spawn_cluster_tuned(1, ClusterBus::Memory, |s| {
-        s.presence_leave_delay_ms = 1_500;
-    })
-    .await;
+    let Watching {
+        replicas,
+        alice,
+        topic,
+        mut watcher,
+        other: flaky,
+        mut list,
+    } = watching("flaky", |s| s.presence_leave_delay_ms = 1_500).await;
     let app = &replicas[0];
-    let alice = app.register().await;
-    let topic = format!("devices:{}", alice.id);
-    let mut watcher = device_socket(app, &alice, "watcher").await;
-    join(&mut watcher, &topic).await;
-    let flaky = device_socket(app, &alice, "flaky").await;
-    let mut list = PresenceList::default();
-    until(&mut watcher, &topic, &mut list, |l| {
-        l.keys.contains_key("flaky")
-    })
-    .await;
     drop(flaky);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let back = device_socket(app, &alice, "flaky").await;
