@@ -33,6 +33,13 @@ pub enum ApiError {
         #[source]
         source: BoxError,
     },
+    /// The hub is saturated for this kind of work; the client should retry after
+    /// `retry_after_secs` (sent as `Retry-After`).
+    #[error("{detail}")]
+    Busy {
+        retry_after_secs: u64,
+        detail: &'static str,
+    },
     /// A bug or an unexpected failure.
     #[error("internal error")]
     Internal(#[source] BoxError),
@@ -79,6 +86,7 @@ impl ApiError {
         match self {
             Self::Client { code, .. } => code,
             Self::Unavailable { .. } => "unavailable",
+            Self::Busy { .. } => "busy",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -88,7 +96,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::Client { status, .. } => *status,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,6 +108,7 @@ impl ResponseError for ApiError {
                 tracing::warn!(error = %chain(self), "{part} unavailable");
                 format!("The {part} is unavailable; try again shortly.")
             }
+            Self::Busy { detail, .. } => (*detail).to_owned(),
             Self::Internal(_) => {
                 tracing::error!(error = %chain(self), "internal error");
                 "Something went wrong on our side.".to_owned()
@@ -109,6 +118,14 @@ impl ResponseError for ApiError {
             detail: &detail,
             code: self.code(),
         });
+        if let Self::Busy {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
         if self.status_code() == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -154,7 +171,13 @@ impl From<StoreError> for ApiError {
 
 impl From<PasswordError> for ApiError {
     fn from(error: PasswordError) -> Self {
-        Self::Internal(Box::new(error))
+        match error {
+            PasswordError::Busy { retry_after_secs } => Self::Busy {
+                retry_after_secs,
+                detail: "Too many sign-ins are being checked right now; try again shortly.",
+            },
+            other => Self::Internal(Box::new(other)),
+        }
     }
 }
 

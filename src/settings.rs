@@ -61,6 +61,12 @@ pub struct Settings {
     pub refresh_token_ttl_secs: u64,
     /// Largest accepted HTTP request body, in bytes.
     pub max_body_bytes: usize,
+    /// Password hashes (register, login) run at once; unset means one per core. Each takes
+    /// about 19 MiB while it runs.
+    pub password_hash_threads: Option<usize>,
+    /// How long a register or login waits for a hashing thread before it is answered 503
+    /// with `Retry-After`, in milliseconds.
+    pub password_hash_wait_ms: u64,
     /// Connections per database pool.
     pub db_pool_size: u32,
     /// How long a request waits for a database connection before it fails with 503.
@@ -124,6 +130,8 @@ impl Default for Settings {
             access_token_ttl_secs: 15 * 60,
             refresh_token_ttl_secs: 30 * 24 * 60 * 60,
             max_body_bytes: 1024 * 1024,
+            password_hash_threads: None,
+            password_hash_wait_ms: 2_000,
             db_pool_size: 16,
             db_connect_timeout_ms: 2_000,
             db_statement_timeout_ms: 5_000,
@@ -236,6 +244,7 @@ impl Settings {
             ("SEGUE_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),
             ("SEGUE_MAX_BODY_BYTES", self.max_body_bytes as u64),
             ("SEGUE_DB_POOL_SIZE", u64::from(self.db_pool_size)),
+            ("SEGUE_PASSWORD_HASH_WAIT_MS", self.password_hash_wait_ms),
             ("SEGUE_DB_CONNECT_TIMEOUT_MS", self.db_connect_timeout_ms),
             (
                 "SEGUE_DB_STATEMENT_TIMEOUT_MS",
@@ -267,6 +276,12 @@ impl Settings {
             return Err(SettingsError::new(
                 "SEGUE_WORKERS",
                 "must be greater than zero",
+            ));
+        }
+        if !matches!(self.password_hash_threads, None | Some(1..=256)) {
+            return Err(SettingsError::new(
+                "SEGUE_PASSWORD_HASH_THREADS",
+                "must be between 1 and 256",
             ));
         }
         if !(1..=3_600).contains(&self.presence_ttl_secs) {
@@ -352,6 +367,13 @@ impl Settings {
     /// How long a request waits for a pooled database connection.
     pub fn db_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.db_connect_timeout_ms)
+    }
+
+    /// Threads of the password hashing pool.
+    pub fn password_hash_threads(&self) -> usize {
+        self.password_hash_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        })
     }
 
     /// Where the generated token-signing key is kept when `SEGUE_JWT_SECRET` is unset.

@@ -10,7 +10,7 @@ use actix_web::http::header;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 
-use crate::auth::{Sessions, TokenKeys, TokenKeysError};
+use crate::auth::{Passwords, Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
 use crate::error;
 use crate::http::{self, AppState};
@@ -39,6 +39,8 @@ pub enum StartupError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("the password hashing threads could not start")]
+    Hashing(#[source] std::io::Error),
     #[error("metrics could not be registered")]
     Metrics(#[from] prometheus::Error),
 }
@@ -147,7 +149,13 @@ impl Application {
         if !static_dir.join("index.html").is_file() {
             tracing::warn!(dir = %static_dir.display(), "no index.html in the static directory: the web page is not served");
         }
+        let passwords = Passwords::start(
+            settings.password_hash_threads(),
+            std::time::Duration::from_millis(settings.password_hash_wait_ms),
+        )
+        .map_err(StartupError::Hashing)?;
         let state = web::Data::new(AppState {
+            passwords,
             settings: Arc::new(settings),
             sessions: Sessions::new(store.clone()),
             store,

@@ -5,7 +5,7 @@ mod password;
 mod sessions;
 mod tokens;
 
-pub use password::{PasswordError, hash_password, verify_password};
+pub use password::{PasswordError, Passwords};
 pub use sessions::Sessions;
 pub use tokens::{AccessClaims, Identity, TokenError, TokenKeys, TokenKeysError};
 

@@ -11,7 +11,7 @@ use scoped_futures::ScopedFutureExt;
 use serde::{Deserialize, Serialize};
 
 use super::{AppState, AuthenticatedUser};
-use crate::auth::{self, hash_refresh_token, random_token};
+use crate::auth::{hash_refresh_token, random_token};
 use crate::domain::{Device, DeviceId, DisplayName, Handle, InvalidInput, Password, UserId};
 use crate::error::ApiError;
 use crate::realtime::Realtime;
@@ -151,7 +151,10 @@ pub async fn register(
         None => DisplayName::parse(&body.handle)?,
     };
     let device = device_of(&body)?;
-    let password_hash = auth::hash_password(Password::parse(body.password)?).await?;
+    let password_hash = state
+        .passwords
+        .hash(Password::parse(body.password)?)
+        .await?;
 
     let mut pooled = state.store.conn().await?;
     let state_ref = state.get_ref();
@@ -206,7 +209,7 @@ pub async fn login(
         Err(_) => None,
     };
     let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
-    if !auth::verify_password(body.password, stored_hash).await? {
+    if !state.passwords.verify(body.password, stored_hash).await? {
         return Err(wrong());
     }
     let user = user.ok_or_else(wrong)?;

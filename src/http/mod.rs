@@ -16,7 +16,7 @@ use actix_web::{HttpResponse, web};
 
 pub use extract::AuthenticatedUser;
 
-use crate::auth::{Sessions, TokenKeys};
+use crate::auth::{Passwords, Sessions, TokenKeys};
 use crate::error::ApiError;
 use crate::redis::RedisPool;
 use crate::settings::Settings;
@@ -29,6 +29,8 @@ pub struct AppState {
     pub store: Store,
     pub keys: TokenKeys,
     pub sessions: Sessions,
+    /// The bounded password hashing pool.
+    pub passwords: Passwords,
     /// Present when `REDIS_URL` is set.
     pub redis: Option<RedisPool>,
 }

@@ -350,3 +350,48 @@ async fn accounts_and_tokens_survive_a_restart_on_the_embedded_defaults() {
     assert!(second.settings.data_dir.join("segue.db").exists());
     assert!(second.settings.data_dir.join("token.key").exists());
 }
+
+/// Issue 10, defect 1: with nothing bounding argon2, a register flood held a 19 MiB hash per
+/// request in memory at once. Beyond the hashing pool's bound and wait, a request is refused
+/// with 503 and `Retry-After`, and nothing of it is stored.
+#[actix_web::test]
+async fn a_register_flood_beyond_the_hashing_bound_is_answered_busy_and_stores_nothing() {
+    let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
+        s.password_hash_threads = Some(1);
+        s.password_hash_wait_ms = 1;
+    })
+    .await;
+    let handles: Vec<String> = (0..16).map(|i| format!("flood{i}")).collect();
+    let answers = futures_util::future::join_all(
+        handles
+            .iter()
+            .map(|handle| app.register_raw(handle, "correct horse")),
+    )
+    .await;
+    let mut refused = Vec::new();
+    let mut created = 0;
+    for (handle, response) in handles.iter().zip(answers) {
+        match response.status().as_u16() {
+            201 => created += 1,
+            503 => {
+                let retry_after = response.headers().get("retry-after").cloned();
+                assert_eq!(retry_after.as_ref().map(|v| v.to_str().unwrap()), Some("1"));
+                assert_eq!(error_code(response, 503).await, "busy");
+                refused.push(handle.clone());
+            }
+            other => panic!("register answered {other}"),
+        }
+    }
+    assert!(created >= 1, "the first registration is never refused");
+    assert!(
+        !refused.is_empty(),
+        "16 registrations at once over one hashing thread with a 1 ms wait"
+    );
+    for handle in refused {
+        // Nothing was stored: the handle is still free.
+        assert_eq!(
+            app.register_raw(&handle, "correct horse").await.status(),
+            201
+        );
+    }
+}

@@ -20,8 +20,12 @@
 //! `friends:` spread over the replicas, and that user's device reporting `now_playing` at
 //! `rate`/s on the first replica. `--presence-memory N` measures, in-process, the server
 //! memory presence takes per online device (N devices tracked, listed in registry and views).
+//! `--flood register|login` measures what a flood of registrations or wrong-password logins
+//! costs the hub (`floods.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod floods;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -57,7 +61,7 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Segue load harness")]
-struct Args {
+pub(crate) struct Args {
     /// 1: one replica, in-process bus. 2: two replicas over Redis, publisher on the first,
     /// sockets on the second.
     #[arg(long, default_value_t = 1)]
@@ -117,6 +121,14 @@ struct Args {
     /// CPUs for the load generator (workers and publisher), as a taskset list.
     #[arg(long, default_value = "1")]
     load_cpus: String,
+    /// Flood the hub instead: `register` (new accounts) or `login` (wrong passwords) from
+    /// `--connections` clients for `--seconds`, printing the hub's RSS before, at the peak
+    /// and after.
+    #[arg(long)]
+    flood: Option<floods::Flood>,
+    /// Clients of a flood.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
     /// Internal: run as a load-generator worker.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -132,6 +144,13 @@ fn main() {
         drop(runtime);
         let redis = args.redis_registry.then_some(args.redis.clone());
         return presence_memory(devices, redis);
+    }
+    if let Some(kind) = args.flood {
+        let dir = std::env::temp_dir().join(format!("segue-flood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        runtime.block_on(floods::auth_flood(&args, kind, &dir));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
     }
     match &args.worker {
         Some(spec) => runtime.block_on(worker(spec)),
@@ -370,7 +389,7 @@ fn rand_offset(max: u64) -> u64 {
 // ---------------------------------------------------------------------------------------
 // Coordinator.
 
-struct Hub {
+pub(crate) struct Hub {
     child: Child,
     port: u16,
 }
@@ -438,7 +457,7 @@ async fn seed(dir: &Path, database_url: &str, count: usize, followed: Option<i64
         .expect("seed users");
 }
 
-fn start_hub(
+pub(crate) fn start_hub(
     dir: &Path,
     database_url: &str,
     redis: Option<(&str, &str)>,
