@@ -364,9 +364,21 @@ async fn run_migrations(target: DatabaseTarget) -> Result<(), StoreInitError> {
     result.await.map_err(|_| StoreInitError::Panicked)?
 }
 
+/// The PostgreSQL advisory lock replicas take around their migrations ("segue" in ASCII), so
+/// that any number of them can start at once on an empty database: without it two replicas
+/// both created diesel's bookkeeping table and one died on a duplicate key in `pg_type`.
+const MIGRATION_LOCK: i64 = 0x7365_6775_65;
+
 fn migrate_postgres(url: &str) -> Result<(), StoreInitError> {
     let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(url)
         .map_err(StoreInitError::Connect)?;
+    // A session lock: held until this connection closes at the end of the function, on
+    // every path, so a replica that fails mid-migration never leaves it taken.
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        &format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"),
+    )
+    .map_err(|e| StoreInitError::Migrate(Box::new(e)))?;
     conn.run_pending_migrations(POSTGRES_MIGRATIONS)
         .map_err(StoreInitError::Migrate)?;
     Ok(())

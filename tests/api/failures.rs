@@ -101,3 +101,37 @@ async fn readyz_reports_a_stopped_redis() {
         "readyz never recovered after Redis came back"
     );
 }
+
+/// Issue 10, defect 7: replicas started together on an empty PostgreSQL database all start
+/// (without the migration lock one died on a duplicate key in `pg_type`).
+#[actix_web::test]
+async fn replicas_started_together_on_an_empty_database_all_start() {
+    let admin_url = crate::helpers::admin_database_url();
+    let name = crate::helpers::unique("segue_empty");
+    let create = format!("CREATE DATABASE \"{name}\"");
+    let admin = admin_url.clone();
+    crate::helpers::block_on_thread(async move {
+        let mut conn = AsyncPgConnection::establish(&admin).await.expect("connect");
+        conn.batch_execute(&create)
+            .await
+            .expect("create an empty database");
+    });
+    let url = crate::helpers::with_database(&admin_url, &name);
+    let dirs: Vec<_> = (0..6).map(|_| temp_dir("migrate_race")).collect();
+    let starts = dirs.iter().map(|dir| {
+        let mut settings = test_settings(dir);
+        settings.database_url = Some(url.clone().into());
+        async move { segue::store::Store::connect(&settings).await }
+    });
+    let outcomes = futures_util::future::join_all(starts).await;
+    for outcome in &outcomes {
+        if let Err(error) = outcome {
+            panic!("a replica failed to start: {}", segue::error::chain(error));
+        }
+    }
+    drop(outcomes);
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    crate::helpers::drop_database_blocking(name);
+}
