@@ -55,6 +55,9 @@ pub struct Settings {
     /// HMAC key for access tokens. Every replica of one deployment needs the same key; when
     /// unset, a key is generated once and kept in `$data_dir/token.key`.
     pub jwt_secret: Option<SecretString>,
+    /// The operator's bearer token: when set, `GET /metrics` answers only to it. At least 32
+    /// bytes.
+    pub operator_token: Option<SecretString>,
     /// Lifetime of an access token, in seconds.
     pub access_token_ttl_secs: u64,
     /// Lifetime of a refresh token, in seconds.
@@ -127,6 +130,7 @@ impl Default for Settings {
             s3_access_key_id: None,
             s3_secret_access_key: None,
             jwt_secret: None,
+            operator_token: None,
             access_token_ttl_secs: 15 * 60,
             refresh_token_ttl_secs: 30 * 24 * 60 * 60,
             max_body_bytes: 1024 * 1024,
@@ -236,6 +240,14 @@ impl Settings {
         {
             return Err(SettingsError::new(
                 "SEGUE_JWT_SECRET",
+                "must be at least 32 bytes long",
+            ));
+        }
+        if let Some(token) = &self.operator_token
+            && token.expose_secret().len() < 32
+        {
+            return Err(SettingsError::new(
+                "SEGUE_OPERATOR_TOKEN",
                 "must be at least 32 bytes long",
             ));
         }

@@ -34,14 +34,25 @@ impl Sessions {
     }
 
     /// True when the session was revoked (logout, or reuse of a spent refresh token).
+    ///
+    /// The store lookup runs as a task of its own that finishes even when the caller is
+    /// dropped: the bearer extractor's future is dropped whenever a sibling extractor (the
+    /// JSON body, the path) fails first, and a SQLite query dropped mid-flight panics
+    /// (diesel-async's `SyncConnectionWrapper` blocks in place on drop, which actix's
+    /// single-threaded workers do not allow) and the request got no answer at all.
     pub async fn is_revoked(&self, session: &str) -> Result<bool, StoreError> {
         if let Some(revoked) = self.revoked.get(session).await {
             return Ok(revoked);
         }
-        let mut pooled = self.store.conn().await?;
-        let revoked = tokens::family_revoked(&mut pooled.conn(), session).await?;
-        self.revoked.insert(session.to_owned(), revoked).await;
-        Ok(revoked)
+        let (store, revoked, session) =
+            (self.store.clone(), self.revoked.clone(), session.to_owned());
+        let lookup = actix_web::rt::spawn(async move {
+            let mut pooled = store.conn().await?;
+            let answer = tokens::family_revoked(&mut pooled.conn(), &session).await?;
+            revoked.insert(session, answer).await;
+            Ok(answer)
+        });
+        lookup.await.map_err(|_| StoreError::TaskLost)?
     }
 
     /// Records a revocation made on this replica, so it takes effect here at once.

@@ -51,6 +51,29 @@ impl FromRequest for AuthenticatedUser {
 }
 
 /// The token of an `Authorization: Bearer` header.
+/// Checks that the caller presents the operator token (`SEGUE_OPERATOR_TOKEN`). The tokens are
+/// compared as SHA-256 digests, so the comparison's time says nothing about the token.
+pub fn require_operator(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    use secrecy::ExposeSecret;
+    use sha2::{Digest, Sha256};
+    let Some(expected) = &state.settings.operator_token else {
+        return Err(ApiError::client(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "operator_only",
+            "Only the operator may do this, and no operator token is configured.",
+        ));
+    };
+    let presented = bearer_token(req)?;
+    if Sha256::digest(presented.as_bytes()) != Sha256::digest(expected.expose_secret().as_bytes()) {
+        return Err(ApiError::client(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "operator_only",
+            "Only the operator may do this; the token presented is not the operator token.",
+        ));
+    }
+    Ok(())
+}
+
 fn bearer_token(req: &HttpRequest) -> Result<&str, ApiError> {
     let malformed = || {
         ApiError::unauthorized(

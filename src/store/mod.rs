@@ -71,6 +71,9 @@ pub enum StoreError {
     /// A stored value could not be read back (e.g. JSON that no longer parses).
     #[error("a stored value is corrupt: {0}")]
     Corrupt(String),
+    /// A task running store work ended without an answer (it panicked).
+    #[error("a store task ended without an answer")]
+    TaskLost,
 }
 
 impl StoreError {

@@ -61,3 +61,56 @@ async fn unknown_paths_get_a_json_404(app: TestApp) {
         "not_found"
     );
 }
+
+/// Issue 10, defect 6: every made-up HTTP method added a label value to `/metrics`.
+#[actix_web::test]
+async fn made_up_methods_and_paths_do_not_grow_the_metrics() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for i in 0..50 {
+        let method = reqwest::Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        app.client
+            .request(method, app.url(&format!("/made/up/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(!text.contains("INVENTED"), "{text}");
+    let counted = text
+        .lines()
+        .find(|l| l.starts_with(r#"segue_http_requests_total{method="OTHER""#))
+        .unwrap_or_else(|| panic!("no OTHER line in {text}"));
+    assert!(counted.ends_with(" 50"), "{counted}");
+}
+
+/// With `SEGUE_OPERATOR_TOKEN` set, `/metrics` answers only to the operator.
+#[actix_web::test]
+async fn metrics_can_be_kept_for_the_operator() {
+    let operator = "operator-token-operator-token-0123456789";
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.operator_token = Some(operator.into());
+    })
+    .await;
+    assert_eq!(
+        error_code(app.get("/metrics").await, 401).await,
+        "missing_token"
+    );
+    let account = app.register().await;
+    assert_eq!(
+        error_code(
+            app.get_with_token("/metrics", &account.access_token).await,
+            403
+        )
+        .await,
+        "operator_only"
+    );
+    let response = app.get_with_token("/metrics", operator).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("segue_http_requests_total")
+    );
+}
