@@ -370,7 +370,7 @@ async fn run_migrations(target: DatabaseTarget) -> Result<(), StoreInitError> {
 /// The PostgreSQL advisory lock replicas take around their migrations ("segue" in ASCII), so
 /// that any number of them can start at once on an empty database: without it two replicas
 /// both created diesel's bookkeeping table and one died on a duplicate key in `pg_type`.
-const MIGRATION_LOCK: i64 = 0x7365_6775_65;
+const MIGRATION_LOCK: i64 = 0x0073_6567_7565;
 
 fn migrate_postgres(url: &str) -> Result<(), StoreInitError> {
     let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(url)
