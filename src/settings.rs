@@ -62,6 +62,10 @@ pub struct Settings {
     pub access_token_ttl_secs: u64,
     /// Lifetime of a refresh token, in seconds.
     pub refresh_token_ttl_secs: u64,
+    /// How long after a refresh token is spent presenting it again returns the same
+    /// successor instead of ending the session (a retried or doubled refresh), in seconds;
+    /// 0 turns the grace off.
+    pub refresh_grace_secs: u64,
     /// Largest accepted HTTP request body, in bytes.
     pub max_body_bytes: usize,
     /// Password hashes (register, login) run at once; unset means one per core. Each takes
@@ -133,6 +137,7 @@ impl Default for Settings {
             operator_token: None,
             access_token_ttl_secs: 15 * 60,
             refresh_token_ttl_secs: 30 * 24 * 60 * 60,
+            refresh_grace_secs: 30,
             max_body_bytes: 1024 * 1024,
             password_hash_threads: None,
             password_hash_wait_ms: 2_000,
@@ -288,6 +293,12 @@ impl Settings {
             return Err(SettingsError::new(
                 "SEGUE_WORKERS",
                 "must be greater than zero",
+            ));
+        }
+        if self.refresh_grace_secs > 300 {
+            return Err(SettingsError::new(
+                "SEGUE_REFRESH_GRACE_SECS",
+                "must be at most 300 (five minutes)",
             ));
         }
         if !matches!(self.password_hash_threads, None | Some(1..=256)) {

@@ -1,11 +1,16 @@
-//! Signed, short-lived access tokens (HS256 JWTs).
+//! Signed, short-lived access tokens (HS256 JWTs), and the derivation of a refresh token's
+//! successor.
 
 use std::path::Path;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256, Sha512};
 
 use crate::domain::{DeviceId, UserId};
 use crate::settings::Settings;
@@ -35,6 +40,9 @@ pub struct TokenKeys {
     decoding: DecodingKey,
     validation: Validation,
     ttl: Duration,
+    /// Keys the HMAC that derives a refresh token's successor from it (see
+    /// [`successor_of`](Self::successor_of)).
+    successor: Hmac<Sha256>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,12 +74,28 @@ impl TokenKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // A key of its own for successors, derived from the secret, so that no value made for
+        // one purpose can stand for another. SHA-512 gives exactly one HMAC-SHA256 block.
+        let successor_key = Sha512::new()
+            .chain_update(b"segue refresh-token successor\0")
+            .chain_update(secret)
+            .finalize();
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
             ttl,
+            successor: <Hmac<Sha256> as KeyInit>::new(&successor_key),
         }
+    }
+
+    /// The refresh token that succeeds `presented` when it is spent: an HMAC of it, so that
+    /// presenting the same token again during the grace gives the same successor without the
+    /// hub ever storing a usable token (only hashes are stored). 256 bits, URL-safe base64.
+    pub fn successor_of(&self, presented: &str) -> String {
+        let mut mac = self.successor.clone();
+        mac.update(presented.as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
     /// Lifetime of the tokens this issues.
@@ -181,6 +205,21 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenKeysError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_successor_is_fixed_by_the_token_and_the_key_and_reveals_neither() {
+        let keys = keys();
+        let other = TokenKeys::from_secret(
+            b"another-secret-another-secret-0123",
+            Duration::from_secs(60),
+        );
+        let successor = keys.successor_of("token-a");
+        assert_eq!(successor, keys.successor_of("token-a"));
+        assert_ne!(successor, keys.successor_of("token-b"));
+        assert_ne!(successor, other.successor_of("token-a"));
+        assert_eq!(successor.len(), 43);
+        assert!(!successor.contains("token"));
+    }
 
     fn keys() -> TokenKeys {
         TokenKeys::from_secret(b"0123456789abcdef0123456789abcdef", Duration::from_secs(60))

@@ -79,20 +79,21 @@ async fn start_session(
     device: &Device,
 ) -> Result<IssuedRefresh, StoreError> {
     let family = random_token(16);
-    let token = issue_refresh(conn, state, user.id, &family, &device.id).await?;
+    let token = random_token(32);
+    issue_refresh(conn, state, user.id, &family, &device.id, &token).await?;
     devices::record(conn, user.user_id(), device).await?;
     Ok(IssuedRefresh { token, family })
 }
 
-/// Creates and stores (hashed) the next refresh token of `family`.
+/// Stores (hashed) `token` as the next refresh token of `family`.
 async fn issue_refresh(
     conn: &mut Conn<'_>,
     state: &AppState,
     user_id: i64,
     family: &str,
     device: &DeviceId,
-) -> Result<String, StoreError> {
-    let token = random_token(32);
+    token: &str,
+) -> Result<(), StoreError> {
     let now = store::now();
     let ttl = TimeDelta::seconds(
         i64::try_from(state.settings.refresh_token_ttl_secs).unwrap_or(i64::MAX),
@@ -103,7 +104,7 @@ async fn issue_refresh(
             user_id,
             family_id: family,
             device_id: device.as_str(),
-            token_hash: &hash_refresh_token(&token),
+            token_hash: &hash_refresh_token(token),
             created_at: now,
             expires_at: now
                 .checked_add_signed(ttl)
@@ -111,7 +112,7 @@ async fn issue_refresh(
         },
     )
     .await?;
-    Ok(token)
+    Ok(())
 }
 
 /// The response every successful login, registration and refresh sends.
@@ -241,11 +242,21 @@ enum RefreshOutcome {
 }
 
 /// `POST /auth/refresh` → the next token pair; the presented token is spent.
+///
+/// The successor is derived from the presented token ([`TokenKeys::successor_of`]), so a
+/// client that presents the same token again within `SEGUE_REFRESH_GRACE_SECS` of spending it
+/// (its answer was lost, or two tabs refreshed at once) gets the same successor back, as long
+/// as that successor is still unspent. Any other reuse of a spent token revokes the family.
+///
+/// [`TokenKeys::successor_of`]: crate::auth::TokenKeys::successor_of
 pub async fn refresh(
     state: web::Data<AppState>,
     body: web::Json<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let presented = hash_refresh_token(body.refresh_token.trim());
+    let presented = body.into_inner().refresh_token.trim().to_owned();
+    let presented_hash = hash_refresh_token(&presented);
+    let successor = state.keys.successor_of(&presented);
+    let grace = TimeDelta::seconds(i64::try_from(state.settings.refresh_grace_secs).unwrap_or(0));
     let mut pooled = state.store.conn().await?;
     let state_ref = state.get_ref();
     let outcome = pooled
@@ -253,17 +264,19 @@ pub async fn refresh(
         .transaction(|conn| {
             async move {
                 let now = store::now();
-                if let Some(spent) = tokens::spend(conn, &presented, now).await? {
-                    let device = DeviceId::parse(&spent.device_id)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    let user = users::find(conn, UserId(spent.user_id))
-                        .await?
-                        .ok_or_else(|| StoreError::Corrupt("refresh token without user".into()))?;
-                    let token =
-                        issue_refresh(conn, state_ref, spent.user_id, &spent.family_id, &device)
-                            .await?;
+                if let Some(spent) = tokens::spend(conn, &presented_hash, now).await? {
+                    let (user, device) = owner_of(conn, &spent).await?;
+                    issue_refresh(
+                        conn,
+                        state_ref,
+                        spent.user_id,
+                        &spent.family_id,
+                        &device,
+                        &successor,
+                    )
+                    .await?;
                     let refresh = IssuedRefresh {
-                        token,
+                        token: successor,
                         family: spent.family_id,
                     };
                     return Ok::<_, StoreError>(RefreshOutcome::Rotated {
@@ -272,25 +285,42 @@ pub async fn refresh(
                         refresh,
                     });
                 }
-                let Some(known) = tokens::find(conn, &presented).await? else {
+                let Some(known) = tokens::find(conn, &presented_hash).await? else {
                     return Ok(RefreshOutcome::Unknown);
                 };
                 if known.revoked_at.is_some() {
-                    Ok(RefreshOutcome::Revoked)
-                } else if known.spent_at.is_some() {
-                    // Committed with the transaction: the revocation must stick even though
-                    // the request fails.
-                    tokens::revoke_family(conn, UserId(known.user_id), &known.family_id, now)
-                        .await?;
-                    state_ref.sessions.mark_revoked(&known.family_id).await;
-                    tracing::warn!(
-                        user = known.user_id,
-                        "refresh token reused; session revoked"
-                    );
-                    Ok(RefreshOutcome::Reused)
-                } else {
-                    Ok(RefreshOutcome::Expired)
+                    return Ok(RefreshOutcome::Revoked);
                 }
+                let Some(spent_at) = known.spent_at else {
+                    return Ok(RefreshOutcome::Expired);
+                };
+                if now.signed_duration_since(spent_at) <= grace
+                    && let Some(next) = tokens::find(conn, &hash_refresh_token(&successor)).await?
+                    && next.spent_at.is_none()
+                    && next.revoked_at.is_none()
+                    && next.expires_at > now
+                {
+                    // A retry within the grace: the same successor again.
+                    let (user, device) = owner_of(conn, &known).await?;
+                    let refresh = IssuedRefresh {
+                        token: successor,
+                        family: known.family_id,
+                    };
+                    return Ok(RefreshOutcome::Rotated {
+                        user,
+                        device,
+                        refresh,
+                    });
+                }
+                // Committed with the transaction: the revocation must stick even though the
+                // request fails.
+                tokens::revoke_family(conn, UserId(known.user_id), &known.family_id, now).await?;
+                state_ref.sessions.mark_revoked(&known.family_id).await;
+                tracing::warn!(
+                    user = known.user_id,
+                    "refresh token reused; session revoked"
+                );
+                Ok(RefreshOutcome::Reused)
             }
             .scope_boxed()
         })
@@ -318,6 +348,19 @@ pub async fn refresh(
             "The refresh token is not valid.",
         )),
     }
+}
+
+/// The account and device a stored refresh token belongs to.
+async fn owner_of(
+    conn: &mut Conn<'_>,
+    token: &tokens::RefreshTokenRecord,
+) -> Result<(UserRecord, DeviceId), StoreError> {
+    let device =
+        DeviceId::parse(&token.device_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let user = users::find(conn, UserId(token.user_id))
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("refresh token without user".into()))?;
+    Ok((user, device))
 }
 
 /// `POST /auth/logout` → 204; the session's refresh tokens and access tokens stop working,

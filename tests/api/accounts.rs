@@ -15,6 +15,7 @@ crate::on_both_backends!(
     access_tokens_are_checked,
     refresh_rotates_the_pair,
     reusing_a_spent_refresh_token_revokes_the_family,
+    concurrent_refreshes_with_one_token_all_get_the_same_successor,
     logout_ends_the_session,
 );
 
@@ -277,8 +278,17 @@ async fn reusing_a_spent_refresh_token_revokes_the_family(app: TestApp) {
         .await
         .unwrap();
     let rotated = account_from(&rotated, &account.handle, &account.password);
+    // The legitimate client moves on: the first successor is spent too.
+    let rotated: Value = app
+        .refresh_raw(&rotated.refresh_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let rotated = account_from(&rotated, &account.handle, &account.password);
 
-    // The thief (or a replay) presents the spent token again.
+    // The thief (or a replay) presents the first, spent token again: within the grace, but its
+    // successor is spent, so this is no retry.
     assert_eq!(
         error_code(app.refresh_raw(&account.refresh_token).await, 401).await,
         "refresh_token_reused"
@@ -394,4 +404,52 @@ async fn a_register_flood_beyond_the_hashing_bound_is_answered_busy_and_stores_n
             201
         );
     }
+}
+
+/// Issue 10, defect 4: eight refreshes at once with one token: one won and the client that
+/// kept another answer was logged out. Within the grace each gets the same successor, which
+/// then works.
+async fn concurrent_refreshes_with_one_token_all_get_the_same_successor(app: TestApp) {
+    let account = app.register().await;
+    let answers =
+        futures_util::future::join_all((0..8).map(|_| app.refresh_raw(&account.refresh_token)))
+            .await;
+    let mut successors = std::collections::HashSet::new();
+    for response in answers {
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        let successor = account_from(&body, &account.handle, &account.password);
+        assert_eq!(probe(&app, &successor.access_token).await.status(), 200);
+        successors.insert(successor.refresh_token);
+    }
+    assert_eq!(successors.len(), 1, "{successors:?}");
+    let successor = successors.into_iter().next().unwrap();
+    // Whichever answer the client kept, it refreshes on.
+    assert_eq!(app.refresh_raw(&successor).await.status(), 200);
+}
+
+/// Past the grace, presenting a spent token is reuse, even when its successor is unspent.
+#[actix_web::test]
+async fn a_spent_token_presented_after_the_grace_revokes_the_family() {
+    let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
+        s.refresh_grace_secs = 1;
+    })
+    .await;
+    let account = app.register().await;
+    let rotated: Value = app
+        .refresh_raw(&account.refresh_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let rotated = account_from(&rotated, &account.handle, &account.password);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    assert_eq!(
+        error_code(app.refresh_raw(&account.refresh_token).await, 401).await,
+        "refresh_token_reused"
+    );
+    assert_eq!(
+        error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
+        "session_revoked"
+    );
 }
