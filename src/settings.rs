@@ -88,6 +88,9 @@ pub struct Settings {
     pub ws_idle_timeout_secs: u64,
     /// Frames queued for one socket before it counts as not reading and is closed.
     pub ws_outbound_queue: usize,
+    /// How long past its access token's expiry a socket may still act before it is closed
+    /// (1008, `token expired`), in seconds.
+    pub ws_token_grace_secs: u64,
     /// Browser origins allowed to open sockets, comma-separated; empty means the hub's own
     /// origin only, `*` means any. Clients that send no `Origin` (non-browsers) are allowed.
     pub allowed_origins: String,
@@ -148,6 +151,7 @@ impl Default for Settings {
             ws_max_message_bytes: 64 * 1024,
             ws_idle_timeout_secs: 60,
             ws_outbound_queue: 256,
+            ws_token_grace_secs: 30,
             allowed_origins: String::new(),
             session_linger_secs: 30,
             queue_max_entries: 10_000,
@@ -293,6 +297,12 @@ impl Settings {
             return Err(SettingsError::new(
                 "SEGUE_WORKERS",
                 "must be greater than zero",
+            ));
+        }
+        if self.ws_token_grace_secs > 3_600 {
+            return Err(SettingsError::new(
+                "SEGUE_WS_TOKEN_GRACE_SECS",
+                "must be at most 3600 (an hour)",
             ));
         }
         if self.refresh_grace_secs > 300 {

@@ -120,11 +120,13 @@ impl Application {
             )),
             None => AnyRegistry::Memory(network.presence_registry()),
         };
+        let sessions = Sessions::new(store.clone());
         let realtime = web::Data::new(Realtime::start(
             replica,
             bus,
             registry,
             store.clone(),
+            sessions.clone(),
             &settings,
             metrics.clone(),
         ));
@@ -157,7 +159,7 @@ impl Application {
         let state = web::Data::new(AppState {
             passwords,
             settings: Arc::new(settings),
-            sessions: Sessions::new(store.clone()),
+            sessions,
             store,
             keys,
             redis,

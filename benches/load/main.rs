@@ -887,7 +887,8 @@ fn presence_memory(devices: usize, redis: Option<String>) {
             replica,
             (segue::bus::AnyBus::Memory(bus.0), bus.1),
             registry.clone(),
-            store,
+            store.clone(),
+            segue::auth::Sessions::new(store),
             &settings,
             segue::telemetry::Metrics::new().unwrap(),
         );

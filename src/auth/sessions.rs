@@ -1,10 +1,15 @@
 //! Whether a login session (a refresh-token family) is still live. Access tokens are
 //! stateless, so without this a token would outlive its logout until it expired.
 //!
-//! The answer is cached per replica for [`SESSION_CHECK_TTL`]: a logout on this replica takes
-//! effect at once, one on another replica within that time. A session is checked against the
-//! store at most once per TTL, not once per request.
+//! The answer is cached per replica for [`SESSION_CHECK_TTL`], so a session is checked against
+//! the store at most once per TTL, not once per request. A session that ends is marked here at
+//! once on the replica that ended it and, by the bus's replica-wide channel, on every other
+//! replica (the hub calls [`mark_revoked`](Sessions::mark_revoked)). While the bus is away
+//! such news could be missed, so cached "still live" answers are not trusted then, and are
+//! all dropped when the bus is back.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -22,6 +27,8 @@ const SESSION_CHECK_CAPACITY: u64 = 100_000;
 pub struct Sessions {
     store: Store,
     revoked: Cache<String, bool>,
+    /// False while the bus is lost: "still live" answers are then read from the store.
+    trusted: Arc<AtomicBool>,
 }
 
 impl Sessions {
@@ -30,7 +37,11 @@ impl Sessions {
             .max_capacity(SESSION_CHECK_CAPACITY)
             .time_to_live(SESSION_CHECK_TTL)
             .build();
-        Self { store, revoked }
+        Self {
+            store,
+            revoked,
+            trusted: Arc::new(AtomicBool::new(true)),
+        }
     }
 
     /// True when the session was revoked (logout, or reuse of a spent refresh token).
@@ -41,7 +52,10 @@ impl Sessions {
     /// (diesel-async's `SyncConnectionWrapper` blocks in place on drop, which actix's
     /// single-threaded workers do not allow) and the request got no answer at all.
     pub async fn is_revoked(&self, session: &str) -> Result<bool, StoreError> {
-        if let Some(revoked) = self.revoked.get(session).await {
+        let trusted = self.trusted.load(Ordering::Acquire);
+        if let Some(revoked) = self.revoked.get(session).await
+            && (revoked || trusted)
+        {
             return Ok(revoked);
         }
         let (store, revoked, session) =
@@ -55,7 +69,20 @@ impl Sessions {
         lookup.await.map_err(|_| StoreError::TaskLost)?
     }
 
-    /// Records a revocation made on this replica, so it takes effect here at once.
+    /// The bus is lost: revocations on other replicas may go unheard.
+    pub fn distrust_cache(&self) {
+        self.trusted.store(false, Ordering::Release);
+    }
+
+    /// The bus is back: forget every cached answer (some revocation may have been missed),
+    /// then trust the cache again.
+    pub fn trust_cache_again(&self) {
+        self.revoked.invalidate_all();
+        self.trusted.store(true, Ordering::Release);
+    }
+
+    /// Records a revocation (made here or heard from another replica), so it takes effect
+    /// here at once.
     pub async fn mark_revoked(&self, session: &str) {
         self.revoked.insert(session.to_owned(), true).await;
     }

@@ -143,6 +143,7 @@ impl TokenKeys {
             user_id,
             device_id,
             session: claims.sid,
+            expires_at: claims.exp,
         })
     }
 }
@@ -154,6 +155,8 @@ pub struct Identity {
     pub user_id: UserId,
     pub device_id: DeviceId,
     pub session: String,
+    /// When the token expires, seconds since the epoch (its `exp`).
+    pub expires_at: u64,
 }
 
 /// Why an access token was refused.

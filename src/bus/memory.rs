@@ -84,6 +84,16 @@ impl Bus for MemoryBus {
         Published::ready(Ok(()))
     }
 
+    fn broadcast(&self, body: Bytes) -> Published {
+        for queue in self.network.lock().replicas.values() {
+            let _ = queue.send(BusNotice::Broadcast {
+                origin: self.replica.clone(),
+                body: body.clone(),
+            });
+        }
+        Published::ready(Ok(()))
+    }
+
     async fn subscribe(&self, user: UserId) -> Result<(), SubscribeError> {
         self.network
             .lock()

@@ -5,7 +5,9 @@
 //! process) and [`RedisBus`] (Redis pub/sub, publishing through the pool and subscribing on a
 //! dedicated connection that reconnects by itself).
 //!
-//! A replica subscribes to `user:{id}` while that user has a session on it. Everything a
+//! A replica subscribes to `user:{id}` while that user has a session on it, and hears the one
+//! replica-wide channel (`replicas`, for news every replica needs, such as an ended login)
+//! for its whole life. Everything a
 //! subscribed replica hears arrives on the [`BusNotice`] stream handed out at construction,
 //! tagged with the replica that published it, so the receiver can drop its own messages
 //! (it delivered those locally already). The bus knows nothing of what messages mean.
@@ -62,6 +64,12 @@ pub struct BusMessage {
 #[derive(Debug, Clone)]
 pub enum BusNotice {
     Message(BusMessage),
+    /// A message heard on the replica-wide channel.
+    Broadcast {
+        /// The replica that published it.
+        origin: ReplicaId,
+        body: Bytes,
+    },
     /// The connection to the bus was lost: messages published meanwhile are missed.
     Lost,
     /// The connection is back and every live channel is subscribed again; anything derived
@@ -93,6 +101,8 @@ pub enum SubscribeError {
 pub trait Bus: Clone + Send + Sync + 'static {
     /// Publishes `body` on `user`'s channel.
     fn publish(&self, user: UserId, body: Bytes) -> Published;
+    /// Publishes `body` on the replica-wide channel, which every replica hears.
+    fn broadcast(&self, body: Bytes) -> Published;
 
     /// Starts hearing `user`'s channel. Resolves once the subscription is live; on error the
     /// channel is still remembered and subscribed when the bus is back.
@@ -156,6 +166,13 @@ impl Bus for AnyBus {
         match self {
             Self::Memory(bus) => bus.publish(user, body),
             Self::Redis(bus) => bus.publish(user, body),
+        }
+    }
+
+    fn broadcast(&self, body: Bytes) -> Published {
+        match self {
+            Self::Memory(bus) => bus.broadcast(body),
+            Self::Redis(bus) => bus.broadcast(body),
         }
     }
 

@@ -31,9 +31,16 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between reconnection attempts.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Where a message goes.
+#[derive(Clone, Copy)]
+enum Target {
+    User(UserId),
+    Replicas,
+}
+
 /// A message waiting for the publisher.
 struct Outgoing {
-    user: UserId,
+    target: Target,
     body: Bytes,
     done: oneshot::Sender<Result<(), PublishError>>,
 }
@@ -51,15 +58,30 @@ pub struct RedisBus {
     control: mpsc::UnboundedSender<Control>,
 }
 
-/// Channel names: `<ns>:user:<id>`.
+/// Channel names: `<ns>:user:<id>`, and `<ns>:replicas` for the replica-wide channel.
 #[derive(Clone)]
 struct Channels {
     prefix: String,
+    replicas: String,
 }
 
 impl Channels {
+    fn new(namespace: &str) -> Self {
+        Self {
+            prefix: format!("{namespace}:user:"),
+            replicas: format!("{namespace}:replicas"),
+        }
+    }
+
     fn name(&self, user: UserId) -> String {
         format!("{}{}", self.prefix, user.0)
+    }
+
+    fn of(&self, target: Target) -> String {
+        match target {
+            Target::User(user) => self.name(user),
+            Target::Replicas => self.replicas.clone(),
+        }
     }
 
     fn user(&self, channel: &str) -> Option<UserId> {
@@ -75,9 +97,7 @@ impl RedisBus {
         namespace: &str,
         replica: ReplicaId,
     ) -> (Self, BusNotices) {
-        let channels = Channels {
-            prefix: format!("{namespace}:user:"),
-        };
+        let channels = Channels::new(namespace);
         let (publish, publish_queue) = mpsc::unbounded_channel();
         let (control, control_queue) = mpsc::unbounded_channel();
         let (notify, notices) = mpsc::unbounded_channel();
@@ -103,13 +123,23 @@ impl RedisBus {
     }
 }
 
-impl Bus for RedisBus {
-    fn publish(&self, user: UserId, body: Bytes) -> Published {
+impl RedisBus {
+    fn send(&self, target: Target, body: Bytes) -> Published {
         let (done, result) = oneshot::channel();
-        match self.publish.send(Outgoing { user, body, done }) {
+        match self.publish.send(Outgoing { target, body, done }) {
             Ok(()) => Published::pending(result),
             Err(_) => Published::ready(Err(PublishError::Closed)),
         }
+    }
+}
+
+impl Bus for RedisBus {
+    fn publish(&self, user: UserId, body: Bytes) -> Published {
+        self.send(Target::User(user), body)
+    }
+
+    fn broadcast(&self, body: Bytes) -> Published {
+        self.send(Target::Replicas, body)
     }
 
     async fn subscribe(&self, user: UserId) -> Result<(), SubscribeError> {
@@ -152,7 +182,7 @@ async fn run_publisher(
         let mut pipe = redis::pipe();
         for message in &batch {
             pipe.cmd("PUBLISH")
-                .arg(channels.name(message.user))
+                .arg(channels.of(message.target))
                 .arg(encode(&replica, &message.body))
                 .ignore();
         }
@@ -234,12 +264,12 @@ impl Subscriber {
             }
         };
         let (mut sink, mut stream) = pubsub.split();
-        if !self.live.is_empty() {
-            let names: Vec<String> = self.live.iter().map(|u| self.channels.name(*u)).collect();
-            if let Err(error) = sink.subscribe(names).await {
-                tracing::warn!(%error, "bus resubscribe failed");
-                return Ended::Failed;
-            }
+        let names: Vec<String> = std::iter::once(self.channels.replicas.clone())
+            .chain(self.live.iter().map(|u| self.channels.name(*u)))
+            .collect();
+        if let Err(error) = sink.subscribe(names).await {
+            tracing::warn!(%error, "bus resubscribe failed");
+            return Ended::Failed;
         }
         if self.lost {
             self.lost = false;
@@ -280,19 +310,19 @@ impl Subscriber {
 
     /// Hands a heard message to the replica.
     fn forward(&self, message: &redis::Msg) {
-        let Some(user) = self.channels.user(message.get_channel_name()) else {
-            return;
-        };
+        let channel = message.get_channel_name();
         let Some((origin, body)) = decode(message.get_payload_bytes()) else {
-            tracing::warn!(
-                channel = message.get_channel_name(),
-                "unreadable bus message dropped"
-            );
+            tracing::warn!(channel, "unreadable bus message dropped");
             return;
         };
-        let _ = self
-            .notify
-            .send(BusNotice::Message(BusMessage { user, origin, body }));
+        let notice = if channel == self.channels.replicas {
+            BusNotice::Broadcast { origin, body }
+        } else if let Some(user) = self.channels.user(channel) {
+            BusNotice::Message(BusMessage { user, origin, body })
+        } else {
+            return;
+        };
+        let _ = self.notify.send(notice);
     }
 
     fn mark_lost(&mut self) {
@@ -350,9 +380,8 @@ mod tests {
 
     #[test]
     fn channel_names_map_back_to_users() {
-        let channels = Channels {
-            prefix: "segue:user:".into(),
-        };
+        let channels = Channels::new("segue");
+        assert_eq!(channels.of(Target::Replicas), "segue:replicas");
         assert_eq!(channels.name(UserId(42)), "segue:user:42");
         assert_eq!(channels.user("segue:user:42"), Some(UserId(42)));
         assert_eq!(channels.user("other:user:42"), None);

@@ -235,7 +235,11 @@ enum RefreshOutcome {
         device: DeviceId,
         refresh: IssuedRefresh,
     },
-    Reused,
+    /// A spent token presented again: its session is revoked.
+    Reused {
+        user: UserId,
+        session: String,
+    },
     Revoked,
     Expired,
     Unknown,
@@ -251,6 +255,7 @@ enum RefreshOutcome {
 /// [`TokenKeys::successor_of`]: crate::auth::TokenKeys::successor_of
 pub async fn refresh(
     state: web::Data<AppState>,
+    realtime: web::Data<Realtime>,
     body: web::Json<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let presented = body.into_inner().refresh_token.trim().to_owned();
@@ -315,12 +320,14 @@ pub async fn refresh(
                 // Committed with the transaction: the revocation must stick even though the
                 // request fails.
                 tokens::revoke_family(conn, UserId(known.user_id), &known.family_id, now).await?;
-                state_ref.sessions.mark_revoked(&known.family_id).await;
                 tracing::warn!(
                     user = known.user_id,
                     "refresh token reused; session revoked"
                 );
-                Ok(RefreshOutcome::Reused)
+                Ok(RefreshOutcome::Reused {
+                    user: UserId(known.user_id),
+                    session: known.family_id,
+                })
             }
             .scope_boxed()
         })
@@ -331,10 +338,16 @@ pub async fn refresh(
             device,
             refresh,
         } => Ok(HttpResponse::Ok().json(token_response(&state, &user, &device, refresh)?)),
-        RefreshOutcome::Reused => Err(ApiError::unauthorized(
-            "refresh_token_reused",
-            "This refresh token was already used; the session has been ended. Log in again.",
-        )),
+        RefreshOutcome::Reused { user, session } => {
+            // Only once the revocation is committed: its sockets close and its tokens are
+            // refused on every replica.
+            state.sessions.mark_revoked(&session).await;
+            realtime.end_session(user, &session);
+            Err(ApiError::unauthorized(
+                "refresh_token_reused",
+                "This refresh token was already used; the session has been ended. Log in again.",
+            ))
+        }
         RefreshOutcome::Revoked => Err(ApiError::unauthorized(
             "session_revoked",
             "This login has ended; log in again.",

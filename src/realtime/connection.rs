@@ -44,6 +44,8 @@ pub struct SocketLimits {
     pub idle_timeout: Duration,
     /// Frames queued for a socket before it counts as not reading and is closed.
     pub outbound_queue: usize,
+    /// How long past its access token's expiry a socket may still act before it is closed.
+    pub token_grace: Duration,
 }
 
 impl SocketLimits {
@@ -478,6 +480,16 @@ impl Actor for Connection {
             user: self.identity.user_id,
             device: self.device.clone(),
             socket: self.id,
+        });
+        // A socket acts no longer than its token is valid (plus the grace): then it is closed,
+        // and the client reconnects with a fresh token.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let lapses = Duration::from_secs(self.identity.expires_at).saturating_sub(now);
+        ctx.run_later(lapses + self.shared.limits.token_grace, |this, ctx| {
+            tracing::debug!(socket = this.id, "access token lapsed; closing socket");
+            this.close(CloseKind::TokenExpired, ctx);
         });
         // Checked at half the timeout, so an idle socket goes between 1 and 1.5 timeouts.
         let check = self.shared.limits.idle_timeout / 2;

@@ -22,7 +22,8 @@ pub enum UserEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         revision: Option<i64>,
     },
-    /// Close the sockets of one login session (the user logged out).
+    /// Close the sockets of one login session. Never sent on the bus: a replica delivers it
+    /// to the user's local session when it hears [`ReplicaEvent::SessionEnded`].
     EndSession { session: String },
     /// The user's preferences changed: cached queues (which carry `auto_advance`) are stale.
     PreferencesChanged,
@@ -56,6 +57,30 @@ impl UserEvent {
 }
 
 impl UserEvent {
+    /// The bus body.
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Reads a bus body; `None` for a body this version does not understand.
+    pub fn decode(body: &[u8]) -> Option<Self> {
+        serde_json::from_slice(body).ok()
+    }
+}
+
+/// News every replica needs, on the bus's replica-wide channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReplicaEvent {
+    /// A login session ended (logout, refresh-token reuse): every replica stops accepting its
+    /// tokens and closes its sockets.
+    SessionEnded {
+        user: crate::domain::UserId,
+        session: String,
+    },
+}
+
+impl ReplicaEvent {
     /// The bus body.
     pub fn encode(&self) -> Bytes {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
@@ -122,5 +147,11 @@ mod tests {
             assert_eq!(UserEvent::decode(&event.encode()), Some(event));
         }
         assert_eq!(UserEvent::decode(br#"{"kind":"unknown"}"#), None);
+        let ended = ReplicaEvent::SessionEnded {
+            user: crate::domain::UserId(7),
+            session: "abc".into(),
+        };
+        assert_eq!(ReplicaEvent::decode(&ended.encode()), Some(ended));
+        assert_eq!(ReplicaEvent::decode(br#"{"kind":"unknown"}"#), None);
     }
 }

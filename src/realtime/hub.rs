@@ -14,10 +14,11 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::events::UserEvent;
+use super::events::{ReplicaEvent, UserEvent};
 use super::presence::{Observed, Presence};
 use super::queue::{Queues, changed_event};
 use super::session::{self, Member, UserSession};
+use crate::auth::Sessions;
 use crate::bus::{AnyBus, Bus};
 use crate::domain::UserId;
 use crate::telemetry::Metrics;
@@ -76,12 +77,15 @@ pub struct Hub {
     queues: Option<Queues>,
     /// Set right after start ([`UsePresence`]).
     presence: Option<Addr<Presence>>,
+    /// Which login sessions have ended, as the HTTP layer and socket upgrades check them.
+    logins: Sessions,
     metrics: Metrics,
 }
 
 impl Hub {
-    pub fn new(bus: AnyBus, linger: Duration, metrics: Metrics) -> Self {
+    pub fn new(bus: AnyBus, linger: Duration, logins: Sessions, metrics: Metrics) -> Self {
         Self {
+            logins,
             bus,
             sessions: HashMap::new(),
             hearing: HashMap::new(),
@@ -328,6 +332,65 @@ impl Handler<Publish> for Hub {
     }
 }
 
+/// A login session ended on this replica: it ends on every replica, by the bus.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EndSession {
+    pub user: UserId,
+    pub session: String,
+}
+
+impl Handler<EndSession> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: EndSession, _: &mut Context<Self>) {
+        let event = ReplicaEvent::SessionEnded {
+            user: msg.user,
+            session: msg.session,
+        };
+        drop(self.bus.broadcast(event.encode()));
+        self.metrics.bus_published.inc();
+        self.apply(event);
+    }
+}
+
+/// A replica-wide event heard from another replica.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HeardBroadcast {
+    pub body: Bytes,
+}
+
+impl Handler<HeardBroadcast> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: HeardBroadcast, _: &mut Context<Self>) {
+        self.metrics.bus_heard.inc();
+        match ReplicaEvent::decode(&msg.body) {
+            Some(event) => self.apply(event),
+            None => tracing::warn!("unreadable replica-wide bus event dropped"),
+        }
+    }
+}
+
+impl Hub {
+    /// What a replica-wide event means here.
+    fn apply(&mut self, event: ReplicaEvent) {
+        match event {
+            ReplicaEvent::SessionEnded { user, session } => {
+                let logins = self.logins.clone();
+                let ended = session.clone();
+                actix::spawn(async move { logins.mark_revoked(&ended).await });
+                if let Some(entry) = self.sessions.get(&user) {
+                    entry
+                        .session
+                        .do_send(session::Deliver(UserEvent::EndSession { session }));
+                }
+            }
+        }
+    }
+}
+
 /// An event for `user` heard from another replica.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -364,6 +427,9 @@ impl Handler<BusLost> for Hub {
 
     fn handle(&mut self, _: BusLost, _: &mut Context<Self>) {
         self.metrics.bus_lost.inc();
+        // An ended login published meanwhile would not be heard: check sessions against the
+        // store until the bus is back.
+        self.logins.distrust_cache();
         if let Some(queues) = &self.queues {
             queues.bus_lost();
         }
@@ -381,6 +447,7 @@ impl Handler<BusRestored> for Hub {
 
     fn handle(&mut self, _: BusRestored, ctx: &mut Context<Self>) {
         self.metrics.bus_restored.inc();
+        self.logins.trust_cache_again();
         // Presence heard meanwhile was missed too: the presence actor rewrites its own
         // entries and re-reads every view.
         if let Some(presence) = &self.presence {

@@ -40,7 +40,7 @@ use std::time::Duration;
 pub use connection::SocketLimits;
 
 use self::connection::Shared;
-use self::hub::{Hub, Publish};
+use self::hub::Hub;
 use self::presence::{Presence, PresenceTimes};
 use self::queue::Queues;
 use crate::bus::{AnyBus, BusNotices, ReplicaId};
@@ -49,7 +49,6 @@ use crate::presence::AnyRegistry;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::telemetry::Metrics;
-use events::UserEvent;
 
 /// The realtime side of one replica, as the HTTP layer reaches it.
 pub struct Realtime {
@@ -69,12 +68,13 @@ impl Realtime {
         bus: (AnyBus, BusNotices),
         registry: AnyRegistry,
         store: Store,
+        logins: crate::auth::Sessions,
         settings: &Settings,
         metrics: Metrics,
     ) -> Self {
         let (bus, notices) = bus;
         let linger = Duration::from_secs(settings.session_linger_secs);
-        let hub = Hub::new(bus, linger, metrics.clone()).start();
+        let hub = Hub::new(bus, linger, logins, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
         let queues = Queues::new(store.clone(), hub.clone(), settings);
         hub.do_send(hub::UseQueues(queues.clone()));
@@ -96,6 +96,7 @@ impl Realtime {
             max_message_bytes: settings.ws_max_message_bytes,
             idle_timeout: Duration::from_secs(settings.ws_idle_timeout_secs),
             outbound_queue: settings.ws_outbound_queue,
+            token_grace: Duration::from_secs(settings.ws_token_grace_secs),
         };
         let shared = Arc::new(Shared {
             hub: hub.clone(),
@@ -142,13 +143,12 @@ impl Realtime {
         Ok(response)
     }
 
-    /// Closes the sockets of one login session, on every replica.
+    /// Ends one login session on every replica: its tokens are refused and its sockets
+    /// closed everywhere, by the bus's replica-wide channel.
     pub fn end_session(&self, user: UserId, session: &str) {
-        self.hub.do_send(Publish {
+        self.hub.do_send(hub::EndSession {
             user,
-            event: UserEvent::EndSession {
-                session: session.to_owned(),
-            },
+            session: session.to_owned(),
         });
     }
 }

@@ -3,7 +3,7 @@
 
 use actix::prelude::*;
 
-use super::hub::{BusLost, BusRestored, Heard, Hub};
+use super::hub::{BusLost, BusRestored, Heard, HeardBroadcast, Hub};
 use crate::bus::{BusNotice, BusNotices, ReplicaId};
 
 pub struct Relay {
@@ -40,6 +40,8 @@ impl StreamHandler<BusNotice> for Relay {
                     body: message.body,
                 });
             }
+            BusNotice::Broadcast { origin, .. } if origin == self.replica => {}
+            BusNotice::Broadcast { body, .. } => self.hub.do_send(HeardBroadcast { body }),
             BusNotice::Lost => self.hub.do_send(BusLost),
             BusNotice::Restored => self.hub.do_send(BusRestored),
         }

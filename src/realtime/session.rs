@@ -140,7 +140,9 @@ impl Handler<Deliver> for UserSession {
             | UserEvent::FollowsChanged => {}
             UserEvent::EndSession { session } => {
                 for member in self.members.values().filter(|m| m.login_session == session) {
-                    member.recipient.do_send(ToSocket::Close(CloseKind::Policy));
+                    member
+                        .recipient
+                        .do_send(ToSocket::Close(CloseKind::SessionEnded));
                 }
             }
         }

@@ -105,6 +105,7 @@ mod tests {
             user_id: UserId(42),
             device_id: DeviceId::generate(),
             session: "s".into(),
+            expires_at: u64::MAX,
         }
     }
 

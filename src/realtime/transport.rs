@@ -47,8 +47,14 @@ pub enum CloseKind {
     GoingAway,
     /// A message too large to read (1009).
     TooLarge,
-    /// The client broke the protocol or its session ended (1008).
+    /// The client broke the protocol (1008).
     Policy,
+    /// The socket's login session ended: logout, or reuse of a spent refresh token (1008,
+    /// reason `session ended`).
+    SessionEnded,
+    /// The socket's access token lapsed (1008, reason `token expired`): reconnect with a
+    /// fresh one.
+    TokenExpired,
 }
 
 /// What the connection actor writes.
@@ -179,15 +185,17 @@ pub fn accept(
 }
 
 fn close_reason(kind: CloseKind) -> CloseReason {
-    let code = match kind {
-        CloseKind::Normal => CloseCode::Normal,
-        CloseKind::GoingAway => CloseCode::Away,
-        CloseKind::TooLarge => CloseCode::Size,
-        CloseKind::Policy => CloseCode::Policy,
+    let (code, description) = match kind {
+        CloseKind::Normal => (CloseCode::Normal, None),
+        CloseKind::GoingAway => (CloseCode::Away, None),
+        CloseKind::TooLarge => (CloseCode::Size, None),
+        CloseKind::Policy => (CloseCode::Policy, None),
+        CloseKind::SessionEnded => (CloseCode::Policy, Some("session ended")),
+        CloseKind::TokenExpired => (CloseCode::Policy, Some("token expired")),
     };
     CloseReason {
         code,
-        description: None,
+        description: description.map(str::to_owned),
     }
 }
 

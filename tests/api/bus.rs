@@ -105,7 +105,39 @@ on_both_buses!(
     other_users_channels_stay_silent,
     unsubscribing_stops_delivery,
     messages_arrive_in_the_order_published,
+    a_broadcast_reaches_every_replica_tagged_with_its_origin,
 );
+
+async fn a_broadcast_reaches_every_replica_tagged_with_its_origin(kind: Kind) {
+    let (mut a, mut b) = pair(kind);
+    // A subscription resolves once the bus connection is live; the replica-wide channel is
+    // heard from then on without asking.
+    a.bus.subscribe(UserId(9)).await.expect("subscribe");
+    b.bus.subscribe(UserId(9)).await.expect("subscribe");
+    a.bus
+        .broadcast(Bytes::from_static(b"everyone"))
+        .await
+        .expect("broadcast");
+    let sender = a.replica.clone();
+    for node in [&mut a, &mut b] {
+        let notice = loop {
+            let notice = tokio::time::timeout(Duration::from_secs(5), node.notices.recv())
+                .await
+                .expect("a notice within 5 s")
+                .expect("bus open");
+            if !matches!(notice, BusNotice::Restored | BusNotice::Lost) {
+                break notice;
+            }
+        };
+        let BusNotice::Broadcast { origin, body } = notice else {
+            panic!("expected a broadcast, got {notice:?}");
+        };
+        assert_eq!(origin, sender);
+        assert_eq!(&body[..], b"everyone");
+    }
+    // A user's channel hears nothing of it.
+    expect_no_message(&mut b, Duration::from_millis(200)).await;
+}
 
 async fn a_message_reaches_subscribed_replicas_tagged_with_its_origin(kind: Kind) {
     let (mut a, mut b) = pair(kind);

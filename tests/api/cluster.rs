@@ -11,6 +11,8 @@ use crate::phoenix::{FRAME_WAIT, PhxClient, connect};
 crate::on_both_buses!(
     a_broadcast_on_one_replica_reaches_the_users_sockets_on_the_other_exactly_once,
     logout_on_one_replica_closes_the_sessions_sockets_on_the_other,
+    logout_on_one_replica_is_refused_at_once_on_the_other,
+    a_reused_refresh_token_closes_the_sessions_sockets_on_every_replica,
 );
 
 async fn a_broadcast_on_one_replica_reaches_the_users_sockets_on_the_other_exactly_once(
@@ -79,6 +81,99 @@ async fn logout_on_one_replica_closes_the_sessions_sockets_on_the_other(replicas
     assert_eq!(response.status(), 204);
     let close = on_b.closed(FRAME_WAIT).await.expect("close frame");
     assert_eq!(close.code, CloseCode::Policy);
+}
+
+/// Issue 10, defect 3: a logout on one replica left up to 30 s in which the other accepted
+/// the token (each replica cached "still live"), and a socket opened there then was never
+/// closed. The logout now reaches every replica's cache by the bus.
+async fn logout_on_one_replica_is_refused_at_once_on_the_other(replicas: Vec<TestApp>) {
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let alice = a.register().await;
+    // B has checked the session and remembers it as live.
+    assert_eq!(
+        b.get_with_token("/queue/", &alice.access_token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(a.logout(&alice.access_token).await.status(), 204);
+    let refused_within = refused_on(b, &alice.access_token).await;
+    assert!(
+        refused_within < Duration::from_secs(1),
+        "took {refused_within:?}"
+    );
+    let upgrade = crate::phoenix::connect_url(&crate::phoenix::socket_url(
+        b,
+        &format!("vsn=2.0.0&token={}", alice.access_token),
+    ))
+    .await;
+    assert_eq!(
+        crate::phoenix::refused_status(upgrade.err().expect("refused")),
+        403
+    );
+}
+
+/// Issue 10, defect 3: reuse of a spent refresh token revoked the family for REST but left its
+/// sockets working (the reused token's holder went on rewriting the queue).
+async fn a_reused_refresh_token_closes_the_sessions_sockets_on_every_replica(
+    replicas: Vec<TestApp>,
+) {
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let alice = a.register().await;
+    let mut on_a = connect(a, &alice.access_token).await;
+    let mut on_b = connect(b, &alice.access_token).await;
+    on_a.join_ok(&format!("queue:{}", alice.id)).await;
+    on_b.join_ok(&format!("queue:{}", alice.id)).await;
+    assert_eq!(
+        b.get_with_token("/queue/", &alice.access_token)
+            .await
+            .status(),
+        200
+    );
+    // The client moves on twice; then the first token is presented again: reuse.
+    let second: serde_json::Value = a
+        .refresh_raw(&alice.refresh_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let second = second["refresh_token"].as_str().unwrap().to_owned();
+    let third: serde_json::Value = a.refresh_raw(&second).await.json().await.unwrap();
+    assert_eq!(
+        crate::helpers::error_code(a.refresh_raw(&alice.refresh_token).await, 401).await,
+        "refresh_token_reused"
+    );
+    for socket in [&mut on_a, &mut on_b] {
+        let close = socket
+            .closed(Duration::from_secs(1))
+            .await
+            .expect("close frame");
+        assert_eq!(close.code, CloseCode::Policy);
+        assert_eq!(close.reason, "session ended");
+    }
+    let latest = third["access_token"].as_str().unwrap();
+    assert!(refused_on(b, latest).await < Duration::from_secs(1));
+}
+
+/// How long until `replica` refuses `token` with `session_revoked` (panics after 5 s).
+async fn refused_on(replica: &TestApp, token: &str) -> Duration {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let response = replica.get_with_token("/queue/", token).await;
+        if response.status() == 401 {
+            assert_eq!(
+                crate::helpers::error_code(response, 401).await,
+                "session_revoked"
+            );
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the token was still accepted 5 s after its session ended");
 }
 
 /// Broadcasts probes from `from` until `to` (on another replica) hears one, so the other

@@ -383,3 +383,29 @@ async fn broadcasts_reach_every_joined_socket_of_the_user_only() {
         .await;
     assert_eq!(phone.reply_to(&reference).await[4]["status"], "error");
 }
+
+/// Issue 10, defect 3: sockets never looked at their token's expiry (a 2 s token's socket
+/// still wrote 20 s later). A socket is closed at expiry plus the grace, with a reason.
+#[actix_web::test]
+async fn a_socket_is_closed_when_its_token_lapses() {
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.access_token_ttl_secs = 1;
+        s.ws_token_grace_secs = 1;
+    })
+    .await;
+    let alice = app.register().await;
+    let mut socket = connect(&app, &alice.access_token).await;
+    socket.join_ok(&format!("queue:{}", alice.id)).await;
+    let started = std::time::Instant::now();
+    let close = socket
+        .closed(Duration::from_secs(5))
+        .await
+        .expect("close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason, "token expired");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
