@@ -13,6 +13,8 @@
 //! * [`domain`]: values parsed once at the edge (`Handle`, `DeviceId`, `TrackId`, …).
 //! * [`store`]: the system of record, Diesel on PostgreSQL or SQLite.
 //! * [`redis`]: the Redis pool (the bus and hot store once configured).
+//! * [`tcp`]: the TCP stream under every connection, which a socket closed for not reading
+//!   aborts at once.
 //! * [`telemetry`]: logs and Prometheus metrics.
 //! * [`error`]: the one HTTP error type.
 //! * [`demo`]: the demo catalog behind `segue seed-demo`.
@@ -45,4 +47,5 @@ pub mod redis;
 pub mod settings;
 pub mod startup;
 pub mod store;
+pub mod tcp;
 pub mod telemetry;

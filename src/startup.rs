@@ -5,10 +5,12 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_cors::Cors;
-use actix_web::dev::{Server, ServerHandle};
+use actix_http::HttpService;
+use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_config};
+use actix_web::dev::{AppConfig, Server, ServerHandle};
 use actix_web::http::header;
 use actix_web::middleware::from_fn;
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, web};
 
 use crate::auth::{Passwords, Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
@@ -18,10 +20,17 @@ use crate::presence::{AnyRegistry, RedisRegistry};
 use crate::realtime::Realtime;
 use crate::settings::{Settings, SettingsError};
 use crate::store::{Store, StoreInitError};
+use crate::tcp::AbortableStream;
 use crate::telemetry::{self, Metrics};
 
 /// Seconds a graceful shutdown (SIGTERM, SIGINT) waits for requests in flight.
 const SHUTDOWN_GRACE_SECS: u64 = 10;
+
+/// How long a client has to send a request's head (actix-web's default).
+const CLIENT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a connection being shut down may take to close (actix-web's default).
+const CLIENT_DISCONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the hub could not start; each variant names the part.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +174,7 @@ impl Application {
             redis,
         });
         let metrics = http::metrics_data(metrics);
-        let mut server = HttpServer::new(move || {
+        let app = move || {
             App::new()
                 .wrap(cors(origins.as_deref()))
                 .wrap(from_fn(telemetry::observe_requests))
@@ -183,13 +192,41 @@ impl Application {
                 .app_data(web::QueryConfig::default().error_handler(error::query_error))
                 .configure(http::routes)
                 .service(http::static_files(&static_dir))
-        })
-        .shutdown_timeout(SHUTDOWN_GRACE_SECS);
+        };
+        // actix-web's `HttpServer`, assembled from its parts so that every connection runs
+        // over an `AbortableStream`: a socket closed for not reading must give its TCP
+        // connection back at once, which nothing above the stream can make the dispatcher do.
+        let mut server = Server::build().shutdown_timeout(SHUTDOWN_GRACE_SECS);
         if let Some(workers) = workers {
             server = server.workers(workers);
         }
+        // Tells idle keep-alive connections to close when a graceful shutdown starts.
+        let shutting_down = server.graceful_shutdown_signal();
         let server = server
-            .listen(listener)
+            .listen("segue", listener, move || {
+                let shutting_down = shutting_down.clone();
+                let app = app()
+                    .into_factory()
+                    .map_err(|e: actix_web::Error| e.error_response());
+                fn_service(|io: actix_web::rt::net::TcpStream| async move {
+                    let peer = io.peer_addr().ok();
+                    Ok::<_, actix_http::error::DispatchError>((AbortableStream::new(io), peer))
+                })
+                .and_then(
+                    HttpService::build()
+                        .graceful_shutdown_signal(move || {
+                            let signal = shutting_down.clone();
+                            async move { signal.notified().await }
+                        })
+                        // actix-web's own defaults.
+                        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+                        .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                        .on_connect_ext(|io: &AbortableStream, data| {
+                            data.insert(io.handle());
+                        })
+                        .h1(map_config(app, |_| AppConfig::default())),
+                )
+            })
             .map_err(|source| StartupError::Bind {
                 addr: addr.to_string(),
                 source,

@@ -17,11 +17,17 @@ use bytestring::ByteString;
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use tokio::sync::Notify;
 
+use crate::tcp::AbortHandle;
+
 /// The subprotocol a Phoenix client offers and the server echoes.
 pub const SUBPROTOCOL: &str = "phoenix";
 
 /// How long one write may wait for the client to read before the socket is dropped.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a socket the server closed may take to finish the closing handshake before its
+/// connection is aborted.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// What the client sent, as the connection actor sees it.
 #[derive(Debug)]
@@ -84,6 +90,9 @@ impl Outbound {
 pub struct Outbox {
     /// `None` once the socket is closed or aborted.
     session: Option<actix_ws::Session>,
+    /// Ends the TCP connection under the socket at once (absent when the connection was not
+    /// accepted by this server's listener, as in unit tests of the layers above).
+    connection: Option<AbortHandle>,
     backlog: Rc<RefCell<Backlog>>,
     limit: usize,
 }
@@ -129,28 +138,44 @@ impl Outbox {
                 backlog.frames.push_back(frame);
                 backlog.flushing = true;
                 let abort = backlog.abort.clone();
-                actix_web::rt::spawn(flush(session.clone(), self.backlog.clone(), abort));
+                actix_web::rt::spawn(flush(
+                    session.clone(),
+                    self.backlog.clone(),
+                    abort,
+                    self.connection.clone(),
+                ));
                 Ok(())
             }
         }
     }
 
-    /// Sends a close frame after what is queued, then lets the socket end.
+    /// Sends a close frame after what is queued (when it fits), then lets the socket end; a
+    /// client that has not finished the closing handshake within [`CLOSE_LINGER`] (it may
+    /// not be reading at all) has its connection aborted.
     pub fn close(&mut self, kind: CloseKind) {
         if self.send(Outbound::Close(kind)).is_err() {
-            self.abort();
+            return self.abort();
         }
         // Dropping this handle ends the socket once the close frame is out (the flush task,
         // if any, holds its own handle until then).
         self.session = None;
+        if let Some(connection) = self.connection.clone() {
+            actix_web::rt::spawn(async move {
+                tokio::time::sleep(CLOSE_LINGER).await;
+                connection.abort();
+            });
+        }
     }
 
-    /// Drops the socket without flushing what is queued.
+    /// Drops the socket without flushing what is queued, and its TCP connection with it.
     pub fn abort(&mut self) {
         let backlog = self.backlog.borrow();
         backlog.abort.notify_one();
         drop(backlog);
         self.session = None;
+        if let Some(connection) = &self.connection {
+            connection.abort();
+        }
     }
 }
 
@@ -178,6 +203,7 @@ pub fn accept(
         });
     let outbox = Outbox {
         session: Some(session),
+        connection: req.conn_data::<AbortHandle>().cloned(),
         backlog: Rc::default(),
         limit: queue,
     };
@@ -201,7 +227,12 @@ fn close_reason(kind: CloseKind) -> CloseReason {
 
 /// The flush task: drains the backlog into the socket in order, then ends. A client that
 /// reads nothing for the whole stall timeout, or an abort, drops the socket.
-async fn flush(mut session: actix_ws::Session, backlog: Rc<RefCell<Backlog>>, abort: Rc<Notify>) {
+async fn flush(
+    mut session: actix_ws::Session,
+    backlog: Rc<RefCell<Backlog>>,
+    abort: Rc<Notify>,
+    connection: Option<AbortHandle>,
+) {
     loop {
         let next = {
             let mut backlog = backlog.borrow_mut();
@@ -224,6 +255,9 @@ async fn flush(mut session: actix_ws::Session, backlog: Rc<RefCell<Backlog>>, ab
             let mut backlog = backlog.borrow_mut();
             backlog.dead = true;
             backlog.frames.clear();
+            if let Some(connection) = &connection {
+                connection.abort();
+            }
             return;
         }
     }

@@ -43,10 +43,9 @@ async fn a_client_that_stops_reading_is_closed_and_memory_stays_flat() {
     // The stalled client: a tiny receive buffer, joined, then never read again.
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket
-        .connect(hub.address.trim_start_matches("http://").parse().unwrap())
-        .await
-        .unwrap();
+    let hub_addr: std::net::SocketAddr = hub.address.trim_start_matches("http://").parse().unwrap();
+    let stream = socket.connect(hub_addr).await.unwrap();
+    let stalled_port = stream.local_addr().unwrap().port();
     let (mut stalled, _) =
         tokio_tungstenite::client_async(url.clone().into_client_request().unwrap(), stream)
             .await
@@ -96,6 +95,40 @@ async fn a_client_that_stops_reading_is_closed_and_memory_stays_flat() {
         after.saturating_sub(before) < RSS_GROWTH_BOUND_KIB,
         "RSS grew from {before} to {after} KiB"
     );
+    // Issue 10, defect 2: the server side of the connection used to stay, with its
+    // descriptor and megabytes of Send-Q, until the client left. Now it is gone at once.
+    let started = std::time::Instant::now();
+    while let Some(send_q) = server_side_send_queue(hub_addr.port(), stalled_port) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the server still holds the stalled connection ({send_q} bytes queued) {:?} after closing it",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "backpressure: the stalled connection was released {:?} after the flood",
+        started.elapsed()
+    );
     drop(stalled);
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// The send queue of the server's end of the TCP connection from `client_port` to
+/// `server_port`, if that end still exists (`/proc/net/tcp`, IPv4 loopback).
+fn server_side_send_queue(server_port: u16, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |field: &str| {
+        field
+            .rsplit(':')
+            .next()
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, queues) = (fields.get(1)?, fields.get(2)?, fields.get(4)?);
+        (port(local)? == server_port && port(remote)? == client_port)
+            .then(|| u64::from_str_radix(queues.split(':').next()?, 16).ok())
+            .flatten()
+    })
 }
