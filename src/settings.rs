@@ -88,6 +88,11 @@ pub struct Settings {
     pub ws_idle_timeout_secs: u64,
     /// Frames queued for one socket before it counts as not reading and is closed.
     pub ws_outbound_queue: usize,
+    /// Most sockets one account may hold open on this replica.
+    pub ws_max_sockets_per_user: usize,
+    /// Most sockets one client address may hold open on this replica (behind a proxy that
+    /// hides client addresses, the proxy's own address counts).
+    pub ws_max_sockets_per_ip: usize,
     /// How long past its access token's expiry a socket may still act before it is closed
     /// (1008, `token expired`), in seconds.
     pub ws_token_grace_secs: u64,
@@ -152,6 +157,8 @@ impl Default for Settings {
             ws_idle_timeout_secs: 60,
             ws_outbound_queue: 256,
             ws_token_grace_secs: 30,
+            ws_max_sockets_per_user: 64,
+            ws_max_sockets_per_ip: 1_024,
             allowed_origins: String::new(),
             session_linger_secs: 30,
             queue_max_entries: 10_000,
@@ -277,6 +284,14 @@ impl Settings {
             ),
             ("SEGUE_WS_IDLE_TIMEOUT_SECS", self.ws_idle_timeout_secs),
             ("SEGUE_WS_OUTBOUND_QUEUE", self.ws_outbound_queue as u64),
+            (
+                "SEGUE_WS_MAX_SOCKETS_PER_USER",
+                self.ws_max_sockets_per_user as u64,
+            ),
+            (
+                "SEGUE_WS_MAX_SOCKETS_PER_IP",
+                self.ws_max_sockets_per_ip as u64,
+            ),
             ("SEGUE_QUEUE_MAX_ENTRIES", self.queue_max_entries as u64),
             ("SEGUE_QUEUE_CACHE_TTL_SECS", self.queue_cache_ttl_secs),
             ("SEGUE_QUEUE_CACHE_CAPACITY", self.queue_cache_capacity),

@@ -474,6 +474,9 @@ pub(crate) fn start_hub(
         .env("DATABASE_URL", database_url)
         .env("SEGUE_JWT_SECRET", SECRET)
         .env("SEGUE_WORKERS", workers.to_string())
+        // The harness holds thousands of sockets per account and per address on purpose.
+        .env("SEGUE_WS_MAX_SOCKETS_PER_USER", "1000000")
+        .env("SEGUE_WS_MAX_SOCKETS_PER_IP", "1000000")
         .env("SEGUE_LOG", "warn")
         .stdout(Stdio::null());
     if let Some((url, namespace)) = redis {

@@ -114,11 +114,20 @@ pub async fn upgrade(
         params.device_name.as_deref(),
         params.device_kind.as_deref(),
     )?;
+    let slot = realtime
+        .reserve_socket(identity.user_id, req.peer_addr().map(|a| a.ip()))
+        .map_err(|cap| {
+            ApiError::client(
+                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sockets",
+                format!("No more sockets: {cap}. Close one first."),
+            )
+        })?;
     let mut pooled = state.store.conn().await?;
     devices::record(&mut pooled.conn(), identity.user_id, &device).await?;
     drop(pooled);
 
     realtime
-        .accept(&req, body, identity, device)
+        .accept(&req, body, identity, device, slot)
         .map_err(|e| ApiError::bad_request("not_a_websocket", format!("The upgrade failed: {e}.")))
 }

@@ -92,6 +92,8 @@ pub struct Connection {
     bad_window_start: Instant,
     /// Set once the socket is being closed, so nothing more is written.
     closing: bool,
+    /// This socket's place under the per-account and per-address caps, given back on drop.
+    _slot: super::limits::SocketSlot,
 }
 
 impl Connection {
@@ -101,6 +103,7 @@ impl Connection {
         device: Device,
         shared: Arc<Shared>,
         outbox: Outbox,
+        slot: super::limits::SocketSlot,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -114,6 +117,7 @@ impl Connection {
             bad_frames: 0,
             bad_window_start: now,
             closing: false,
+            _slot: slot,
         }
     }
 

@@ -23,6 +23,7 @@ pub mod connection;
 pub mod events;
 pub mod frame;
 pub mod hub;
+pub mod limits;
 pub mod presence;
 pub mod queue;
 pub mod relay;
@@ -59,6 +60,8 @@ pub struct Realtime {
     pub registry: AnyRegistry,
     shared: Arc<Shared>,
     next_socket: AtomicU64,
+    /// Sockets held per account and per client address, against their caps.
+    sockets: Arc<limits::SocketCounts>,
 }
 
 impl Realtime {
@@ -115,6 +118,10 @@ impl Realtime {
             registry,
             shared,
             next_socket: AtomicU64::new(1),
+            sockets: limits::SocketCounts::new(
+                settings.ws_max_sockets_per_user,
+                settings.ws_max_sockets_per_ip,
+            ),
         }
     }
 
@@ -123,14 +130,24 @@ impl Realtime {
         self.next_socket.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A place for one more socket of `user` from `address`, unless a cap is reached.
+    pub fn reserve_socket(
+        &self,
+        user: UserId,
+        address: Option<std::net::IpAddr>,
+    ) -> Result<limits::SocketSlot, limits::CapReached> {
+        self.sockets.reserve(user, address)
+    }
+
     /// Completes a socket upgrade for an authenticated `identity` speaking for `device`, and
-    /// starts the socket's connection actor.
+    /// starts the socket's connection actor, which holds `slot` for its life.
     pub fn accept(
         &self,
         req: &actix_web::HttpRequest,
         body: actix_web::web::Payload,
         identity: crate::auth::Identity,
         device: Device,
+        slot: limits::SocketSlot,
     ) -> Result<actix_web::HttpResponse, actix_web::Error> {
         let limits = &self.shared.limits;
         let (response, inbound, outbox) =
@@ -138,7 +155,7 @@ impl Realtime {
         let (id, shared) = (self.next_socket_id(), self.shared.clone());
         connection::Connection::create(move |ctx| {
             ctx.add_stream(inbound);
-            connection::Connection::new(id, identity, device, shared, outbox)
+            connection::Connection::new(id, identity, device, shared, outbox, slot)
         });
         Ok(response)
     }

@@ -409,3 +409,65 @@ async fn a_socket_is_closed_when_its_token_lapses() {
         started.elapsed()
     );
 }
+
+/// Issue 10, defect 2: nothing capped the sockets of one account (one held 12,000) or of one
+/// address. Beyond either cap the upgrade is refused with 429 `too_many_sockets`; a closed
+/// socket gives its place back.
+#[actix_web::test]
+async fn sockets_are_capped_per_account_and_per_address() {
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.ws_max_sockets_per_user = 2;
+        s.ws_max_sockets_per_ip = 3;
+    })
+    .await;
+    let (alice, bob) = (app.register().await, app.register().await);
+    let url = |token: &str| socket_url(&app, &format!("vsn=2.0.0&token={token}"));
+    let first = connect(&app, &alice.access_token).await;
+    let _second = connect(&app, &alice.access_token).await;
+    let refused = connect_url(&url(&alice.access_token))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused_status(refused), 429);
+    let _bob = connect(&app, &bob.access_token).await;
+    // Three sockets from this address now: Bob's second is refused by the address cap.
+    let refused = connect_url(&url(&bob.access_token))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused_status(refused), 429);
+    // The refusal's body says why.
+    let response = app
+        .client
+        .get(app.url(&format!(
+            "/socket/websocket?vsn=2.0.0&token={}",
+            alice.access_token
+        )))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_sockets");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("sockets open here"),
+        "{body}"
+    );
+    // Closing a socket gives its place back.
+    drop(first);
+    let started = std::time::Instant::now();
+    while connect_url(&url(&alice.access_token)).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the closed socket's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
