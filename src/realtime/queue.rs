@@ -19,6 +19,7 @@ use actix::Addr;
 use moka::sync::Cache;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use scoped_futures::ScopedFutureExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -32,9 +33,10 @@ use crate::store::catalog::{self, TrackView};
 use crate::store::queue::{self as stored, Written};
 use crate::store::{self, Store, StoreError, preferences};
 
-/// How many times an operation batch is re-applied to a newer state when another write won
-/// the race for the same revision.
-const MAX_OP_RETRIES: usize = 16;
+/// How many times an operation batch is re-applied to a newer state, without locking, when
+/// another write won the race for the same revision; after that it is applied under the
+/// queue row's lock, which cannot lose (ops never fail for contention).
+const OPTIMISTIC_OP_ATTEMPTS: usize = 3;
 
 /// Tracks remembered for hydration, and for how long.
 const TRACK_CACHE_CAPACITY: u64 = 100_000;
@@ -309,7 +311,7 @@ impl Queues {
     ) -> Result<(QueueView, Vec<usize>), QueueError> {
         let mut rng = StdRng::from_os_rng();
         let mut current = self.current(user).await?;
-        for _ in 0..MAX_OP_RETRIES {
+        for _ in 0..OPTIMISTIC_OP_ATTEMPTS {
             let mut state = current.state.clone();
             let skipped = state.apply_all(ops, self.inner.max_entries, &mut rng);
             if skipped.len() == ops.len() {
@@ -322,10 +324,66 @@ impl Queues {
             }
             current = Arc::new(self.load(user).await?);
         }
-        Err(QueueError::Conflict {
-            expected: current.revision,
-            current: current.revision,
-        })
+        loop {
+            if let Some(done) = self.apply_locked(user, ops, device, &mut rng).await? {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Applies `ops` to the stored queue under its row lock (PostgreSQL), in one transaction,
+    /// so no other replica's write can come in between. `None` only when two first writes of
+    /// the queue raced (there was no row to lock yet); the next attempt finds the row.
+    async fn apply_locked(
+        &self,
+        user: UserId,
+        ops: &[QueueOp],
+        device: &DeviceId,
+        rng: &mut StdRng,
+    ) -> Result<Option<(QueueView, Vec<usize>)>, QueueError> {
+        let max_entries = self.inner.max_entries;
+        let mut pooled = self.inner.store.conn().await?;
+        let outcome = pooled
+            .conn()
+            .transaction(|conn| {
+                async move {
+                    let stored = stored::load_locked(conn, user).await?;
+                    let auto_advance = preferences::load(conn, user).await?.auto_advance;
+                    let (mut state, revision) =
+                        stored.map(|s| (s.state, s.revision)).unwrap_or_default();
+                    state.auto_advance = auto_advance;
+                    let mut next = state.clone();
+                    let skipped = next.apply_all(ops, max_entries, rng);
+                    if skipped.len() == ops.len() {
+                        return Ok::<_, StoreError>(Some((state, revision, skipped, false)));
+                    }
+                    let written = stored::compare_and_swap(
+                        conn,
+                        user,
+                        revision,
+                        &next,
+                        Some(device.as_str()),
+                        store::now(),
+                    )
+                    .await?;
+                    Ok(match written {
+                        Written::Stored(revision) => Some((next, revision, skipped, true)),
+                        Written::Conflict => None,
+                    })
+                }
+                .scope_boxed()
+            })
+            .await?;
+        drop(pooled);
+        let Some((state, revision, skipped, changed)) = outcome else {
+            return Ok(None);
+        };
+        let view = if changed {
+            self.stored(user, state, revision, device).await?
+        } else {
+            self.view(state, revision).await?
+        };
+        Ok(Some((view, skipped)))
     }
 
     /// One compare-and-swap on top of `base`. On success the cache holds the new state and
@@ -354,6 +412,18 @@ impl Queues {
             self.inner.queues.invalidate(&user);
             return Ok(None);
         };
+        self.stored(user, state, revision, device).await.map(Some)
+    }
+
+    /// After `state` was stored as `revision`: the cache holds it and the user's devices are
+    /// told.
+    async fn stored(
+        &self,
+        user: UserId,
+        state: QueueState,
+        revision: i64,
+        device: &DeviceId,
+    ) -> Result<QueueView, QueueError> {
         if self.inner.queues.contains_key(&user) {
             self.inner.queues.insert(
                 user,
@@ -368,7 +438,7 @@ impl Queues {
             user,
             event: changed_event(user, &view, Some(device)),
         });
-        Ok(Some(view))
+        Ok(view)
     }
 
     /// A `queue_changed` heard from another replica: the next revision updates the cached

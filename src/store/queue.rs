@@ -59,6 +59,27 @@ pub async fn load(conn: &mut Conn<'_>, user: UserId) -> Result<Option<StoredQueu
     row.map(Row::into_stored).transpose()
 }
 
+/// Like [`load`], inside a transaction: on PostgreSQL the row stays locked until the
+/// transaction ends, so the write that follows cannot lose a race. SQLite takes no row lock
+/// (it has no `FOR UPDATE`); its writers are one replica's, which writes each user's queue
+/// from one actor at a time, so nothing there races.
+pub async fn load_locked(
+    conn: &mut Conn<'_>,
+    user: UserId,
+) -> Result<Option<StoredQueue>, StoreError> {
+    let Conn::Postgres(c) = conn else {
+        return load(conn, user).await;
+    };
+    let row: Option<Row> = qs::table
+        .find(user.0)
+        .select((qs::state, qs::revision, qs::updated_by_device))
+        .for_update()
+        .first(&mut **c)
+        .await
+        .optional()?;
+    row.map(Row::into_stored).transpose()
+}
+
 /// What a compare-and-swap came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Written {
