@@ -185,7 +185,7 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenKeysError> {
         Err(e) => return Err(io_error(e)),
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_error)?;
+        crate::store::create_private_dir(dir).map_err(io_error)?;
     }
     let key = crate::auth::random_token(48).into_bytes();
     let mut options = std::fs::OpenOptions::new();

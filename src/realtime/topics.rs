@@ -52,7 +52,13 @@ impl Topic {
             Some((owner, label)) => (owner, Some(label)),
             None => (rest, None),
         };
-        let owner: i64 = owner.parse().map_err(|_| JoinRefusal::Unmatched)?;
+        // Only the canonical spelling of an id (`queue:1`, not `queue:01` or `queue:+1`):
+        // pushes go to the canonical topic name, so an alias would join and never hear them.
+        let owner: i64 = owner
+            .parse()
+            .ok()
+            .filter(|id: &i64| id.to_string() == owner)
+            .ok_or(JoinRefusal::Unmatched)?;
         let label_ok = label.is_none_or(|l| {
             !l.is_empty()
                 && l.len() <= LABEL_MAX
@@ -99,6 +105,23 @@ impl fmt::Display for Topic {
 mod tests {
     use super::*;
     use crate::domain::DeviceId;
+
+    #[test]
+    fn only_the_canonical_spelling_of_an_id_is_a_topic() {
+        for alias in [
+            "queue:042",
+            "queue:+42",
+            "devices:0042",
+            "echo:+42:x",
+            "queue: 42",
+        ] {
+            assert!(
+                matches!(Topic::route(alias, &alice()), Err(JoinRefusal::Unmatched)),
+                "{alias}"
+            );
+        }
+        assert!(Topic::route("queue:42", &alice()).is_ok());
+    }
 
     fn alice() -> Identity {
         Identity {

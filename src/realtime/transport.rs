@@ -199,6 +199,11 @@ pub fn accept(
             Ok(AggregatedMessage::Pong(_)) => Inbound::Pong,
             Ok(AggregatedMessage::Close(_)) => Inbound::Close,
             Err(ProtocolError::Overflow) => Inbound::TooLarge,
+            // actix-ws reports a fragmented message over `max_continuation_size` only as an
+            // I/O error with this text; it is the same "too large" as a single frame's.
+            Err(ProtocolError::Io(e)) if e.to_string().contains("maximum continuation size") => {
+                Inbound::TooLarge
+            }
             Err(_) => Inbound::Broken,
         });
     let outbox = Outbox {

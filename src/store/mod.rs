@@ -175,8 +175,16 @@ impl Store {
         if let DatabaseTarget::Sqlite(path) = &target
             && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         {
-            std::fs::create_dir_all(dir).map_err(|source| StoreInitError::DataDir {
+            create_private_dir(dir).map_err(|source| StoreInitError::DataDir {
                 path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        if let DatabaseTarget::Sqlite(path) = &target {
+            // The file holds password and token hashes: readable by the hub's user only.
+            // SQLite creates its `-wal` and `-shm` files with the same permissions.
+            create_private_file(path).map_err(|source| StoreInitError::DataDir {
+                path: path.display().to_string(),
                 source,
             })?;
         }
@@ -395,6 +403,29 @@ fn migrate_sqlite(path: &Path) -> Result<(), StoreInitError> {
     conn.run_pending_migrations(SQLITE_MIGRATIONS)
         .map_err(StoreInitError::Migrate)?;
     Ok(())
+}
+
+/// Creates `dir` (and its missing parents) readable by this user only (0700 on Unix); an
+/// existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates an empty `path` readable by this user only (0600 on Unix) unless it exists.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The current time as stored: UTC without zone, truncated to microseconds so a value reads

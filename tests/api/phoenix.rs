@@ -75,6 +75,11 @@ impl PhxClient {
         reference
     }
 
+    /// Sends one raw WebSocket message (frames, for fragmentation tests).
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send");
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.expect("send frame");
     }

@@ -126,3 +126,22 @@ async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm(
         "exit after SIGTERM: {exited:?}"
     );
 }
+
+/// Issue 10, defect 9: the SQLite files (password and token hashes) were created
+/// world-readable. The data directory is 0700, the database and its journal 0600.
+#[actix_web::test]
+async fn the_embedded_store_is_private_to_the_hubs_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = crate::helpers::temp_dir("private");
+    let data_dir = parent.join("data");
+    let mut settings = crate::helpers::test_settings(&data_dir);
+    settings.jwt_secret = None;
+    let app = crate::helpers::TestApp::spawn_with(settings, parent.clone(), None).await;
+    app.register().await;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700, "data directory");
+    for file in ["segue.db", "segue.db-wal", "segue.db-shm", "token.key"] {
+        assert_eq!(mode(&data_dir.join(file)), 0o600, "{file}");
+    }
+}

@@ -471,3 +471,35 @@ async fn sockets_are_capped_per_account_and_per_address() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Issue 10, defect 9: a fragmented message over the hard limit closed with 1008, where a
+/// single frame over it (and the docs) say 1009.
+#[actix_web::test]
+async fn a_fragmented_message_over_the_hard_limit_closes_with_1009() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| s.ws_max_message_bytes = 1024).await;
+    let account = app.register().await;
+    let mut socket = connect(&app, &account.access_token).await;
+    let piece = "x".repeat(2_000);
+    // 8,000 bytes in four frames, over the 4,096-byte hard cap (4 × the message limit).
+    socket
+        .send_raw(Message::Frame(Frame::message(
+            piece.clone(),
+            OpCode::Data(Data::Text),
+            false,
+        )))
+        .await;
+    for last in [false, false, true] {
+        socket
+            .send_raw(Message::Frame(Frame::message(
+                piece.clone(),
+                OpCode::Data(Data::Continue),
+                last,
+            )))
+            .await;
+    }
+    let close = socket.closed(FRAME_WAIT).await.expect("close frame");
+    assert_eq!(close.code, CloseCode::Size);
+}
