@@ -143,7 +143,8 @@ pub async fn seed(store: &Store) -> Result<usize, StoreError> {
     pooled
         .conn()
         .transaction(|conn| {
-            async move { catalog::upsert_tracks(conn, &batch, store::now()).await }.scope_boxed()
+            async move { catalog::upsert_tracks(conn, &batch, None, store::now()).await }
+                .scope_boxed()
         })
         .await
 }

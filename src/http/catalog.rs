@@ -80,7 +80,7 @@ fn parse_url(raw: &str) -> Result<String, InvalidInput> {
 pub async fn upsert_tracks(
     state: web::Data<AppState>,
     queues: web::Data<Queues>,
-    _caller: AuthenticatedUser,
+    caller: AuthenticatedUser,
     body: web::Json<TrackBatch>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
@@ -113,14 +113,34 @@ pub async fn upsert_tracks(
         batch.push(track);
     }
     let ids: Vec<String> = batch.iter().map(|t| t.id.as_str().to_owned()).collect();
+    let author = caller.user_id;
     let mut pooled = state.store.conn().await?;
     let upserted = pooled
         .conn()
         .transaction(|conn| {
-            async move { catalog::upsert_tracks(conn, &batch, store::now()).await }.scope_boxed()
+            async move {
+                // Only the account that created a track may replace it (the operator's, such
+                // as the demo catalog, are nobody's to change): others' queues show it.
+                let id_list: Vec<&str> = batch.iter().map(|t| t.id.as_str()).collect();
+                let theirs = catalog::not_created_by(conn, &id_list, Some(author)).await?;
+                if let Some(index) = batch.iter().position(|t| theirs.iter().any(|id| id == t.id.as_str())) {
+                    return Ok(Err(index));
+                }
+                catalog::upsert_tracks(conn, &batch, Some(author), store::now())
+                    .await
+                    .map(Ok)
+            }
+            .scope_boxed()
         })
         .await
-        .map_err(|e: StoreError| ApiError::from(e))?;
+        .map_err(|e: StoreError| ApiError::from(e))?
+        .map_err(|index| {
+            ApiError::client(
+                actix_web::http::StatusCode::FORBIDDEN,
+                "track_not_yours",
+                format!("track {index}: a track with this id exists and was not created by this account; nothing was written."),
+            )
+        })?;
     // Hydration on this replica sees the new and changed tracks at once.
     queues.forget_tracks(ids.iter().map(String::as_str));
     Ok(HttpResponse::Ok().json(json!({ "upserted": upserted })))

@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 
 use super::schema::{artists, tracks};
 use super::{Conn, StoreError, run};
-use crate::domain::TrackId;
+use crate::domain::{TrackId, UserId};
 
 /// A track as clients see it, with its artist's name joined in.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -49,13 +49,37 @@ struct NewTrack<'a> {
     duration_ms: Option<i64>,
     image_url: Option<&'a str>,
     updated_at: NaiveDateTime,
+    created_by: Option<i64>,
+}
+
+/// The tracks of `ids` that exist and were not created by `author` (`None`: the operator),
+/// with who created them.
+pub async fn not_created_by(
+    conn: &mut Conn<'_>,
+    ids: &[&str],
+    author: Option<UserId>,
+) -> Result<Vec<String>, StoreError> {
+    let owners: Vec<(String, Option<i64>)> = run!(conn, c => tracks::table
+        .filter(tracks::id.eq_any(ids))
+        .select((tracks::id, tracks::created_by))
+        .load(c)
+        .await)?;
+    let author = author.map(|a| a.0);
+    Ok(owners
+        .into_iter()
+        .filter(|(_, owner)| *owner != author)
+        .map(|(id, _)| id)
+        .collect())
 }
 
 /// Inserts or updates `batch`: artists are created by name as needed, tracks are replaced by
-/// id. Run it inside a transaction so a failure leaves no half-written batch.
+/// id; new tracks record `author` (`None`: the operator) as their creator, which an update
+/// keeps. Run it inside a transaction so a failure leaves no half-written batch; callers
+/// check with [`not_created_by`] first that `author` may replace the existing ones.
 pub async fn upsert_tracks(
     conn: &mut Conn<'_>,
     batch: &[TrackInput],
+    author: Option<UserId>,
     now: NaiveDateTime,
 ) -> Result<usize, StoreError> {
     let names: Vec<&str> = batch
@@ -108,6 +132,7 @@ pub async fn upsert_tracks(
             duration_ms: track.duration_ms,
             image_url: track.image_url.as_deref(),
             updated_at: now,
+            created_by: author.map(|a| a.0),
         });
     }
     let changes = (

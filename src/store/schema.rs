@@ -53,6 +53,7 @@ diesel::table! {
         duration_ms -> Nullable<BigInt>,
         image_url -> Nullable<Text>,
         updated_at -> Timestamp,
+        created_by -> Nullable<BigInt>,
     }
 }
 
