@@ -12,7 +12,7 @@ mod socket;
 
 use std::sync::Arc;
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, ResponseError, web};
 
 pub use extract::AuthenticatedUser;
 
@@ -35,60 +35,87 @@ pub struct AppState {
     pub redis: Option<RedisPool>,
 }
 
+/// A resource at `paths` whose methods are `allow` (as the `Allow` header lists them); any
+/// other method gets the JSON 405 with that header.
+fn resource(paths: &[&str], allow: &'static str) -> actix_web::Resource {
+    web::resource(paths.to_vec()).default_service(web::to(move || method_not_allowed(allow)))
+}
+
 /// Registers every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .route("/metrics", web::get().to(health::metrics))
+    cfg.service(resource(&["/healthz"], "GET").route(web::get().to(health::healthz)))
+        .service(resource(&["/readyz"], "GET").route(web::get().to(health::readyz)))
+        .service(resource(&["/metrics"], "GET").route(web::get().to(health::metrics)))
         .service(
             web::scope("/auth")
-                .route("/register", web::post().to(accounts::register))
-                .route("/login", web::post().to(accounts::login))
-                .route("/refresh", web::post().to(accounts::refresh))
-                .route("/logout", web::post().to(accounts::logout)),
+                .service(resource(&["/register"], "POST").route(web::post().to(accounts::register)))
+                .service(resource(&["/login"], "POST").route(web::post().to(accounts::login)))
+                .service(resource(&["/refresh"], "POST").route(web::post().to(accounts::refresh)))
+                .service(resource(&["/logout"], "POST").route(web::post().to(accounts::logout))),
         )
-        .route("/socket/websocket", web::get().to(socket::upgrade))
+        .service(resource(&["/socket/websocket"], "GET").route(web::get().to(socket::upgrade)))
         .service(
-            web::resource(["/queue/", "/queue"])
+            resource(&["/queue/", "/queue"], "GET, PUT")
                 .route(web::get().to(queue::get_queue))
                 .route(web::put().to(queue::put_queue)),
         )
-        .route("/queue/ops", web::post().to(queue::post_ops))
+        .service(resource(&["/queue/ops"], "POST").route(web::post().to(queue::post_ops)))
         .service(
-            web::resource(["/preferences/", "/preferences"])
+            resource(&["/preferences/", "/preferences"], "GET, PATCH")
                 .route(web::get().to(queue::get_preferences))
                 .route(web::patch().to(queue::patch_preferences)),
         )
-        .route("/devices/", web::get().to(presence::list_devices))
-        .route("/devices", web::get().to(presence::list_devices))
-        .route("/follows/", web::get().to(presence::list_follows))
-        .route("/follows", web::get().to(presence::list_follows))
         .service(
-            web::resource("/follows/{user_id}")
+            resource(&["/devices/", "/devices"], "GET")
+                .route(web::get().to(presence::list_devices)),
+        )
+        .service(
+            resource(&["/follows/", "/follows"], "GET")
+                .route(web::get().to(presence::list_follows)),
+        )
+        .service(
+            resource(&["/follows/{user_id}"], "POST, DELETE")
                 .route(web::post().to(presence::follow))
                 .route(web::delete().to(presence::unfollow)),
         )
         .service(
-            web::resource(["/now-playing/", "/now-playing"])
+            resource(&["/now-playing/", "/now-playing"], "POST, DELETE")
                 .route(web::post().to(presence::report_playing))
                 .route(web::delete().to(presence::stop_playing)),
         )
-        .route(
-            "/now-playing/by-handle/{handle}",
-            web::get().to(presence::by_handle),
-        )
-        .route("/history/", web::get().to(presence::history))
-        .route("/history", web::get().to(presence::history))
-        .route(
-            "/users/by-handle/{handle}",
-            web::get().to(presence::user_by_handle),
+        .service(
+            resource(&["/now-playing/by-handle/{handle}"], "GET")
+                .route(web::get().to(presence::by_handle)),
         )
         .service(
-            web::resource(["/tracks", "/tracks/"])
+            resource(&["/history/", "/history"], "GET").route(web::get().to(presence::history)),
+        )
+        .service(
+            resource(&["/users/by-handle/{handle}"], "GET")
+                .route(web::get().to(presence::user_by_handle)),
+        )
+        .service(
+            resource(&["/tracks", "/tracks/"], "GET, POST")
                 .route(web::get().to(catalog::search_tracks))
                 .route(web::post().to(catalog::upsert_tracks)),
         )
-        .route("/tracks/{id}", web::get().to(catalog::get_track));
+        .service(resource(&["/tracks/{id}"], "GET").route(web::get().to(catalog::get_track)));
+}
+
+/// The answer to a method a resource does not have: 405 in the house error shape, with
+/// `Allow`.
+async fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = ApiError::client(
+        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("This path allows {allow} only."),
+    )
+    .error_response();
+    response.headers_mut().insert(
+        actix_web::http::header::ALLOW,
+        actix_web::http::header::HeaderValue::from_static(allow),
+    );
+    response
 }
 
 /// The web page's files from `dir`, at `/` (`index.html` for `/`); any other path that

@@ -14,28 +14,39 @@ crate::on_both_backends!(
 /// Issue 10, defect 9: any account could replace any catalog track that others' queues show.
 async fn only_the_account_that_created_a_track_may_replace_it(app: TestApp) {
     let (alice, mallory) = (app.register().await, app.register().await);
-    let batch = |title: &str| json!({"tracks": [
-        {"id": "mine", "title": title, "artist": "Alice"},
-    ]});
-    let response = app.post_json_authed("/tracks", &alice.access_token, &batch("Original")).await;
+    let batch = |title: &str| {
+        json!({"tracks": [
+            {"id": "mine", "title": title, "artist": "Alice"},
+        ]})
+    };
+    let response = app
+        .post_json_authed("/tracks", &alice.access_token, &batch("Original"))
+        .await;
     assert_eq!(response.status(), 200);
     // Another account's batch that touches it is refused whole, naming the track.
     let mixed = json!({"tracks": [
         {"id": "new-one", "title": "Fresh", "artist": "Mallory"},
         {"id": "mine", "title": "Defaced", "artist": "Mallory"},
     ]});
-    let response = app.post_json_authed("/tracks", &mallory.access_token, &mixed).await;
+    let response = app
+        .post_json_authed("/tracks", &mallory.access_token, &mixed)
+        .await;
     let body: Value = {
         assert_eq!(response.status(), 403);
         response.json().await.unwrap()
     };
     assert_eq!(body["code"], "track_not_yours");
-    assert!(body["detail"].as_str().unwrap().starts_with("track 1:"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("track 1:"),
+        "{body}"
+    );
     let track: Value = app.get("/tracks/mine").await.json().await.unwrap();
     assert_eq!(track["title"], "Original");
     assert_eq!(app.get("/tracks/new-one").await.status(), 404);
     // Its creator may.
-    let response = app.post_json_authed("/tracks", &alice.access_token, &batch("Remastered")).await;
+    let response = app
+        .post_json_authed("/tracks", &alice.access_token, &batch("Remastered"))
+        .await;
     assert_eq!(response.status(), 200);
     let track: Value = app.get("/tracks/mine").await.json().await.unwrap();
     assert_eq!(track["title"], "Remastered");

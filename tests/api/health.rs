@@ -114,3 +114,19 @@ async fn metrics_can_be_kept_for_the_operator() {
             .contains("segue_http_requests_total")
     );
 }
+
+/// Issue 10, defect 9: a method a path does not have answered 405 with an empty body and no
+/// `Allow`.
+#[actix_web::test]
+async fn a_method_a_path_lacks_gets_a_json_405_with_allow() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for (method, path, allow) in [
+        (reqwest::Method::PATCH, "/healthz", "GET"),
+        (reqwest::Method::DELETE, "/queue/", "GET, PUT"),
+        (reqwest::Method::GET, "/auth/login", "POST"),
+    ] {
+        let response = app.client.request(method, app.url(path)).send().await.unwrap();
+        assert_eq!(response.headers()["allow"], allow, "{path}");
+        assert_eq!(error_code(response, 405).await, "method_not_allowed", "{path}");
+    }
+}
