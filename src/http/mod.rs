@@ -119,12 +119,19 @@ async fn method_not_allowed(allow: &'static str) -> HttpResponse {
 }
 
 /// The web page's files from `dir`, at `/` (`index.html` for `/`); any other path that
-/// nothing matches gets the JSON 404.
+/// nothing matches gets the JSON 404. Only files that really lie inside `dir` are served: a
+/// symbolic link that leads out of it is answered as if it were not there.
 pub fn static_files(dir: &std::path::Path) -> actix_files::Files {
+    let root = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     actix_files::Files::new("/", dir)
         .index_file("index.html")
         .use_etag(true)
         .use_last_modified(true)
+        .path_filter(move |path, _| {
+            root.join(path)
+                .canonicalize()
+                .is_ok_and(|real| real.starts_with(&root))
+        })
         .default_handler(web::to(not_found))
 }
 

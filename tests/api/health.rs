@@ -125,8 +125,17 @@ async fn a_method_a_path_lacks_gets_a_json_405_with_allow() {
         (reqwest::Method::DELETE, "/queue/", "GET, PUT"),
         (reqwest::Method::GET, "/auth/login", "POST"),
     ] {
-        let response = app.client.request(method, app.url(path)).send().await.unwrap();
+        let response = app
+            .client
+            .request(method, app.url(path))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.headers()["allow"], allow, "{path}");
-        assert_eq!(error_code(response, 405).await, "method_not_allowed", "{path}");
+        assert_eq!(
+            error_code(response, 405).await,
+            "method_not_allowed",
+            "{path}"
+        );
     }
 }

@@ -266,3 +266,36 @@ async fn two_tabs_of_one_browser_stay_signed_in_through_token_refreshes() {
         "{result}"
     );
 }
+
+/// Issue 10, defect 9: symbolic links inside `SEGUE_STATIC_DIR` were followed out of it, and
+/// the page was sent without security headers.
+#[actix_web::test]
+async fn the_page_stays_inside_its_directory_and_carries_security_headers() {
+    let outside = crate::helpers::temp_dir("outside");
+    std::fs::write(outside.join("secret.txt"), "not for the web").unwrap();
+    let site = crate::helpers::temp_dir("site");
+    std::fs::write(site.join("index.html"), "<title>Segue</title>").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt"), site.join("leak.txt")).unwrap();
+    std::os::unix::fs::symlink(&outside, site.join("elsewhere")).unwrap();
+    let app = crate::helpers::TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
+        s.static_dir = site.clone();
+    })
+    .await;
+    for path in ["/leak.txt", "/elsewhere/secret.txt"] {
+        let response = app.get(path).await;
+        assert_eq!(response.status(), 404, "{path}");
+        assert!(!response.text().await.unwrap().contains("not for the web"));
+    }
+    let page = app.get("/").await;
+    assert_eq!(page.status(), 200);
+    let headers = page.headers();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    let _ = std::fs::remove_dir_all(outside);
+    let _ = std::fs::remove_dir_all(site);
+}
