@@ -227,7 +227,8 @@ pub async fn by_handle(
         .pop();
     Ok(HttpResponse::Ok().json(json!({
         "user": {"id": account.id, "handle": account.handle, "display_name": account.display_name},
-        "device": {"device_id": entry.device_id, "name": entry.name, "kind": entry.kind},
+        // The device's kind, not its private name ("Alice's phone").
+        "device": {"device_id": entry.device_id, "kind": entry.kind},
         "track_id": playing.track_id,
         "progress_ms": playing.progress_ms,
         "is_playing": playing.is_playing,

@@ -480,6 +480,9 @@ async fn rest_players_show_up_everywhere_and_by_handle_answers_the_same_on_every
         assert_eq!(body["track"]["title"], "One");
         assert_eq!(body["user"]["handle"], alice.handle.as_str());
         assert_eq!(body["device"]["device_id"], alice.device_id.as_str());
+        // Issue 10, item 10: the public answer names the device's kind, not its private name.
+        assert!(body["device"].get("name").is_none(), "{body}");
+        assert!(body["device"]["kind"].is_string(), "{body}");
         assert_eq!(body["progress_ms"], 1000);
     }
     let devices: Value = b
