@@ -238,3 +238,81 @@ impl From<crate::presence::RegistryError> for ApiError {
         )
     }
 }
+
+/// Longest original error body kept as the `detail` of a rewritten error.
+const MAX_KEPT_DETAIL: usize = 300;
+
+/// The code of an error response that did not come from [`ApiError`].
+fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        500 => "internal_error",
+        503 => "unavailable",
+        _ => "http_error",
+    }
+}
+
+/// Middleware, outermost: every error response leaves in the house shape. Errors from parts
+/// that are not ours (the static file server's 400s, the CORS refusal) came as plain text;
+/// they are rewritten as `{"detail", "code"}` with the same status and headers, keeping their
+/// sentence when it is short text.
+pub async fn json_errors(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse, actix_web::Error> {
+    use actix_web::dev::ServiceResponse;
+    let response = match next.call(req).await {
+        Ok(response) => response.map_into_boxed_body(),
+        // A middleware's refusal (CORS): answered by the dispatcher from the error, so the
+        // error becomes ours.
+        Err(error) if error.as_error::<ApiError>().is_some() => return Err(error),
+        Err(error) => {
+            let status = error.as_response_error().status_code();
+            return Err(ApiError::client(status, code_for(status), error.to_string()).into());
+        }
+    };
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return Ok(response);
+    }
+    let (request, original) = response.into_parts();
+    let kept: Vec<_> = original
+        .headers()
+        .iter()
+        .filter(|(name, _)| **name != header::CONTENT_TYPE && **name != header::CONTENT_LENGTH)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let body = actix_web::body::to_bytes_limited(original.into_body(), MAX_KEPT_DETAIL)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let detail = body
+        .and_then(|bytes| String::from_utf8(bytes.to_vec()).ok())
+        .map(|text| text.trim().to_owned())
+        .filter(|text| !text.is_empty() && !text.contains('<'))
+        .unwrap_or_else(|| {
+            status
+                .canonical_reason()
+                .unwrap_or("The request failed")
+                .to_owned()
+        });
+    let mut rewritten = HttpResponse::build(status).json(ErrorBody {
+        detail: &detail,
+        code: code_for(status),
+    });
+    for (name, value) in kept {
+        rewritten.headers_mut().append(name, value);
+    }
+    Ok(ServiceResponse::new(request, rewritten))
+}

@@ -209,6 +209,8 @@ impl Application {
                 .app_data(web::QueryConfig::default().error_handler(error::query_error))
                 .configure(http::routes)
                 .service(http::static_files(&static_dir))
+                // Outermost, so that it sees every error, the middlewares' own included.
+                .wrap(from_fn(error::json_errors))
         };
         // actix-web's `HttpServer`, assembled from its parts so that every connection runs
         // over an `AbortableStream`: a socket closed for not reading must give its TCP

@@ -139,3 +139,42 @@ async fn a_method_a_path_lacks_gets_a_json_405_with_allow() {
         );
     }
 }
+
+/// Issue 10, defect 9: errors from the parts that are not ours (the static file server's
+/// 400s, the CORS refusal) were plain text.
+#[actix_web::test]
+async fn every_error_is_json_even_from_the_file_server_and_cors() {
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.allowed_origins = "https://app.example".into();
+    })
+    .await;
+    // A path the file server refuses to read (a segment starting with a dot).
+    let response = app.get("/.hidden").await;
+    let status = response.status().as_u16();
+    assert!(status == 400 || status == 404, "{status}");
+    let body: Value = response.json().await.expect("a JSON body");
+    assert!(
+        body["code"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    // A browser preflight from an origin that is not allowed.
+    let response = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/queue/"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "PUT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.expect("a JSON body");
+    assert_eq!(body["code"], "bad_request");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("origin"),
+        "{body}"
+    );
+}
