@@ -79,11 +79,13 @@ impl Change {
         json!({"joins": group_by_device(&self.joins), "leaves": group_by_device(&self.leaves)})
     }
 
-    /// The `presence_diff` with every meta under one key (`friends:{follower}`).
-    pub fn under(&self, key: &str) -> Value {
+    /// The `presence_diff` for followers (`friends:{follower}`): every meta under one key,
+    /// as [`for_friends`] shows it.
+    pub fn for_friends(&self, key: &str) -> Value {
         let side = |metas: &[Value]| {
             let mut map = Map::new();
             if !metas.is_empty() {
+                let metas: Vec<Value> = metas.iter().map(for_friends).collect();
                 map.insert(key.to_owned(), json!({ "metas": metas }));
             }
             Value::Object(map)
@@ -104,6 +106,16 @@ fn group_by_device(metas: &[Value]) -> Value {
         }
     }
     Value::Object(map)
+}
+
+/// A meta as followers see it: the device's kind and what it plays, not its private name
+/// ("Alice's phone"), which only the owner's own devices see.
+pub fn for_friends(meta: &Value) -> Value {
+    let mut meta = meta.clone();
+    if let Some(fields) = meta.as_object_mut() {
+        fields.remove("name");
+    }
+    meta
 }
 
 /// The meta clients see for `entry`, without refs.
@@ -397,10 +409,15 @@ mod tests {
         assert_eq!(state["a"]["metas"].as_array().unwrap().len(), 2);
         let change = view.remove("a/1", 1);
         assert_eq!(
-            change.under("7")["leaves"]["7"]["metas"][0]["device_id"],
+            change.for_friends("7")["leaves"]["7"]["metas"][0]["device_id"],
             "a"
         );
-        assert_eq!(change.under("7")["joins"], json!({}));
+        assert_eq!(change.for_friends("7")["joins"], json!({}));
+        let left = &change.for_friends("7")["leaves"]["7"]["metas"][0];
+        assert!(
+            left.get("name").is_none() && left.get("kind").is_some(),
+            "{left}"
+        );
     }
 
     #[test]

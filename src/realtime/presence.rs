@@ -568,7 +568,12 @@ impl Presence {
         for user in &viewer.followees {
             match self.views.get(user).and_then(|w| w.view.as_ref()) {
                 Some(view) if !view.is_empty() => {
-                    state.insert(user.to_string(), json!({ "metas": view.metas() }));
+                    let metas: Vec<Value> = view
+                        .metas()
+                        .iter()
+                        .map(crate::presence::view::for_friends)
+                        .collect();
+                    state.insert(user.to_string(), json!({ "metas": metas }));
                 }
                 Some(_) => {}
                 None => return,
@@ -605,7 +610,7 @@ impl Presence {
             None,
             &viewer.topic,
             "presence_diff",
-            &change.under(&user.to_string()),
+            &change.for_friends(&user.to_string()),
         );
         push(&viewer.recipient, &viewer.topic, text);
     }
@@ -628,7 +633,7 @@ impl Presence {
             }
         }
         if !watched.friend_viewers.is_empty() {
-            let payload = change.under(&user.to_string()).to_string();
+            let payload = change.for_friends(&user.to_string()).to_string();
             for socket in &watched.friend_viewers {
                 if let Some(viewer) = self.friend_viewers.get(socket).filter(|v| v.state_sent) {
                     let text = frame::broadcast_raw(&viewer.topic, "presence_diff", &payload);
@@ -667,7 +672,7 @@ impl Presence {
                         joins: Vec::new(),
                         leaves: view.metas(),
                     };
-                    let payload = change.under(&user.to_string());
+                    let payload = change.for_friends(&user.to_string());
                     push(
                         &recipient,
                         &topic,

@@ -373,6 +373,9 @@ async fn friends_see_followed_users_only_and_follow_changes_while_joined(replica
     })
     .await;
     assert_eq!(bob_list.metas(&alice_key)[0]["device_id"], "alice-phone");
+    // Issue 10, item 10: a follower sees the device's kind, not its private name.
+    assert!(bob_list.metas(&alice_key)[0].get("name").is_none());
+    assert!(bob_list.metas(&alice_key)[0]["kind"].is_string());
     assert!(
         !bob_list.keys.contains_key(&dave.id.to_string()),
         "not followed"
@@ -399,6 +402,10 @@ async fn friends_see_followed_users_only_and_follow_changes_while_joined(replica
             .is_some_and(|m| m["now_playing"]["track_id"] == "song-9")
     })
     .await;
+    assert!(
+        bob_list.metas(&alice_key)[0].get("name").is_none(),
+        "diffs too"
+    );
     assert!(
         !carol_socket
             .sees_within(Duration::from_millis(300), |f| f[3] == "presence_diff")
