@@ -63,7 +63,13 @@ impl Sessions {
         let lookup = actix_web::rt::spawn(async move {
             let mut pooled = store.conn().await?;
             let answer = tokens::family_revoked(&mut pooled.conn(), &session).await?;
-            revoked.insert(session, answer).await;
+            if answer {
+                revoked.insert(session, true).await;
+            } else {
+                // A revocation heard while this read was in flight must not be overwritten
+                // by the older "live" the read saw.
+                revoked.entry(session).or_insert(false).await;
+            }
             Ok(answer)
         });
         lookup.await.map_err(|_| StoreError::TaskLost)?

@@ -56,15 +56,25 @@ impl UserEvent {
     }
 }
 
+/// An event as a bus body (JSON).
+fn to_body(event: &impl Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(event).unwrap_or_default())
+}
+
+/// An event from a bus body; `None` for a body this version does not understand.
+fn from_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+    serde_json::from_slice(body).ok()
+}
+
 impl UserEvent {
     /// The bus body.
     pub fn encode(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        to_body(self)
     }
 
     /// Reads a bus body; `None` for a body this version does not understand.
     pub fn decode(body: &[u8]) -> Option<Self> {
-        serde_json::from_slice(body).ok()
+        from_body(body)
     }
 }
 
@@ -83,12 +93,12 @@ pub enum ReplicaEvent {
 impl ReplicaEvent {
     /// The bus body.
     pub fn encode(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        to_body(self)
     }
 
     /// Reads a bus body; `None` for a body this version does not understand.
     pub fn decode(body: &[u8]) -> Option<Self> {
-        serde_json::from_slice(body).ok()
+        from_body(body)
     }
 }
 

@@ -63,6 +63,16 @@ struct Current {
     revision: i64,
 }
 
+impl Current {
+    /// The stored queue (revision 0 and empty when there is none) with the user's
+    /// `auto_advance`.
+    fn from_store(stored: Option<stored::StoredQueue>, auto_advance: bool) -> Self {
+        let (mut state, revision) = stored.map(|s| (s.state, s.revision)).unwrap_or_default();
+        state.auto_advance = auto_advance;
+        Self { state, revision }
+    }
+}
+
 /// Why a queue write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -181,9 +191,7 @@ impl Queues {
         let mut conn = pooled.conn();
         let stored = stored::load(&mut conn, user).await?;
         let auto_advance = preferences::load(&mut conn, user).await?.auto_advance;
-        let (mut state, revision) = stored.map(|s| (s.state, s.revision)).unwrap_or_default();
-        state.auto_advance = auto_advance;
-        Ok(Current { state, revision })
+        Ok(Current::from_store(stored, auto_advance))
     }
 
     /// Stores a full snapshot. `expected` is the revision the client based it on (`None`:
@@ -349,9 +357,7 @@ impl Queues {
                 async move {
                     let stored = stored::load_locked(conn, user).await?;
                     let auto_advance = preferences::load(conn, user).await?.auto_advance;
-                    let (mut state, revision) =
-                        stored.map(|s| (s.state, s.revision)).unwrap_or_default();
-                    state.auto_advance = auto_advance;
+                    let Current { state, revision } = Current::from_store(stored, auto_advance);
                     let mut next = state.clone();
                     let skipped = next.apply_all(ops, max_entries, rng);
                     if skipped.len() == ops.len() {
