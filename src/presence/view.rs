@@ -168,6 +168,22 @@ impl View {
         self.shown.is_empty()
     }
 
+    /// Every device as a join (for a viewer who starts seeing this user).
+    pub fn joined(&self) -> Change {
+        Change {
+            joins: self.metas(),
+            leaves: Vec::new(),
+        }
+    }
+
+    /// Every device as a leave (for a viewer who stops seeing this user).
+    pub fn left(&self) -> Change {
+        Change {
+            joins: Vec::new(),
+            leaves: self.metas(),
+        }
+    }
+
     /// The earliest expiry of a shown entry.
     pub fn next_expiry(&self) -> Option<i64> {
         self.shown.iter().map(|s| s.entry.expires_at).min()
