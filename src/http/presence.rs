@@ -15,7 +15,7 @@ use crate::realtime::events::UserEvent;
 use crate::realtime::hub::Publish;
 use crate::realtime::presence::RestPlaying;
 use crate::realtime::queue::Queues;
-use crate::store::{devices, follows, plays, users};
+use crate::store::{devices, follows, plays, preferences, users};
 
 /// `GET /devices/`: every device the account has been seen on, with presence.
 pub async fn list_devices(
@@ -198,7 +198,8 @@ pub async fn stop_playing(
 }
 
 /// `GET /now-playing/by-handle/{handle}` (public): 200 with what the user plays, 204 when
-/// nothing, 404 for an unknown handle. Read from the registry, so every replica answers
+/// nothing or when the user does not share it (`share_listening` off), 404 for an unknown
+/// handle. Read from the registry, so every replica answers
 /// the same.
 pub async fn by_handle(
     state: web::Data<AppState>,
@@ -208,11 +209,19 @@ pub async fn by_handle(
 ) -> Result<HttpResponse, ApiError> {
     let unknown = || ApiError::not_found("unknown_user", "There is no user with that handle.");
     let handle = Handle::parse(&path.into_inner()).map_err(|_| unknown())?;
-    let account = {
+    let (account, shares) = {
         let mut pooled = state.store.conn().await?;
-        users::find_by_handle(&mut pooled.conn(), &handle).await?
+        let mut conn = pooled.conn();
+        let account = users::find_by_handle(&mut conn, &handle)
+            .await?
+            .ok_or_else(unknown)?;
+        let shares = preferences::shares_listening(&mut conn, account.user_id()).await?;
+        (account, shares)
     };
-    let account = account.ok_or_else(unknown)?;
+    // A user who does not share what they play answers as one who plays nothing.
+    if !shares {
+        return Ok(HttpResponse::NoContent().finish());
+    }
     let snapshot = realtime.registry.snapshot(account.user_id()).await?;
     let Some(entry) = snapshot.listening() else {
         return Ok(HttpResponse::NoContent().finish());

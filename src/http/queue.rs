@@ -176,8 +176,8 @@ pub async fn get_preferences(
 /// Longest accepted preferences document, serialized.
 const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
 
-/// `PATCH /preferences/` with the fields to change; `auto_advance` must be a boolean, other
-/// fields are kept as sent (`null` removes one).
+/// `PATCH /preferences/` with the fields to change; `auto_advance` and `share_listening` must
+/// be booleans, other fields are kept as sent (`null` removes one).
 pub async fn patch_preferences(
     state: web::Data<AppState>,
     realtime: web::Data<Realtime>,
@@ -189,19 +189,25 @@ pub async fn patch_preferences(
     let mut conn = pooled.conn();
     let mut preferences: Preferences = preferences::load(&mut conn, caller.user_id).await?;
     for (key, value) in patch {
-        match (key.as_str(), value) {
-            ("auto_advance", Value::Bool(on)) => preferences.auto_advance = on,
-            ("auto_advance", _) => {
-                return Err(crate::domain::InvalidInput::new(
-                    "auto_advance",
-                    "must be true or false",
-                )
-                .into());
-            }
-            (_, Value::Null) => {
+        let flag = match key.as_str() {
+            "auto_advance" => Some(("auto_advance", &mut preferences.auto_advance)),
+            "share_listening" => Some(("share_listening", &mut preferences.share_listening)),
+            _ => None,
+        };
+        if let Some((field, flag)) = flag {
+            let Value::Bool(on) = value else {
+                return Err(
+                    crate::domain::InvalidInput::new(field, "must be true or false").into(),
+                );
+            };
+            *flag = on;
+            continue;
+        }
+        match value {
+            Value::Null => {
                 preferences.extra.remove(&key);
             }
-            (_, value) => {
+            value => {
                 preferences.extra.insert(key, value);
             }
         }
@@ -216,7 +222,8 @@ pub async fn patch_preferences(
         );
     }
     preferences::store(&mut conn, caller.user_id, &preferences).await?;
-    // Cached queues carry auto_advance: drop them here and on every replica.
+    // Cached queues carry auto_advance, and presence views of followers depend on
+    // share_listening: every replica re-reads them.
     realtime.hub.do_send(Publish {
         user: caller.user_id,
         event: UserEvent::PreferencesChanged,

@@ -25,7 +25,8 @@ pub enum UserEvent {
     /// Close the sockets of one login session. Never sent on the bus: a replica delivers it
     /// to the user's local session when it hears [`ReplicaEvent::SessionEnded`].
     EndSession { session: String },
-    /// The user's preferences changed: cached queues (which carry `auto_advance`) are stale.
+    /// The user's preferences changed: cached queues (which carry `auto_advance`) and whether
+    /// followers see the user's presence (`share_listening`) are stale.
     PreferencesChanged,
     /// One of the user's presence entries was written (by its owner).
     PresenceUpsert {
@@ -52,6 +53,7 @@ impl UserEvent {
                 | Self::PresenceRemove { .. }
                 | Self::OutputChanged { .. }
                 | Self::FollowsChanged
+                | Self::PreferencesChanged
         )
     }
 }

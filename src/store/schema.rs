@@ -73,6 +73,7 @@ diesel::table! {
         auto_advance -> Bool,
         extra -> Text,
         updated_at -> Timestamp,
+        share_listening -> Bool,
     }
 }
 

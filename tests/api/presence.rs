@@ -152,6 +152,7 @@ crate::on_both_buses!(
     transfer_and_commands_reach_devices_on_the_other_replica,
     friends_see_followed_users_only_and_follow_changes_while_joined,
     rest_players_show_up_everywhere_and_by_handle_answers_the_same_on_every_replica,
+    a_user_who_stops_sharing_leaves_followers_views_and_the_public_page_everywhere,
 );
 
 async fn devices_of_one_user_see_each_other_join_play_and_leave_across_replicas(
@@ -539,6 +540,159 @@ async fn rest_players_show_up_everywhere_and_by_handle_answers_the_same_on_every
         a.get("/now-playing/by-handle/bad%20handle").await.status(),
         404
     );
+}
+
+async fn patch_preferences(app: &TestApp, account: &Account, body: Value) -> reqwest::Response {
+    app.client
+        .patch(app.url("/preferences/"))
+        .bearer_auth(&account.access_token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Issue 10, item 10: `share_listening` off hides the account from every follower's
+/// `friends:` view (on every replica, at once and for later joins) and makes the public page
+/// answer as for a silent user; on again shows it again.
+async fn a_user_who_stops_sharing_leaves_followers_views_and_the_public_page_everywhere(
+    replicas: Vec<TestApp>,
+) {
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let (alice, bob, carol) = (a.register().await, a.register().await, a.register().await);
+    for followee in [&alice, &carol] {
+        let path = format!("/follows/{}", followee.id);
+        assert_eq!(post(a, &path, &bob.access_token, None).await.status(), 201);
+    }
+    // Carol stops sharing before anyone watches her.
+    let off = patch_preferences(a, &carol, json!({"share_listening": false})).await;
+    assert_eq!(off.status(), 200);
+    assert_eq!(off.json::<Value>().await.unwrap()["share_listening"], false);
+
+    let alice_topic = format!("devices:{}", alice.id);
+    let mut alice_phone = device_socket(a, &alice, "alice-phone").await;
+    let alice_ref = join(&mut alice_phone, &alice_topic).await;
+    let mut carol_phone = device_socket(a, &carol, "carol-phone").await;
+    let carol_ref = join(&mut carol_phone, &format!("devices:{}", carol.id)).await;
+    for (socket, reference, topic) in [
+        (&mut alice_phone, &alice_ref, &alice_topic),
+        (
+            &mut carol_phone,
+            &carol_ref,
+            &format!("devices:{}", carol.id),
+        ),
+    ] {
+        let pushed = socket
+            .push(
+                Some(reference),
+                topic,
+                "now_playing",
+                json!({"track_id": "song-1", "progress_ms": 0, "is_playing": true}),
+            )
+            .await;
+        assert_eq!(socket.reply_to(&pushed).await[4]["status"], "ok");
+    }
+
+    let bob_topic = format!("friends:{}", bob.id);
+    let (alice_key, carol_key) = (alice.id.to_string(), carol.id.to_string());
+    let mut bob_laptop = device_socket(b, &bob, "bob-laptop").await;
+    join(&mut bob_laptop, &bob_topic).await;
+    let mut bob_list = PresenceList::default();
+    until(&mut bob_laptop, &bob_topic, &mut bob_list, |l| {
+        l.metas(&alice_key)
+            .first()
+            .is_some_and(|m| m["now_playing"]["track_id"] == "song-1")
+    })
+    .await;
+    assert!(
+        !bob_list.keys.contains_key(&carol_key),
+        "Carol shares nothing"
+    );
+    let alice_page = format!("/now-playing/by-handle/{}", alice.handle);
+    let carol_page = format!("/now-playing/by-handle/{}", carol.handle);
+    for app in [a, b] {
+        assert_eq!(
+            wait_for_playing(app, &alice_page).await["track_id"],
+            "song-1"
+        );
+        assert_eq!(
+            app.get(&carol_page).await.status(),
+            204,
+            "as for a silent user"
+        );
+    }
+
+    // A refused value changes nothing.
+    let bad = patch_preferences(a, &alice, json!({"share_listening": "no"})).await;
+    assert_eq!(crate::helpers::error_code(bad, 422).await, "invalid_input");
+    assert!(
+        !bob_laptop
+            .sees_within(Duration::from_millis(300), |f| f[3] == "presence_diff")
+            .await
+    );
+    assert_eq!(b.get(&alice_page).await.status(), 200);
+
+    // Alice stops sharing on replica a: Bob's view on replica b loses her devices.
+    let off = patch_preferences(a, &alice, json!({"share_listening": false})).await;
+    assert_eq!(off.status(), 200);
+    until(&mut bob_laptop, &bob_topic, &mut bob_list, |l| {
+        !l.keys.contains_key(&alice_key)
+    })
+    .await;
+    for app in [a, b] {
+        assert_eq!(app.get(&alice_page).await.status(), 204);
+    }
+    // What she plays now reaches no follower, and a new join of Bob's shows nobody.
+    let pushed = alice_phone
+        .push(
+            Some(&alice_ref),
+            &alice_topic,
+            "now_playing",
+            json!({"track_id": "song-2", "progress_ms": 0, "is_playing": true}),
+        )
+        .await;
+    assert_eq!(alice_phone.reply_to(&pushed).await[4]["status"], "ok");
+    assert!(
+        !bob_laptop
+            .sees_within(Duration::from_millis(300), |f| f[3] == "presence_diff")
+            .await,
+        "a hidden user's changes are not sent"
+    );
+    let mut bob_phone = device_socket(a, &bob, "bob-phone").await;
+    join(&mut bob_phone, &bob_topic).await;
+    let state = bob_phone.event(&bob_topic, "presence_state").await;
+    assert_eq!(state[4], json!({}), "nobody Bob follows shares");
+    // Her own devices still see everything.
+    let mut alice_list = PresenceList::default();
+    let mut alice_laptop = device_socket(b, &alice, "alice-laptop").await;
+    join(&mut alice_laptop, &alice_topic).await;
+    until(&mut alice_laptop, &alice_topic, &mut alice_list, |l| {
+        l.metas("alice-phone")
+            .first()
+            .is_some_and(|m| m["now_playing"]["track_id"] == "song-2")
+    })
+    .await;
+
+    // Sharing again: both of Bob's views get her devices back, with what plays now.
+    let on = patch_preferences(b, &alice, json!({"share_listening": true})).await;
+    assert_eq!(on.status(), 200);
+    let mut phone_list = PresenceList::default();
+    phone_list.apply(&state);
+    for (socket, list) in [
+        (&mut bob_laptop, &mut bob_list),
+        (&mut bob_phone, &mut phone_list),
+    ] {
+        until(socket, &bob_topic, list, |l| {
+            l.metas(&alice_key).iter().any(|m| {
+                m["device_id"] == "alice-phone" && m["now_playing"]["track_id"] == "song-2"
+            })
+        })
+        .await;
+        assert!(!list.keys.contains_key(&carol_key));
+    }
+    assert_eq!(wait_for_playing(a, &alice_page).await["track_id"], "song-2");
 }
 
 async fn wait_for_playing(app: &TestApp, path: &str) -> Value {

@@ -450,16 +450,53 @@ async fn auto_advance_comes_from_preferences(app: TestApp) {
         .json()
         .await
         .unwrap();
-    assert_eq!(prefs, json!({"auto_advance": false, "theme": "dark"}));
-    let bad = app
+    assert_eq!(
+        prefs,
+        json!({"auto_advance": false, "share_listening": true, "theme": "dark"})
+    );
+    // The flags take booleans only; a refused patch changes nothing, not even its other
+    // fields.
+    for bad in [
+        json!({"auto_advance": "yes"}),
+        json!({"share_listening": 0, "theme": "light"}),
+        json!({"theme": "light", "share_listening": null}),
+    ] {
+        let refused = app
+            .client
+            .patch(app.url("/preferences/"))
+            .bearer_auth(&account.access_token)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(refused, 422).await, "invalid_input", "{bad}");
+    }
+    let after: Value = app
+        .get_with_token("/preferences/", &account.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after, prefs);
+    let off = app
         .client
         .patch(app.url("/preferences/"))
         .bearer_auth(&account.access_token)
-        .json(&json!({"auto_advance": "yes"}))
+        .json(&json!({"share_listening": false}))
         .send()
         .await
         .unwrap();
-    assert_eq!(error_code(bad, 422).await, "invalid_input");
+    assert_eq!(off.status(), 200);
+    let prefs: Value = app
+        .get_with_token("/preferences/", &account.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        prefs,
+        json!({"auto_advance": false, "share_listening": false, "theme": "dark"})
+    );
 }
 
 #[actix_web::test]

@@ -73,6 +73,8 @@ pub struct Presence {
     generations: u64,
     /// A read of `to_load` is under way.
     loading: bool,
+    /// The last number given to a read of users' consent (`share_listening`).
+    consent_reads: u64,
     device_viewers: HashMap<SocketId, DeviceViewer>,
     friend_viewers: HashMap<SocketId, FriendsViewer>,
 }
@@ -106,6 +108,7 @@ impl Presence {
             to_load: Vec::new(),
             generations: 0,
             loading: false,
+            consent_reads: 0,
             device_viewers: HashMap::new(),
             friend_viewers: HashMap::new(),
         }

@@ -1,25 +1,31 @@
 //! Reading the views of watched users from the registry: the first read once this replica
 //! hears the user's channel (in batches), and reads again when entries reach their expiry,
 //! when a read failed, and after the bus was lost. Events heard while a read is under way
-//! win over what it returns.
+//! win over what it returns. Also reading from the store whether each lets followers see
+//! them (`share_listening`): with the first read, and again when their preferences change.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::Presence;
-use super::views::{Watched, apply};
+use super::views::{Consent, Watched, apply};
 use crate::domain::UserId;
 use crate::presence::view::View;
 use crate::presence::{Registry, RegistryError, Snapshot, now_ms};
 use crate::realtime::hub::Watch;
+use crate::store::{Store, StoreError, preferences};
 
 /// Most users read from the registry in one round trip when they start being shown.
 const MAX_LOAD_BATCH: usize = 1_000;
 
 /// How often views are checked for entries past their expiry (at most).
 pub(super) const VIEW_SWEEP_MAX: Duration = Duration::from_secs(1);
+
+/// How long after a failed read of users' consent it is tried again.
+const CONSENT_RETRY: Duration = Duration::from_secs(1);
 
 impl Presence {
     /// Starts showing `users` (those not shown yet are read from the registry once this
@@ -74,22 +80,96 @@ impl Presence {
             users.push((user, generation));
             heard.push(signal);
         }
-        let registry = self.registry.clone();
-        let asked = users.iter().map(|(user, _)| *user).collect();
+        let asked: Vec<UserId> = users.iter().map(|(user, _)| *user).collect();
+        let consent_read = self.start_consent_read(&asked);
+        let (registry, store) = (self.registry.clone(), self.store.clone());
         ctx.spawn(
             async move {
                 for signal in heard {
                     let _ = signal.await;
                 }
-                registry.snapshots(asked).await
+                // Both once the channel is heard, so a change published after either read
+                // reaches this replica.
+                let snapshots = registry.snapshots(asked.clone()).await;
+                let consent = not_sharing(&store, &asked).await;
+                (snapshots, asked, consent)
             }
             .into_actor(self)
-            .map(move |result, this, ctx| {
-                this.loaded(users, result);
+            .map(move |(snapshots, asked, consent), this, ctx| {
+                this.loaded(users, snapshots);
+                this.consent_answered(asked, consent_read, consent, ctx);
                 this.loading = false;
                 this.load_next(ctx);
             }),
         );
+    }
+
+    /// Takes a number for a read of `users`' consent: only the latest read's answer counts.
+    fn start_consent_read(&mut self, users: &[UserId]) -> u64 {
+        self.consent_reads += 1;
+        for user in users {
+            if let Some(watched) = self.views.get_mut(user) {
+                watched.consent_read = self.consent_reads;
+            }
+        }
+        self.consent_reads
+    }
+
+    /// Reads again whether `users` (watched here) let followers see them.
+    pub(super) fn read_consent(&mut self, users: Vec<UserId>, ctx: &mut Context<Self>) {
+        let read = self.start_consent_read(&users);
+        let store = self.store.clone();
+        ctx.spawn(
+            async move {
+                let consent = not_sharing(&store, &users).await;
+                (users, consent)
+            }
+            .into_actor(self)
+            .map(move |(users, consent), this, ctx| {
+                this.consent_answered(users, read, consent, ctx)
+            }),
+        );
+    }
+
+    /// A read of `users`' consent is back; a failed one is tried again a second later
+    /// (meanwhile they are hidden from followers).
+    fn consent_answered(
+        &mut self,
+        users: Vec<UserId>,
+        read: u64,
+        answer: Result<HashSet<UserId>, StoreError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let users: Vec<UserId> = users
+            .into_iter()
+            .filter(|user| self.views.get(user).is_some_and(|w| w.consent_read == read))
+            .collect();
+        let hidden = match answer {
+            Ok(hidden) => hidden,
+            Err(error) => {
+                tracing::warn!(%error, "could not read who shares their listening; retrying");
+                for user in &users {
+                    self.set_consent(*user, Consent::Unknown);
+                }
+                ctx.run_later(CONSENT_RETRY, move |this, ctx| {
+                    let users: Vec<UserId> = (users.into_iter())
+                        .filter(|user| this.views.get(user).is_some_and(|w| w.consent_read == read))
+                        .collect();
+                    if !users.is_empty() {
+                        this.read_consent(users, ctx);
+                    }
+                });
+                return;
+            }
+        };
+        for user in users {
+            let consent = if hidden.contains(&user) {
+                Consent::Hidden
+            } else {
+                Consent::Shared
+            };
+            self.set_consent(user, consent);
+        }
     }
 
     /// The first read of `users` is back: their views start, and their viewers get state.
@@ -203,4 +283,10 @@ impl Presence {
             });
         }
     }
+}
+
+/// Those of `users` who do not let followers see them.
+async fn not_sharing(store: &Store, users: &[UserId]) -> Result<HashSet<UserId>, StoreError> {
+    let mut pooled = store.conn().await?;
+    preferences::not_sharing(&mut pooled.conn(), users).await
 }

@@ -39,8 +39,30 @@ pub(super) struct Watched {
     pub(super) stale: bool,
     /// Read again once the read under way is back (the bus came back meanwhile).
     pub(super) reread: bool,
+    /// Whether the user lets followers see their presence (`share_listening`).
+    pub(super) consent: Consent,
+    /// The read of the consent whose answer counts (a number from `Presence::consent_reads`).
+    pub(super) consent_read: u64,
     pub(super) device_viewers: HashSet<SocketId>,
     pub(super) friend_viewers: HashSet<SocketId>,
+}
+
+/// Whether followers see a watched user, as the store last said.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Consent {
+    /// Not read yet: followers' state waits for it.
+    #[default]
+    Unread,
+    Shared,
+    Hidden,
+    /// The read failed: hidden (followers see nothing they may not) until a retry answers.
+    Unknown,
+}
+
+impl Consent {
+    fn shows(self) -> bool {
+        self == Consent::Shared
+    }
 }
 
 /// A socket joined to `devices:{user}`.
@@ -186,6 +208,12 @@ impl Presence {
             }
             return;
         }
+        if matches!(event, UserEvent::PreferencesChanged) {
+            if self.views.contains_key(&user) {
+                self.read_consent(vec![user], ctx);
+            }
+            return;
+        }
         let Some(watched) = self.views.get_mut(&user) else {
             return;
         };
@@ -236,6 +264,37 @@ impl Presence {
         }
     }
 
+    /// The store answered whether `user` lets followers see them: followers who have their
+    /// state see `user`'s devices join or leave as that changed, and those waiting for their
+    /// state may get it now.
+    pub(super) fn set_consent(&mut self, user: UserId, consent: Consent) {
+        let Some(watched) = self.views.get_mut(&user) else {
+            return;
+        };
+        let was = watched.consent.shows();
+        watched.consent = consent;
+        let Some(view) = watched.view.as_ref() else {
+            // Its viewers are told once the view's first read is back.
+            return;
+        };
+        let change = match (was, consent.shows()) {
+            (false, true) => view.joined(),
+            (true, false) => view.left(),
+            _ => Change::default(),
+        };
+        let friends: Vec<SocketId> = watched.friend_viewers.iter().copied().collect();
+        for socket in friends {
+            let Some(viewer) = self.friend_viewers.get(&socket) else {
+                continue;
+            };
+            if !viewer.state_sent {
+                self.send_friends_state(socket);
+            } else if !change.is_empty() {
+                viewer.send_diff(user, &change);
+            }
+        }
+    }
+
     fn send_devices_state(&mut self, socket: SocketId) {
         let Some(viewer) = self.device_viewers.get_mut(&socket) else {
             return;
@@ -262,17 +321,22 @@ impl Presence {
         }
         let mut state = Map::new();
         for user in &viewer.followees {
-            match self.views.get(user).and_then(|w| w.view.as_ref()) {
-                Some(view) if !view.is_empty() => {
-                    let metas: Vec<Value> = view
-                        .metas()
-                        .iter()
-                        .map(crate::presence::view::for_friends)
-                        .collect();
-                    state.insert(user.to_string(), json!({ "metas": metas }));
-                }
-                Some(_) => {}
-                None => return,
+            let Some(watched) = self.views.get(user) else {
+                return;
+            };
+            let Some(view) = watched.view.as_ref() else {
+                return;
+            };
+            if watched.consent == Consent::Unread {
+                return;
+            }
+            if watched.consent.shows() && !view.is_empty() {
+                let metas: Vec<Value> = view
+                    .metas()
+                    .iter()
+                    .map(crate::presence::view::for_friends)
+                    .collect();
+                state.insert(user.to_string(), json!({ "metas": metas }));
             }
         }
         viewer.state_sent = true;
@@ -286,10 +350,10 @@ impl Presence {
         let Some(viewer) = self.friend_viewers.get(&socket).filter(|v| v.state_sent) else {
             return;
         };
-        let Some(view) = self.views.get(&user).and_then(|w| w.view.as_ref()) else {
+        let Some(watched) = self.views.get(&user).filter(|w| w.consent.shows()) else {
             return;
         };
-        if !view.is_empty() {
+        if let Some(view) = watched.view.as_ref().filter(|v| !v.is_empty()) {
             viewer.send_diff(user, &view.joined());
         }
     }
@@ -311,7 +375,7 @@ impl Presence {
                 }
             }
         }
-        if !watched.friend_viewers.is_empty() {
+        if watched.consent.shows() && !watched.friend_viewers.is_empty() {
             // Serialised once; each viewer's frame differs only by its topic.
             let payload = change.for_friends(&user.to_string()).to_string();
             for socket in &watched.friend_viewers {
@@ -342,7 +406,8 @@ impl Presence {
             if let Some(watched) = self.views.get_mut(&user) {
                 watched.friend_viewers.remove(&socket);
                 let viewer = self.friend_viewers.get(&socket).filter(|v| v.state_sent);
-                let view = watched.view.as_ref().filter(|v| !v.is_empty());
+                let view =
+                    (watched.view.as_ref()).filter(|v| watched.consent.shows() && !v.is_empty());
                 if let (Some(viewer), Some(view)) = (viewer, view) {
                     viewer.send_diff(user, &view.left());
                 }
