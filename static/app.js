@@ -22,12 +22,29 @@ if (pageParams.get("device")) saved.setItem("segue.device_name", pageParams.get(
 const deviceName = saved.getItem("segue.device_name")
   || `Web on ${(navigator.userAgentData && navigator.userAgentData.platform) || navigator.platform || "a browser"}`.slice(0, 50);
 
+// The access token (short-lived) is kept here so tabs share it. The refresh token never is:
+// the server keeps it in an HttpOnly cookie sent only to /auth/refresh, out of any script's
+// reach (logins ask for that with refresh_token_in: "cookie").
 let auth = JSON.parse(saved.getItem("segue.auth") || "null");
 
 function saveAuth(body) {
-  auth = body ? { access_token: body.access_token, refresh_token: body.refresh_token, user: body.user || auth.user, expires_in: body.expires_in } : null;
+  auth = body ? { access_token: body.access_token, user: body.user || auth.user, expires_in: body.expires_in } : null;
   if (auth) saved.setItem("segue.auth", JSON.stringify(auth));
   else saved.removeItem("segue.auth");
+}
+
+// A login saved by an older page kept its refresh token here: move it into the cookie.
+async function moveRefreshTokenIntoCookie() {
+  if (!auth || !auth.refresh_token) return;
+  const legacy = auth.refresh_token;
+  const res = await fetch("/auth/refresh", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ refresh_token: legacy, refresh_token_in: "cookie" }),
+  }).catch(() => null);
+  if (res && res.ok) saveAuth(await res.json());
+  else if (res && res.status === 401) saveAuth(null);
+  // Otherwise (the server is unwell) keep it and try at the next load.
 }
 
 // ---- REST -----------------------------------------------------------------------------
@@ -35,8 +52,8 @@ function saveAuth(body) {
 let refreshing = null;
 
 // Refresh tokens rotate, and reusing a spent one ends the login: tabs of one browser share
-// the tokens, so a refresh runs under a cross-tab lock and first looks whether another tab
-// already did it.
+// the refresh cookie, so a refresh runs under a cross-tab lock and first looks whether another
+// tab already did it (the server also gives a retry within a few seconds the same answer).
 async function refreshTokens() {
   if (!auth) return false;
   const stale = auth.access_token;
@@ -44,10 +61,11 @@ async function refreshTokens() {
     const latest = JSON.parse(saved.getItem("segue.auth") || "null");
     if (!latest) return false;
     if (latest.access_token !== stale) { auth = latest; return true; }
+    // The cookie carries the refresh token; the body says nothing.
     const res = await fetch("/auth/refresh", {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ refresh_token: latest.refresh_token }),
+      body: "{}",
     });
     if (res.status === 401) return false; // refused: the login has ended
     if (!res.ok) throw new Error(`refresh failed (${res.status})`); // try again later
@@ -512,10 +530,20 @@ function signedIn() {
   setInterval(refreshTokens, Math.max(5, Math.floor((auth.expires_in || 900) * 0.8)) * 1000);
 }
 
-function signOut() {
-  if (auth) api("POST", "/auth/logout", {}).catch(() => {});
+// Ends the session on the server (which also clears the refresh cookie), then here and in
+// every other tab.
+async function signOut() {
+  const token = auth && auth.access_token;
   saveAuth(null);
   if (socket) socket.disconnect();
+  const logout = (bearer) => fetch("/auth/logout", { method: "POST", headers: { authorization: `Bearer ${bearer}` } });
+  try {
+    if (token && (await logout(token)).status === 401) {
+      // The access token ran out: one more from the cookie, to end the session properly.
+      const res = await fetch("/auth/refresh", { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
+      if (res.ok) await logout((await res.json()).access_token);
+    }
+  } catch { /* the server is away: the session ends when its tokens expire */ }
   window.location.reload();
 }
 
@@ -532,6 +560,7 @@ $("login-form").addEventListener("submit", async (event) => {
       device_id: deviceId,
       device_name: deviceName,
       device_kind: "web",
+      refresh_token_in: "cookie",
     }),
   });
   if (!res.ok) {
@@ -574,4 +603,4 @@ $("up-next").addEventListener("keydown", (event) => {
   if (event.key === "ArrowDown") { event.preventDefault(); moveBy(entry, 1); }
 });
 
-if (auth) signedIn();
+moveRefreshTokenIntoCookie().finally(() => { if (auth) signedIn(); });

@@ -4,8 +4,15 @@
 //! made from. Each refresh spends the presented token and issues the next one of the family;
 //! presenting a spent token again means it was stolen or replayed, and the whole family is
 //! revoked.
+//!
+//! The refresh token travels in the JSON body (apps), or, for a client that asks with
+//! `"refresh_token_in": "cookie"` (the web page), in an `HttpOnly`, `Secure`,
+//! `SameSite=Strict` cookie scoped to `/auth/refresh`, out of any script's reach.
 
-use actix_web::{HttpResponse, web};
+use actix_web::cookie::{Cookie, SameSite};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CACHE_CONTROL, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use chrono::TimeDelta;
 use scoped_futures::ScopedFutureExt;
 use serde::{Deserialize, Serialize};
@@ -30,11 +37,33 @@ pub struct Credentials {
     device_id: Option<String>,
     device_name: Option<String>,
     device_kind: Option<String>,
+    #[serde(default)]
+    refresh_token_in: RefreshTokenIn,
 }
 
+/// Where a client wants its refresh token.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshTokenIn {
+    /// In the JSON answer, as `refresh_token`.
+    #[default]
+    Body,
+    /// In the [`REFRESH_COOKIE`] only (the answer has no `refresh_token`).
+    Cookie,
+}
+
+/// The cookie that carries a refresh token for a client that asked for it.
+pub const REFRESH_COOKIE: &str = "segue_refresh";
+
+/// The only path the refresh cookie is sent to.
+pub const REFRESH_COOKIE_PATH: &str = "/auth/refresh";
+
+/// Body of `POST /auth/refresh`: the token, unless the cookie carries it (then `{}`).
 #[derive(Deserialize)]
 pub struct RefreshRequest {
-    refresh_token: String,
+    refresh_token: Option<String>,
+    /// Where to put the next token; by default where this one came from.
+    refresh_token_in: Option<RefreshTokenIn>,
 }
 
 #[derive(Serialize)]
@@ -48,7 +77,9 @@ struct UserView {
 struct TokenResponse {
     user: UserView,
     access_token: String,
-    refresh_token: String,
+    /// Absent when the token travels in the cookie.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
     token_type: &'static str,
     /// Seconds until `access_token` expires.
     expires_in: u64,
@@ -115,29 +146,58 @@ async fn issue_refresh(
     Ok(())
 }
 
-/// The response every successful login, registration and refresh sends.
+/// The refresh cookie carrying `token` (an empty one that clears it when `None`).
+fn refresh_cookie(state: &AppState, token: Option<String>) -> Cookie<'static> {
+    let clear = token.is_none();
+    let max_age = i64::try_from(state.settings.refresh_token_ttl_secs).unwrap_or(i64::MAX);
+    let mut cookie = Cookie::build(REFRESH_COOKIE, token.unwrap_or_default())
+        .path(REFRESH_COOKIE_PATH)
+        .http_only(true)
+        .secure(true)
+        .same_site(SameSite::Strict)
+        .max_age(actix_web::cookie::time::Duration::seconds(max_age))
+        .finish();
+    if clear {
+        cookie.make_removal();
+    }
+    cookie
+}
+
+/// The answer every successful login, registration and refresh sends: the new access token,
+/// and the refresh token where the client wants it. Never cached.
 fn token_response(
     state: &AppState,
+    status: StatusCode,
     user: &UserRecord,
     device: &DeviceId,
     refresh: IssuedRefresh,
-) -> Result<TokenResponse, ApiError> {
+    delivery: RefreshTokenIn,
+) -> Result<HttpResponse, ApiError> {
     let access_token = state
         .keys
         .issue(user.user_id(), device, &refresh.family)
         .map_err(ApiError::internal)?;
-    Ok(TokenResponse {
+    let mut response = HttpResponse::build(status);
+    response.insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")));
+    let refresh_token = match delivery {
+        RefreshTokenIn::Body => Some(refresh.token),
+        RefreshTokenIn::Cookie => {
+            response.cookie(refresh_cookie(state, Some(refresh.token)));
+            None
+        }
+    };
+    Ok(response.json(TokenResponse {
         user: UserView {
             id: user.user_id(),
             handle: user.handle.clone(),
             display_name: user.display_name.clone(),
         },
         access_token,
-        refresh_token: refresh.token,
+        refresh_token,
         token_type: "Bearer",
         expires_in: state.keys.ttl().as_secs(),
         device_id: device.clone(),
-    })
+    }))
 }
 
 /// `POST /auth/register` → 201 with a session; a taken handle → 409.
@@ -186,7 +246,14 @@ pub async fn register(
         other => other?,
     };
     tracing::info!(user = user.id, "account registered");
-    Ok(HttpResponse::Created().json(token_response(&state, &user, &device.id, refresh)?))
+    token_response(
+        &state,
+        StatusCode::CREATED,
+        &user,
+        &device.id,
+        refresh,
+        body.refresh_token_in,
+    )
 }
 
 /// `POST /auth/login` → a new session; any mismatch → 401 without saying which part.
@@ -202,6 +269,7 @@ pub async fn login(
         )
     };
     let device = device_of(&body)?;
+    let delivery = body.refresh_token_in;
     let mut pooled = state.store.conn().await?;
     // A handle that cannot exist is just a wrong handle; the hash check still runs so that
     // the answer takes as long as for a real account.
@@ -225,7 +293,7 @@ pub async fn login(
             .scope_boxed()
         })
         .await?;
-    Ok(HttpResponse::Ok().json(token_response(&state, &user, &device.id, refresh)?))
+    token_response(&state, StatusCode::OK, &user, &device.id, refresh, delivery)
 }
 
 /// What presenting a refresh token came to.
@@ -253,12 +321,48 @@ enum RefreshOutcome {
 /// as that successor is still unspent. Any other reuse of a spent token revokes the family.
 ///
 /// [`TokenKeys::successor_of`]: crate::auth::TokenKeys::successor_of
+///
+/// The token comes from the body, or else from the refresh cookie; the next one goes where
+/// `refresh_token_in` says, by default where this one came from. A refused cookie is cleared.
 pub async fn refresh(
     state: web::Data<AppState>,
     realtime: web::Data<Realtime>,
+    request: HttpRequest,
     body: web::Json<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let presented = body.into_inner().refresh_token.trim().to_owned();
+    let body = body.into_inner();
+    let (presented, came_in) = match (body.refresh_token, request.cookie(REFRESH_COOKIE)) {
+        (Some(token), _) => (token, RefreshTokenIn::Body),
+        (None, Some(cookie)) => (cookie.value().to_owned(), RefreshTokenIn::Cookie),
+        (None, None) => {
+            return Err(InvalidInput::new(
+                "refresh_token",
+                "is required, in the body or in the cookie a login with \"refresh_token_in\": \"cookie\" set",
+            )
+            .into());
+        }
+    };
+    let delivery = body.refresh_token_in.unwrap_or(came_in);
+    match rotate(&state, &realtime, presented.trim(), delivery).await {
+        Err(refused) if came_in == RefreshTokenIn::Cookie && refused.status_code() == 401 => {
+            let mut response = refused.error_response();
+            response
+                .add_cookie(&refresh_cookie(&state, None))
+                .map_err(ApiError::internal)?;
+            Ok(response)
+        }
+        answer => answer,
+    }
+}
+
+/// Spends `presented` and answers with the next token pair, or says why not.
+async fn rotate(
+    state: &web::Data<AppState>,
+    realtime: &Realtime,
+    presented: &str,
+    delivery: RefreshTokenIn,
+) -> Result<HttpResponse, ApiError> {
+    let presented = presented.to_owned();
     let presented_hash = hash_refresh_token(&presented);
     let successor = state.keys.successor_of(&presented);
     let grace = TimeDelta::seconds(i64::try_from(state.settings.refresh_grace_secs).unwrap_or(0));
@@ -337,7 +441,7 @@ pub async fn refresh(
             user,
             device,
             refresh,
-        } => Ok(HttpResponse::Ok().json(token_response(&state, &user, &device, refresh)?)),
+        } => token_response(state, StatusCode::OK, &user, &device, refresh, delivery),
         RefreshOutcome::Reused { user, session } => {
             // Only once the revocation is committed: its sockets close and its tokens are
             // refused on every replica.
@@ -393,5 +497,8 @@ pub async fn logout(
     .await?;
     state.sessions.mark_revoked(&caller.session).await;
     realtime.end_session(caller.user_id, &caller.session);
-    Ok(HttpResponse::NoContent().finish())
+    // A web page's refresh cookie goes with its session.
+    Ok(HttpResponse::NoContent()
+        .cookie(refresh_cookie(&state, None))
+        .finish())
 }

@@ -17,6 +17,7 @@ crate::on_both_backends!(
     reusing_a_spent_refresh_token_revokes_the_family,
     concurrent_refreshes_with_one_token_all_get_the_same_successor,
     logout_ends_the_session,
+    a_web_clients_refresh_token_travels_only_in_an_httponly_cookie,
 );
 
 /// A protected endpoint to probe tokens with.
@@ -452,4 +453,141 @@ async fn a_spent_token_presented_after_the_grace_revokes_the_family() {
         error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
         "session_revoked"
     );
+}
+
+/// The refresh cookie a response sets (`None` when it sets none).
+fn refresh_cookie_of(response: &reqwest::Response) -> Option<actix_web::cookie::Cookie<'static>> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter_map(|raw| actix_web::cookie::Cookie::parse(raw.to_owned()).ok())
+        .find(|cookie| cookie.name() == "segue_refresh")
+}
+
+/// A refresh presenting `cookie` as the browser would (body `{}`).
+async fn refresh_with_cookie(app: &TestApp, cookie: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/auth/refresh"))
+        .header("cookie", format!("segue_refresh={cookie}"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Asserts that `response` sets the refresh cookie as only the refresh path may read it, and
+/// returns its value.
+fn assert_refresh_cookie(response: &reqwest::Response) -> String {
+    use actix_web::cookie::SameSite;
+    let cookie = refresh_cookie_of(response).expect("a refresh cookie");
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(cookie.secure(), Some(true));
+    assert_eq!(cookie.same_site(), Some(SameSite::Strict));
+    assert_eq!(cookie.path(), Some("/auth/refresh"));
+    let max_age = cookie.max_age().expect("max-age").whole_seconds();
+    assert_eq!(max_age, 30 * 24 * 3600, "the refresh token's lifetime");
+    assert!(cookie.value().len() >= 32, "{cookie}");
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    cookie.value().to_owned()
+}
+
+/// Asserts that `response` clears the refresh cookie.
+fn assert_clears_refresh_cookie(response: &reqwest::Response) {
+    let cookie = refresh_cookie_of(response).expect("a clearing refresh cookie");
+    assert_eq!(cookie.value(), "");
+    assert_eq!(cookie.max_age().map(|age| age.whole_seconds()), Some(0));
+    assert_eq!(cookie.path(), Some("/auth/refresh"));
+}
+
+/// Issue 10, defect 9: the web page kept its refresh token where any script could read it.
+/// A client that asks gets it only in an `HttpOnly`, `Secure`, `SameSite=Strict` cookie scoped
+/// to the refresh path, and refreshes with that cookie.
+async fn a_web_clients_refresh_token_travels_only_in_an_httponly_cookie(app: TestApp) {
+    let handle: String = crate::helpers::unique("web")
+        .replace('_', "")
+        .chars()
+        .take(20)
+        .collect();
+    let registered = app
+        .post_json(
+            "/auth/register",
+            &json!({"handle": handle, "password": "correct horse battery", "refresh_token_in": "cookie"}),
+        )
+        .await;
+    assert_eq!(registered.status(), 201);
+    assert_refresh_cookie(&registered);
+    let body: Value = registered.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none(), "{body}");
+
+    let login = app
+        .post_json(
+            "/auth/login",
+            &json!({"handle": handle, "password": "correct horse battery", "refresh_token_in": "cookie"}),
+        )
+        .await;
+    assert_eq!(login.status(), 200);
+    let first = assert_refresh_cookie(&login);
+    let body: Value = login.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    assert_eq!(
+        probe(&app, body["access_token"].as_str().unwrap())
+            .await
+            .status(),
+        200
+    );
+
+    // The cookie refreshes; the next token comes back in the cookie only.
+    let refreshed = refresh_with_cookie(&app, &first).await;
+    assert_eq!(refreshed.status(), 200);
+    let second = assert_refresh_cookie(&refreshed);
+    assert_ne!(second, first);
+    let body: Value = refreshed.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(probe(&app, &access).await.status(), 200);
+
+    // Bad input is refused with a clear error and no cookie.
+    let bad_mode = app
+        .post_json(
+            "/auth/login",
+            &json!({"handle": handle, "password": "correct horse battery", "refresh_token_in": "url"}),
+        )
+        .await;
+    assert!(refresh_cookie_of(&bad_mode).is_none());
+    assert_eq!(error_code(bad_mode, 422).await, "invalid_body");
+    let nothing = app.post_json("/auth/refresh", &json!({})).await;
+    assert!(refresh_cookie_of(&nothing).is_none());
+    assert_eq!(error_code(nothing, 422).await, "invalid_input");
+    // A refused cookie is cleared.
+    let forged = refresh_with_cookie(&app, "made-up-token").await;
+    assert_clears_refresh_cookie(&forged);
+    assert_eq!(error_code(forged, 401).await, "invalid_refresh_token");
+
+    // A client holding a token from the body moves it into the cookie.
+    let account = app.register().await;
+    let moved = app
+        .post_json(
+            "/auth/refresh",
+            &json!({"refresh_token": account.refresh_token, "refresh_token_in": "cookie"}),
+        )
+        .await;
+    assert_eq!(moved.status(), 200);
+    assert_refresh_cookie(&moved);
+    let body: Value = moved.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    // Apps that never ask see no cookie at all.
+    let other = app.register().await;
+    let plain = app.refresh_raw(&other.refresh_token).await;
+    assert_eq!(plain.status(), 200);
+    assert!(refresh_cookie_of(&plain).is_none());
+
+    // Logging out clears the cookie, and the cookie's session is over.
+    let out = app.logout(&access).await;
+    assert_eq!(out.status(), 204);
+    assert_clears_refresh_cookie(&out);
+    let after = refresh_with_cookie(&app, &second).await;
+    assert_clears_refresh_cookie(&after);
+    assert_eq!(error_code(after, 401).await, "session_revoked");
 }
