@@ -442,6 +442,20 @@ async function loadFollowing() {
   renderFriends();
 }
 
+// Whether followers (and the public now-playing page) see what this account plays.
+async function loadSharing() {
+  const res = await api("GET", "/preferences/");
+  if (res.ok) $("share-listening").checked = (await res.json()).share_listening !== false;
+}
+
+async function setSharing(on) {
+  const res = await api("PATCH", "/preferences/", { share_listening: on });
+  if (!res.ok) {
+    $("share-listening").checked = !on;
+    notice(`Could not change sharing: ${await errorOf(res)}`);
+  }
+}
+
 // ---- catalog ----------------------------------------------------------------------------
 
 async function searchCatalog() {
@@ -526,6 +540,7 @@ function signedIn() {
   connect();
   searchCatalog();
   loadFollowing();
+  loadSharing();
   // Access tokens are short-lived: renew them at four fifths of their life.
   setInterval(refreshTokens, Math.max(5, Math.floor((auth.expires_in || 900) * 0.8)) * 1000);
 }
@@ -572,6 +587,7 @@ $("login-form").addEventListener("submit", async (event) => {
 });
 
 $("logout").addEventListener("click", signOut);
+$("share-listening").addEventListener("change", (event) => setSharing(event.target.checked));
 $("play").addEventListener("click", () => command(outputPlaying() ? "pause" : "play"));
 $("next").addEventListener("click", () => { view.progressMs = 0; ops([{ op: "next" }]); });
 $("previous").addEventListener("click", () => { view.progressMs = 0; ops([{ op: "previous" }]); });

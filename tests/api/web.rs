@@ -188,7 +188,7 @@ async fn two_browsers_of_one_user_on_two_replicas_see_each_others_edits() {
     assert_eq!(result["ok"], true, "{result}");
     assert_eq!(
         result["steps"].as_array().map(Vec::len),
-        Some(8),
+        Some(9),
         "{result}"
     );
     let friend_sees = result["friendSees"].as_str().unwrap_or_default();

@@ -106,6 +106,15 @@ try {
   result.friendSees = await friendPage.locator("#friends li").first().textContent();
   result.steps.push("a follower sees what the phone plays");
 
+  // Sharing off on the laptop: the follower's list empties; on again: back.
+  const sharing = laptop.getByLabel("Let people who follow me see what I play");
+  await sharing.uncheck();
+  await friendPage.locator("#friends li", { hasText: "listening to Morning Static" }).waitFor({ state: "detached" });
+  if (await friendPage.locator("#friends li", { hasText: "listening to" }).count()) throw new Error("the follower still sees something");
+  await sharing.check();
+  await friendPage.locator("#friends li", { hasText: "listening to Morning Static" }).waitFor();
+  result.steps.push("sharing off hides the listening from the follower, on shows it again");
+
   await phone.locator("#up-next li", { hasText: "Porchlight" }).waitFor();
   await phone.screenshot({ path: config.screenshot, fullPage: true });
   result.screenshot = config.screenshot;
