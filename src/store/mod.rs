@@ -9,6 +9,7 @@
 //! Backend-specific code is limited to this file (pool set-up, session settings, migrations);
 //! `grep -n Postgres src/store` finds all of it.
 
+mod blocking;
 pub mod catalog;
 pub mod devices;
 pub mod follows;
@@ -41,8 +42,9 @@ use secrecy::ExposeSecret;
 
 use crate::settings::{DatabaseTarget, Settings};
 
-/// The SQLite connection type: Diesel's synchronous connection, run on tokio's blocking pool.
-pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+/// The SQLite connection type: Diesel's synchronous connection, run on tokio's blocking pool
+/// ([`blocking::BlockingPool`]: a statement dropped midway is waited for without panicking).
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection, blocking::BlockingPool>;
 
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
