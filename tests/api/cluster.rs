@@ -256,3 +256,51 @@ async fn delivery_between_replicas_resumes_after_redis_restarts() {
         "no broadcast reached replica B after Redis came back"
     );
 }
+
+/// While a replica's bus is down it cannot hear that a session ended elsewhere, so it checks
+/// every session against the store: a logout on the other replica is refused there at once,
+/// not when its cached "still live" runs out.
+#[actix_web::test]
+async fn a_replica_that_lost_the_bus_checks_sessions_against_the_store() {
+    let mut redis = PrivateRedis::start();
+    let replicas = spawn_cluster(2, ClusterBus::Redis(redis.url())).await;
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let alice = a.register().await;
+    // B has checked the session and caches it as live.
+    let queue = b.get_with_token("/queue/", &alice.access_token).await;
+    assert_eq!(queue.status(), 200);
+
+    redis.halt();
+    let started = std::time::Instant::now();
+    while b.metric("segue_bus_lost_total").await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "replica B never noticed the bus was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The logout's news cannot travel; B must not take its cache's word for it.
+    assert_eq!(a.logout(&alice.access_token).await.status(), 204);
+    let response = b.get_with_token("/queue/", &alice.access_token).await;
+    assert_eq!(
+        crate::helpers::error_code(response, 401).await,
+        "session_revoked"
+    );
+    // And once the bus is back, the ended session stays ended.
+    redis.resume();
+    let started = std::time::Instant::now();
+    while b.metric("segue_bus_restored_total").await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "replica B never reported the bus restored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = b.get_with_token("/queue/", &alice.access_token).await;
+    assert_eq!(
+        crate::helpers::error_code(response, 401).await,
+        "session_revoked"
+    );
+}
