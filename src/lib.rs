@@ -42,6 +42,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod presence;
+pub mod ratelimit;
 pub mod realtime;
 pub mod redis;
 pub mod settings;

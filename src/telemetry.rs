@@ -59,6 +59,14 @@ pub struct Metrics {
     pub bus_lost: IntCounter,
     /// Times the bus connection came back.
     pub bus_restored: IntCounter,
+    /// Requests and messages refused by a rate limit, by rule (a fixed set of names).
+    pub rate_limited: IntCounterVec,
+    /// Rate-limit decisions made in process because Redis did not answer in time.
+    pub rate_limit_fail_open: IntCounter,
+    /// Client addresses blocked, by how (`auto` or `operator`).
+    pub ip_blocks: IntCounterVec,
+    /// Requests refused because their address is blocked.
+    pub ip_blocked_requests: IntCounter,
 }
 
 impl Metrics {
@@ -80,6 +88,19 @@ impl Metrics {
         )?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests and messages refused by a rate limit",
+            ),
+            &["rule"],
+        )?;
+        let ip_blocks = IntCounterVec::new(
+            Opts::new("ip_blocks_total", "Client addresses blocked"),
+            &["source"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(ip_blocks.clone()))?;
         let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
             let gauge = IntGauge::new(name, help)?;
             registry.register(Box::new(gauge.clone()))?;
@@ -104,6 +125,16 @@ impl Metrics {
             bus_heard: counter("bus_heard_total", "Events heard from other replicas")?,
             bus_lost: counter("bus_lost_total", "Times the bus connection was lost")?,
             bus_restored: counter("bus_restored_total", "Times the bus connection came back")?,
+            rate_limit_fail_open: counter(
+                "rate_limit_fail_open_total",
+                "Rate-limit decisions made in process because Redis did not answer in time",
+            )?,
+            ip_blocked_requests: counter(
+                "ip_blocked_requests_total",
+                "Requests refused because their address is blocked",
+            )?,
+            rate_limited,
+            ip_blocks,
             registry,
             http_requests,
             http_duration,

@@ -17,6 +17,7 @@ mod phoenix_js;
 mod presence;
 mod queue;
 mod queue_sync;
+mod ratelimit;
 mod settings;
 mod socket;
 mod web;

@@ -1,0 +1,101 @@
+//! The shared limiter: one GCRA script per decision in Redis, bounded in time, failing open.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounter;
+
+use super::{Decision, MemoryLimiter, Quota};
+use crate::redis::RedisPool;
+
+/// Longest a decision waits for Redis (connection and script) before it is made in process.
+pub const DECISION_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// After Redis failed a decision, how long decisions go straight to the process's limiter
+/// (so a Redis outage costs each request nothing, not the whole timeout).
+const BACK_OFF: Duration = Duration::from_secs(1);
+
+/// Limits shared by every replica through Redis, with the process's own limiter to fall back
+/// on: a limit may be lenient while Redis is away (each replica counts alone), never a wall.
+#[derive(Clone)]
+pub struct RedisLimiter {
+    pool: RedisPool,
+    namespace: Arc<str>,
+    script: Arc<redis::Script>,
+    fallback: MemoryLimiter,
+    fail_open: IntCounter,
+    /// Until when decisions skip Redis.
+    skip_until: Arc<Mutex<Option<Instant>>>,
+}
+
+impl RedisLimiter {
+    pub fn new(pool: RedisPool, namespace: &str, fail_open: IntCounter) -> Self {
+        Self {
+            pool,
+            namespace: namespace.into(),
+            script: Arc::new(redis::Script::new(include_str!("gcra.lua"))),
+            fallback: MemoryLimiter::default(),
+            fail_open,
+            skip_until: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The Redis key of `key` under `rule`.
+    fn key(&self, rule: &str, key: &str) -> String {
+        format!("{}:rl:{rule}:{key}", self.namespace)
+    }
+
+    fn skipping(&self) -> bool {
+        let skip = self.skip_until.lock().unwrap_or_else(|p| p.into_inner());
+        skip.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Counts one attempt of `key` under `rule`'s `quota`, in Redis when it answers within
+    /// [`DECISION_TIMEOUT`], else in process.
+    pub async fn check(&self, rule: &str, quota: Quota, key: &str) -> Decision {
+        if !self.skipping() {
+            match tokio::time::timeout(DECISION_TIMEOUT, self.decide(rule, quota, key)).await {
+                Ok(Ok(decision)) => return decision,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, rule, "rate limit: Redis failed; deciding in process")
+                }
+                Err(_) => tracing::warn!(rule, "rate limit: Redis too slow; deciding in process"),
+            }
+            *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + BACK_OFF);
+        }
+        self.fail_open.inc();
+        self.fallback.check(rule, quota, key)
+    }
+
+    async fn decide(
+        &self,
+        rule: &str,
+        quota: Quota,
+        key: &str,
+    ) -> Result<Decision, Box<dyn std::error::Error + Send + Sync>> {
+        let mut conn = self.pool.get().await?;
+        let interval_us = u64::try_from(quota.interval().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) = self
+            .script
+            .key(self.key(rule, key))
+            .arg(quota.burst().get())
+            .arg(interval_us)
+            .invoke_async(&mut *conn)
+            .await?;
+        let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
+        Ok(Decision {
+            allowed: allowed == 1,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            retry_after: micros(retry_us),
+            reset_after: micros(reset_us),
+        })
+    }
+
+    /// The in-process limiter decisions fall back on (swept with the others).
+    pub fn fallback(&self) -> &MemoryLimiter {
+        &self.fallback
+    }
+}
