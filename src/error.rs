@@ -40,6 +40,16 @@ pub enum ApiError {
         retry_after_secs: u64,
         detail: &'static str,
     },
+    /// A rate limit refused the request: 429 `code` with `Retry-After` and the IETF draft's
+    /// `RateLimit-Policy` / `RateLimit` headers for `rule`.
+    #[error("{detail}")]
+    Limited {
+        code: &'static str,
+        detail: &'static str,
+        rule: &'static str,
+        quota: crate::ratelimit::Quota,
+        decision: crate::ratelimit::Decision,
+    },
     /// A bug or an unexpected failure.
     #[error("internal error")]
     Internal(#[source] BoxError),
@@ -87,6 +97,7 @@ impl ApiError {
             Self::Client { code, .. } => code,
             Self::Unavailable { .. } => "unavailable",
             Self::Busy { .. } => "busy",
+            Self::Limited { code, .. } => code,
             Self::Internal(_) => "internal_error",
         }
     }
@@ -97,6 +108,7 @@ impl ResponseError for ApiError {
         match self {
             Self::Client { status, .. } => *status,
             Self::Unavailable { .. } | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,7 +120,7 @@ impl ResponseError for ApiError {
                 tracing::warn!(error = %chain(self), "{part} unavailable");
                 format!("The {part} is unavailable; try again shortly.")
             }
-            Self::Busy { detail, .. } => (*detail).to_owned(),
+            Self::Busy { detail, .. } | Self::Limited { detail, .. } => (*detail).to_owned(),
             Self::Internal(_) => {
                 tracing::error!(error = %chain(self), "internal error");
                 "Something went wrong on our side.".to_owned()
@@ -125,6 +137,19 @@ impl ResponseError for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        if let Self::Limited {
+            rule,
+            quota,
+            decision,
+            ..
+        } = self
+        {
+            let retry = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            crate::ratelimit::headers::insert(response.headers_mut(), rule, *quota, decision);
         }
         if self.status_code() == StatusCode::UNAUTHORIZED {
             response

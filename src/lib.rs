@@ -35,6 +35,7 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod abuse;
 pub mod auth;
 pub mod bus;
 pub mod demo;

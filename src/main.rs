@@ -1,5 +1,7 @@
 //! The `segue` binary: settings, logs, then the application until a signal stops it.
-//! `segue seed-demo` instead loads the demo catalog into the configured store.
+//! `segue seed-demo` instead loads the demo catalog into the configured store;
+//! `segue blocks list | add ADDRESS [--ttl SECS] | remove ADDRESS` lists and changes the
+//! blocked client addresses in the store (running replicas pick changes up within 2 s).
 
 use std::process::ExitCode;
 
@@ -20,8 +22,11 @@ fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
         None | Some("serve") => {}
         Some("seed-demo") => return seed_demo(settings),
+        Some("blocks") => return blocks(settings, std::env::args().skip(2).collect()),
         Some(other) => {
-            eprintln!("segue: unknown command {other:?}; commands: serve (the default), seed-demo");
+            eprintln!(
+                "segue: unknown command {other:?}; commands: serve (the default), seed-demo, blocks"
+            );
             return ExitCode::from(2);
         }
     }
@@ -49,6 +54,109 @@ fn seed_demo(settings: Settings) -> ExitCode {
     match outcome {
         Ok(count) => {
             println!("segue: the demo catalog is in the store ({count} tracks)");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("segue: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const BLOCKS_USAGE: &str = "usage: segue blocks list | add ADDRESS [--ttl SECS] | remove ADDRESS";
+
+/// What `segue blocks` was asked to do.
+enum BlocksCommand {
+    List,
+    Add { address: String, ttl_secs: u64 },
+    Remove { address: String },
+}
+
+fn parse_blocks(args: &[String], default_ttl: u64) -> Result<BlocksCommand, String> {
+    let address = |raw: &str| segue::http::admin::parse_address(raw).map_err(|e| e.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["list"] => Ok(BlocksCommand::List),
+        ["add", raw] => Ok(BlocksCommand::Add {
+            address: address(raw)?,
+            ttl_secs: default_ttl,
+        }),
+        ["add", raw, "--ttl", secs] => {
+            let ttl_secs = secs
+                .parse::<u64>()
+                .ok()
+                .filter(|secs| (1..=segue::http::admin::MAX_BLOCK_SECS).contains(secs))
+                .ok_or("--ttl must be 1 to 2592000 seconds")?;
+            Ok(BlocksCommand::Add {
+                address: address(raw)?,
+                ttl_secs,
+            })
+        }
+        ["remove", raw] => Ok(BlocksCommand::Remove {
+            address: address(raw)?,
+        }),
+        _ => Err(BLOCKS_USAGE.to_owned()),
+    }
+}
+
+/// `segue blocks …`: the blocked client addresses, in the store every replica reads.
+fn blocks(settings: Settings, args: Vec<String>) -> ExitCode {
+    use segue::store::blocks as stored;
+    let command = match parse_blocks(&args, settings.ip_block_secs) {
+        Ok(command) => command,
+        Err(problem) => {
+            eprintln!("segue: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome: Result<String, String> = actix_web::rt::System::new().block_on(async move {
+        let store = segue::store::Store::connect(&settings)
+            .await
+            .map_err(|e| chain(&e))?;
+        let mut pooled = store.conn().await.map_err(|e| chain(&e))?;
+        let mut conn = pooled.conn();
+        let now = segue::store::now();
+        match command {
+            BlocksCommand::List => {
+                let active = stored::active(&mut conn, now)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                for block in &active {
+                    println!(
+                        "{}\tuntil {}\t{}",
+                        block.address,
+                        block.until.and_utc().to_rfc3339(),
+                        block.reason
+                    );
+                }
+                Ok(format!("{} blocked", active.len()))
+            }
+            BlocksCommand::Add { address, ttl_secs } => {
+                let seconds = i64::try_from(ttl_secs).unwrap_or(i64::MAX);
+                let until = now + chrono::TimeDelta::seconds(seconds);
+                stored::block(&mut conn, &address, until, "operator")
+                    .await
+                    .map_err(|e| chain(&e))?;
+                Ok(format!(
+                    "{address} blocked until {}",
+                    until.and_utc().to_rfc3339()
+                ))
+            }
+            BlocksCommand::Remove { address } => {
+                let lifted = stored::unblock(&mut conn, &address)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                Ok(if lifted {
+                    format!("{address} unblocked")
+                } else {
+                    format!("{address} was not blocked")
+                })
+            }
+        }
+    });
+    match outcome {
+        Ok(said) => {
+            println!("segue: {said}");
             ExitCode::SUCCESS
         }
         Err(error) => {

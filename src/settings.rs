@@ -12,6 +12,8 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::ratelimit::{Limit, Quota};
+
 /// Settings read from the environment without the `SEGUE_` prefix, by their usual names.
 const UNPREFIXED: [&str; 7] = [
     "DATABASE_URL",
@@ -113,6 +115,38 @@ pub struct Settings {
     /// How long a device whose last socket closed stays listed, so a quick reconnect does
     /// not flap, in milliseconds.
     pub presence_leave_delay_ms: u64,
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` name the client, as comma-separated
+    /// addresses or CIDRs; from any other peer those headers are ignored.
+    pub trusted_proxies: String,
+    /// Logins per client address (rates are written `20/m`, `5/10m`, `10/s:100` with a
+    /// burst, or `off`).
+    pub rate_limit_login_ip: Limit,
+    /// Logins per handle, whoever tries.
+    pub rate_limit_login_handle: Limit,
+    /// Registrations per client address.
+    pub rate_limit_register_ip: Limit,
+    /// Refreshes per login session.
+    pub rate_limit_refresh_session: Limit,
+    /// Requests per account, on every authenticated route.
+    pub rate_limit_account: Limit,
+    /// Requests per client address without a valid access token.
+    pub rate_limit_anonymous_ip: Limit,
+    /// Now-playing reports per device (REST and socket).
+    pub rate_limit_ingest_device: Limit,
+    /// Socket upgrades per client address.
+    pub rate_limit_socket_ip: Limit,
+    /// Messages per socket; a socket over it gets error replies, and is closed if it goes on.
+    pub rate_limit_socket_messages: Limit,
+    /// Refusals by any rate limit an address may collect before it is blocked (e.g. `20/10m`:
+    /// more than 20 within ten minutes); `off` never blocks automatically.
+    pub ip_block_after: Limit,
+    /// How long an automatic block lasts, in seconds.
+    pub ip_block_secs: u64,
+    /// Accounts one device (its `device_id`, or the `device_fingerprint` sent at
+    /// registration) may create within `device_accounts_days`; 0 means no limit.
+    pub device_accounts_max: u32,
+    /// The window of `device_accounts_max`, in days.
+    pub device_accounts_days: u32,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -166,10 +200,39 @@ impl Default for Settings {
             queue_cache_capacity: 10_000,
             presence_ttl_secs: 60,
             presence_leave_delay_ms: 3_000,
+            trusted_proxies: String::new(),
+            rate_limit_login_ip: limit(30, MINUTE, 10),
+            rate_limit_login_handle: limit(20, HOUR, 10),
+            rate_limit_register_ip: limit(20, HOUR, 5),
+            rate_limit_refresh_session: limit(10, MINUTE, 10),
+            rate_limit_account: limit(20, SECOND, 200),
+            rate_limit_anonymous_ip: limit(10, SECOND, 100),
+            rate_limit_ingest_device: limit(30, MINUTE, 10),
+            rate_limit_socket_ip: limit(60, MINUTE, 20),
+            rate_limit_socket_messages: limit(20, SECOND, 100),
+            ip_block_after: limit(20, 10 * MINUTE, 20),
+            ip_block_secs: 15 * 60,
+            device_accounts_max: 3,
+            device_accounts_days: 30,
             log_format: LogFormat::Text,
             log: "info".into(),
         }
     }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3_600);
+
+/// `rate` per `period` with a burst of `burst` (a default; all of them are valid).
+fn limit(rate: u32, period: Duration, burst: u32) -> Limit {
+    let quota = std::num::NonZeroU32::new(rate).and_then(|rate| Quota::per(rate, period));
+    let burst = std::num::NonZeroU32::new(burst);
+    Limit(
+        quota
+            .zip(burst)
+            .map(|(quota, burst)| quota.with_burst(burst)),
+    )
 }
 
 /// A setting that cannot be used, with the name a person would set it by.
@@ -336,6 +399,20 @@ impl Settings {
             return Err(SettingsError::new(
                 "SEGUE_PRESENCE_TTL_SECS",
                 "must be between 1 and 3600 seconds",
+            ));
+        }
+        crate::abuse::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|problem| SettingsError::new("SEGUE_TRUSTED_PROXIES", problem))?;
+        if self.ip_block_secs == 0 || self.ip_block_secs > 30 * 86_400 {
+            return Err(SettingsError::new(
+                "SEGUE_IP_BLOCK_SECS",
+                "must be between 1 and 2592000 (30 days)",
+            ));
+        }
+        if !(1..=366).contains(&self.device_accounts_days) {
+            return Err(SettingsError::new(
+                "SEGUE_DEVICE_ACCOUNTS_DAYS",
+                "must be between 1 and 366",
             ));
         }
         if self.presence_leave_delay_ms > 60_000 {

@@ -12,11 +12,13 @@ use actix_web::http::header;
 use actix_web::middleware::{DefaultHeaders, from_fn};
 use actix_web::{App, web};
 
+use crate::abuse::{Blocks, Guard};
 use crate::auth::{Passwords, Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
 use crate::error;
 use crate::http::{self, AppState};
 use crate::presence::{AnyRegistry, RedisRegistry};
+use crate::ratelimit::{Limiter, MemoryLimiter, RedisLimiter};
 use crate::realtime::Realtime;
 use crate::settings::{Settings, SettingsError};
 use crate::store::{Store, StoreInitError};
@@ -181,9 +183,36 @@ impl Application {
             std::time::Duration::from_millis(settings.password_hash_wait_ms),
         )
         .map_err(StartupError::Hashing)?;
+        let settings = Arc::new(settings);
+        let limiter = match &redis {
+            Some(pool) => Limiter::Redis(RedisLimiter::new(
+                pool.clone(),
+                &settings.redis_namespace,
+                metrics.rate_limit_fail_open.clone(),
+            )),
+            None => Limiter::Memory(MemoryLimiter::default()),
+        };
+        let blocks = Blocks::default();
+        realtime
+            .hub
+            .do_send(crate::realtime::hub::UseBlocks(blocks.clone()));
+        let announcer = realtime.clone();
+        let guard = Guard::new(
+            limiter,
+            settings.clone(),
+            blocks,
+            store.clone(),
+            metrics.clone(),
+            move |change| announcer.announce_block(change),
+        );
+        if let Err(error) = guard.sync_blocks().await {
+            tracing::warn!(%error, "could not read the blocked addresses; starting without them");
+        }
+        guard.start_upkeep();
+        let guard = web::Data::new(guard);
         let state = web::Data::new(AppState {
             passwords,
-            settings: Arc::new(settings),
+            settings,
             sessions,
             store,
             keys,
@@ -193,9 +222,12 @@ impl Application {
         let app = move || {
             App::new()
                 .wrap(security_headers())
+                // Inside CORS, so that a browser on an allowed origin can read a 429.
+                .wrap(from_fn(http::guard::guard))
                 .wrap(cors(origins.as_deref()))
                 .wrap(from_fn(telemetry::observe_requests))
                 .app_data(state.clone())
+                .app_data(guard.clone())
                 .app_data(metrics.clone())
                 .app_data(realtime.clone())
                 .app_data(queues.clone())

@@ -477,6 +477,20 @@ pub(crate) fn start_hub(
         // The harness holds thousands of sockets per account and per address on purpose.
         .env("SEGUE_WS_MAX_SOCKETS_PER_USER", "1000000")
         .env("SEGUE_WS_MAX_SOCKETS_PER_IP", "1000000")
+        // And it registers, logs in and sends far faster than people do: what it measures
+        // is the hub's work, not its limits (`--flood` runs measure floods with limits off
+        // too, so that every request reaches the work it floods).
+        .env("SEGUE_RATE_LIMIT_LOGIN_IP", "off")
+        .env("SEGUE_RATE_LIMIT_LOGIN_HANDLE", "off")
+        .env("SEGUE_RATE_LIMIT_REGISTER_IP", "off")
+        .env("SEGUE_RATE_LIMIT_REFRESH_SESSION", "off")
+        .env("SEGUE_RATE_LIMIT_ACCOUNT", "off")
+        .env("SEGUE_RATE_LIMIT_ANONYMOUS_IP", "off")
+        .env("SEGUE_RATE_LIMIT_INGEST_DEVICE", "off")
+        .env("SEGUE_RATE_LIMIT_SOCKET_IP", "off")
+        .env("SEGUE_RATE_LIMIT_SOCKET_MESSAGES", "off")
+        .env("SEGUE_IP_BLOCK_AFTER", "off")
+        .env("SEGUE_DEVICE_ACCOUNTS_MAX", "0")
         .env("SEGUE_LOG", "warn")
         .stdout(Stdio::null());
     if let Some((url, namespace)) = redis {

@@ -18,14 +18,15 @@ use scoped_futures::ScopedFutureExt;
 use serde::{Deserialize, Serialize};
 
 use super::{AppState, AuthenticatedUser};
+use crate::abuse::{ClientIp, Guard, Rule};
 use crate::auth::{hash_refresh_token, random_token};
 use crate::domain::{Device, DeviceId, DisplayName, Handle, InvalidInput, Password, UserId};
 use crate::error::ApiError;
 use crate::realtime::Realtime;
-use crate::store::devices;
 use crate::store::tokens::{self, NewRefreshToken};
 use crate::store::users::{self, NewUser, UserRecord};
 use crate::store::{self, Conn, StoreError};
+use crate::store::{blocks, devices};
 
 /// Body of register and login. The device fields are optional: a client that omits
 /// `device_id` is given one, which it should keep.
@@ -37,8 +38,33 @@ pub struct Credentials {
     device_id: Option<String>,
     device_name: Option<String>,
     device_kind: Option<String>,
+    /// Register only: a stable identifier of the device beyond its `device_id` (an app's
+    /// install id, say), counted by the per-device registration limit.
+    device_fingerprint: Option<String>,
     #[serde(default)]
     refresh_token_in: RefreshTokenIn,
+}
+
+/// Longest accepted `device_fingerprint`.
+const MAX_FINGERPRINT_LEN: usize = 128;
+
+/// The keys the per-device registration limit counts a registration by: the device id the
+/// client chose (one the server assigns says nothing), and its fingerprint.
+fn device_keys(body: &Credentials, device: &Device) -> Result<Vec<String>, InvalidInput> {
+    let mut keys = Vec::new();
+    if body.device_id.is_some() {
+        keys.push(format!("id:{}", device.id.as_str()));
+    }
+    if let Some(fingerprint) = body.device_fingerprint.as_deref().map(str::trim) {
+        if fingerprint.is_empty() || fingerprint.len() > MAX_FINGERPRINT_LEN {
+            return Err(InvalidInput::new(
+                "device_fingerprint",
+                "must be 1 to 128 characters",
+            ));
+        }
+        keys.push(format!("fp:{fingerprint}"));
+    }
+    Ok(keys)
 }
 
 /// Where a client wants its refresh token.
@@ -212,6 +238,17 @@ pub async fn register(
         None => DisplayName::parse(&body.handle)?,
     };
     let device = device_of(&body)?;
+    let device_keys = device_keys(&body, &device)?;
+    let device_limit = state.settings.device_accounts_max;
+    let since = store::now() - TimeDelta::days(i64::from(state.settings.device_accounts_days));
+    if device_limit > 0 && !device_keys.is_empty() {
+        // Before the costly hash; checked again, exactly, inside the transaction.
+        let mut pooled = state.store.conn().await?;
+        let made = blocks::accounts_from_device(&mut pooled.conn(), &device_keys, since).await?;
+        if made >= i64::from(device_limit) {
+            return Err(too_many_accounts());
+        }
+    }
     let password_hash = state
         .passwords
         .hash(Password::parse(body.password)?)
@@ -229,9 +266,16 @@ pub async fn register(
                     password_hash: &password_hash,
                     created_at: store::now(),
                 };
+                if device_limit > 0
+                    && blocks::accounts_from_device(conn, &device_keys, since).await?
+                        >= i64::from(device_limit)
+                {
+                    return Ok(None);
+                }
                 let user = users::insert(conn, &new_user).await?;
+                blocks::record_registration(conn, &device_keys, user.user_id()).await?;
                 let refresh = start_session(conn, state_ref, &user, &device).await?;
-                Ok::<_, StoreError>((user, refresh, device))
+                Ok::<_, StoreError>(Some((user, refresh, device)))
             }
             .scope_boxed()
         })
@@ -243,7 +287,7 @@ pub async fn register(
                 "That handle is already taken.",
             ));
         }
-        other => other?,
+        other => other?.ok_or_else(too_many_accounts)?,
     };
     tracing::info!(user = user.id, "account registered");
     token_response(
@@ -256,9 +300,20 @@ pub async fn register(
     )
 }
 
+/// 429 `device_limit`: this device made its accounts for the window.
+fn too_many_accounts() -> ApiError {
+    ApiError::client(
+        StatusCode::TOO_MANY_REQUESTS,
+        "device_limit",
+        "This device has created as many accounts as it may for now.",
+    )
+}
+
 /// `POST /auth/login` → a new session; any mismatch → 401 without saying which part.
 pub async fn login(
     state: web::Data<AppState>,
+    guard: web::Data<Guard>,
+    client: ClientIp,
     body: web::Json<Credentials>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
@@ -270,12 +325,19 @@ pub async fn login(
     };
     let device = device_of(&body)?;
     let delivery = body.refresh_token_in;
+    let handle = Handle::parse(&body.handle).ok();
+    if let Some(handle) = &handle {
+        // Guesses at one account are limited whoever makes them (per address is the guard's).
+        guard
+            .limit(Rule::LoginHandle, handle.as_str(), client.0)
+            .await?;
+    }
     let mut pooled = state.store.conn().await?;
     // A handle that cannot exist is just a wrong handle; the hash check still runs so that
     // the answer takes as long as for a real account.
-    let user = match Handle::parse(&body.handle) {
-        Ok(handle) => users::find_by_handle(&mut pooled.conn(), &handle).await?,
-        Err(_) => None,
+    let user = match &handle {
+        Some(handle) => users::find_by_handle(&mut pooled.conn(), handle).await?,
+        None => None,
     };
     let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
     if !state.passwords.verify(body.password, stored_hash).await? {
@@ -327,6 +389,8 @@ enum RefreshOutcome {
 pub async fn refresh(
     state: web::Data<AppState>,
     realtime: web::Data<Realtime>,
+    guard: web::Data<Guard>,
+    client: ClientIp,
     request: HttpRequest,
     body: web::Json<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -343,6 +407,17 @@ pub async fn refresh(
         }
     };
     let delivery = body.refresh_token_in.unwrap_or(came_in);
+    if guard.quota(Rule::RefreshSession).is_some() {
+        let known = {
+            let mut pooled = state.store.conn().await?;
+            tokens::find(&mut pooled.conn(), &hash_refresh_token(presented.trim())).await?
+        };
+        if let Some(known) = known {
+            guard
+                .limit(Rule::RefreshSession, &known.family_id, client.0)
+                .await?;
+        }
+    }
     match rotate(&state, &realtime, presented.trim(), delivery).await {
         Err(refused) if came_in == RefreshTokenIn::Cookie && refused.status_code() == 401 => {
             let mut response = refused.error_response();

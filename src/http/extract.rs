@@ -1,12 +1,14 @@
-//! `Authorization: Bearer <access token>` → [`AuthenticatedUser`].
+//! `Authorization: Bearer <access token>` → [`AuthenticatedUser`]; the client's address →
+//! [`ClientIp`].
 
 use std::future::Future;
 use std::pin::Pin;
 
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpRequest, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 
 use super::AppState;
+use crate::abuse::ClientIp;
 use crate::auth::{Identity, TokenError};
 use crate::error::ApiError;
 
@@ -50,7 +52,6 @@ impl FromRequest for AuthenticatedUser {
     }
 }
 
-/// The token of an `Authorization: Bearer` header.
 /// Checks that the caller presents the operator token (`SEGUE_OPERATOR_TOKEN`). The tokens are
 /// compared as SHA-256 digests, so the comparison's time says nothing about the token.
 pub fn require_operator(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
@@ -74,6 +75,7 @@ pub fn require_operator(req: &HttpRequest, state: &AppState) -> Result<(), ApiEr
     Ok(())
 }
 
+/// The token of an `Authorization: Bearer` header.
 fn bearer_token(req: &HttpRequest) -> Result<&str, ApiError> {
     let malformed = || {
         ApiError::unauthorized(
@@ -97,4 +99,21 @@ fn bearer_token(req: &HttpRequest) -> Result<&str, ApiError> {
         return Err(malformed());
     }
     Ok(token)
+}
+
+/// The client's address as the guard worked it out (the peer's, outside the guard).
+impl FromRequest for ClientIp {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let known = req.extensions().get::<ClientIp>().copied();
+        let peer = || {
+            ClientIp(
+                req.peer_addr()
+                    .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |addr| addr.ip()),
+            )
+        };
+        std::future::ready(Ok(known.unwrap_or_else(peer)))
+    }
 }

@@ -3,8 +3,10 @@
 //! every failure is an [`ApiError`].
 
 mod accounts;
+pub mod admin;
 mod catalog;
 mod extract;
+pub mod guard;
 mod health;
 mod presence;
 mod queue;
@@ -99,7 +101,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(catalog::search_tracks))
                 .route(web::post().to(catalog::upsert_tracks)),
         )
-        .service(resource(&["/tracks/{id}"], "GET").route(web::get().to(catalog::get_track)));
+        .service(resource(&["/tracks/{id}"], "GET").route(web::get().to(catalog::get_track)))
+        .service(
+            resource(&["/admin/blocks", "/admin/blocks/"], "GET, POST")
+                .route(web::get().to(admin::list_blocks))
+                .route(web::post().to(admin::add_block)),
+        )
+        .service(
+            resource(&["/admin/blocks/{address}"], "DELETE")
+                .route(web::delete().to(admin::remove_block)),
+        );
 }
 
 /// The answer to a method a resource does not have: 405 in the house error shape, with

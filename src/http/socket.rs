@@ -86,6 +86,7 @@ pub async fn upgrade(
     params: web::Query<SocketParams>,
     state: web::Data<AppState>,
     realtime: web::Data<Realtime>,
+    client: crate::abuse::ClientIp,
 ) -> Result<HttpResponse, ApiError> {
     if params.vsn.as_deref() != Some(PROTOCOL_VERSION) {
         return Err(ApiError::bad_request(
@@ -115,7 +116,7 @@ pub async fn upgrade(
         params.device_kind.as_deref(),
     )?;
     let slot = realtime
-        .reserve_socket(identity.user_id, req.peer_addr().map(|a| a.ip()))
+        .reserve_socket(identity.user_id, Some(client.0))
         .map_err(|cap| {
             ApiError::client(
                 actix_web::http::StatusCode::TOO_MANY_REQUESTS,

@@ -4,6 +4,7 @@
 //! Both implement the same generic cell rate algorithm and pass one acceptance suite
 //! (`tests/api/ratelimit.rs`).
 
+pub mod headers;
 mod memory;
 mod redis;
 
@@ -161,6 +162,14 @@ impl Limiter {
         match self {
             Self::Memory(limiter) => limiter.check(rule, quota, key),
             Self::Redis(limiter) => limiter.check(rule, quota, key).await,
+        }
+    }
+
+    /// Forgets in-process keys whose budget is full again.
+    pub fn sweep(&self) {
+        match self {
+            Self::Memory(limiter) => limiter.sweep(),
+            Self::Redis(limiter) => limiter.fallback().sweep(),
         }
     }
 

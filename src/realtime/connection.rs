@@ -32,6 +32,12 @@ pub const MAX_JOINED_TOPICS: usize = 100;
 /// Malformed frames tolerated per [`BAD_FRAME_WINDOW`] before the socket is closed.
 const MAX_BAD_FRAMES: u32 = 10;
 
+/// Messages refused in a row for the socket's message budget before it is closed.
+pub const MAX_REFUSED: u32 = 20;
+
+/// One socket's message budget (the socket lives on one replica, so it is counted here).
+type Budget = governor::DefaultDirectRateLimiter;
+
 /// The window over which malformed frames are counted.
 const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
 
@@ -46,6 +52,9 @@ pub struct SocketLimits {
     pub outbound_queue: usize,
     /// How long past its access token's expiry a socket may still act before it is closed.
     pub token_grace: Duration,
+    /// Messages a socket may send (`None`: no limit); past it they get error replies, and
+    /// [`MAX_REFUSED`] refusals in a row close the socket.
+    pub messages: Option<crate::ratelimit::Quota>,
 }
 
 impl SocketLimits {
@@ -90,6 +99,9 @@ pub struct Connection {
     last_heard: Instant,
     bad_frames: u32,
     bad_window_start: Instant,
+    budget: Option<Budget>,
+    /// Messages refused in a row for the budget.
+    refused: u32,
     /// Set once the socket is being closed, so nothing more is written.
     closing: bool,
     /// This socket's place under the per-account and per-address caps, given back on drop.
@@ -106,7 +118,13 @@ impl Connection {
         slot: super::limits::SocketSlot,
     ) -> Self {
         let now = Instant::now();
+        let budget = shared.limits.messages.and_then(|quota| {
+            let quota = governor::Quota::with_period(quota.interval())?.allow_burst(quota.burst());
+            Some(governor::RateLimiter::direct(quota))
+        });
         Self {
+            budget,
+            refused: 0,
             id,
             identity,
             device,
@@ -198,7 +216,41 @@ impl Connection {
         }
     }
 
+    /// Whether the message budget allows one more; a refusal is answered, and too many in a
+    /// row close the socket.
+    fn within_budget(&mut self, frame: &Frame, ctx: &mut Context<Self>) -> bool {
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        if budget.check().is_ok() {
+            self.refused = 0;
+            return true;
+        }
+        self.refused += 1;
+        self.shared
+            .metrics
+            .rate_limited
+            .with_label_values(&["socket_messages"])
+            .inc();
+        if self.refused > MAX_REFUSED {
+            tracing::info!(socket = self.id, "over its message budget; closing socket");
+            self.close(CloseKind::RateLimited, ctx);
+        } else if frame.reference.is_some() {
+            let reply = frame::error_reply(
+                frame.join_ref.as_deref(),
+                frame.reference.as_deref(),
+                &frame.topic,
+                "rate limited",
+            );
+            self.send(reply, ctx);
+        }
+        false
+    }
+
     fn on_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        if !self.within_budget(&frame, ctx) {
+            return;
+        }
         if frame.topic == "phoenix" && frame.event == "heartbeat" {
             self.shared.presence.do_send(presence::Heartbeat {
                 user: self.identity.user_id,

@@ -90,6 +90,10 @@ pub enum ReplicaEvent {
         user: crate::domain::UserId,
         session: String,
     },
+    /// A client address is blocked until `until_ms` (milliseconds since the epoch).
+    AddressBlocked { address: String, until_ms: i64 },
+    /// A client address's block was lifted.
+    AddressUnblocked { address: String },
 }
 
 impl ReplicaEvent {

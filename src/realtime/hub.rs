@@ -77,6 +77,8 @@ pub struct Hub {
     queues: Option<Queues>,
     /// Set right after start ([`UsePresence`]).
     presence: Option<Addr<Presence>>,
+    /// The replica's blocked addresses, once the guard hands them over.
+    blocks: Option<crate::abuse::Blocks>,
     /// Which login sessions have ended, as the HTTP layer and socket upgrades check them.
     logins: Sessions,
     metrics: Metrics,
@@ -93,6 +95,7 @@ impl Hub {
             linger,
             queues: None,
             presence: None,
+            blocks: None,
             metrics,
         }
     }
@@ -354,6 +357,34 @@ impl Handler<EndSession> for Hub {
     }
 }
 
+/// A replica-wide event of this replica: applied here, and sent to every other.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Announce(pub ReplicaEvent);
+
+impl Handler<Announce> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Announce, _: &mut Context<Self>) {
+        drop(self.bus.broadcast(msg.0.encode()));
+        self.metrics.bus_published.inc();
+        self.apply(msg.0);
+    }
+}
+
+/// The replica's block list, kept in step with what other replicas announce.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UseBlocks(pub crate::abuse::Blocks);
+
+impl Handler<UseBlocks> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, msg: UseBlocks, _: &mut Context<Self>) {
+        self.blocks = Some(msg.0);
+    }
+}
+
 /// A replica-wide event heard from another replica.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -377,6 +408,16 @@ impl Hub {
     /// What a replica-wide event means here.
     fn apply(&mut self, event: ReplicaEvent) {
         match event {
+            ReplicaEvent::AddressBlocked { address, until_ms } => {
+                if let Some(blocks) = &self.blocks {
+                    blocks.insert(address, until_ms);
+                }
+            }
+            ReplicaEvent::AddressUnblocked { address } => {
+                if let Some(blocks) = &self.blocks {
+                    blocks.remove(&address);
+                }
+            }
             ReplicaEvent::SessionEnded { user, session } => {
                 let logins = self.logins.clone();
                 let ended = session.clone();

@@ -100,6 +100,7 @@ impl Realtime {
             idle_timeout: Duration::from_secs(settings.ws_idle_timeout_secs),
             outbound_queue: settings.ws_outbound_queue,
             token_grace: Duration::from_secs(settings.ws_token_grace_secs),
+            messages: settings.rate_limit_socket_messages.0,
         };
         let shared = Arc::new(Shared {
             hub: hub.clone(),
@@ -158,6 +159,19 @@ impl Realtime {
             connection::Connection::new(id, identity, device, shared, outbox, slot)
         });
         Ok(response)
+    }
+
+    /// Tells every replica (this one too) about a change to the blocked addresses.
+    pub fn announce_block(&self, change: crate::abuse::BlockChange) {
+        let event = match change {
+            crate::abuse::BlockChange::Blocked { address, until_ms } => {
+                events::ReplicaEvent::AddressBlocked { address, until_ms }
+            }
+            crate::abuse::BlockChange::Lifted { address } => {
+                events::ReplicaEvent::AddressUnblocked { address }
+            }
+        };
+        self.hub.do_send(hub::Announce(event));
     }
 
     /// Ends one login session on every replica: its tokens are refused and its sockets

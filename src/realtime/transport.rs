@@ -61,6 +61,8 @@ pub enum CloseKind {
     /// The socket's access token lapsed (1008, reason `token expired`): reconnect with a
     /// fresh one.
     TokenExpired,
+    /// The socket went on sending over its message budget (1008, reason `rate limited`).
+    RateLimited,
 }
 
 /// What the connection actor writes.
@@ -223,6 +225,7 @@ fn close_reason(kind: CloseKind) -> CloseReason {
         CloseKind::Policy => (CloseCode::Policy, None),
         CloseKind::SessionEnded => (CloseCode::Policy, Some("session ended")),
         CloseKind::TokenExpired => (CloseCode::Policy, Some("token expired")),
+        CloseKind::RateLimited => (CloseCode::Policy, Some("rate limited")),
     };
     CloseReason {
         code,

@@ -10,6 +10,7 @@
 //! `grep -n Postgres src/store` finds all of it.
 
 mod blocking;
+pub mod blocks;
 pub mod catalog;
 pub mod devices;
 pub mod follows;

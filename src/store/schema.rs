@@ -113,3 +113,20 @@ diesel::allow_tables_to_appear_in_same_query!(
     follows,
     play_history,
 );
+
+diesel::table! {
+    ip_blocks (address) {
+        address -> Text,
+        until -> Timestamp,
+        reason -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    device_registrations (device_key, user_id) {
+        device_key -> Text,
+        user_id -> BigInt,
+        created_at -> Timestamp,
+    }
+}

@@ -11,6 +11,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use reqwest::{Client, Response};
 use secrecy::SecretString;
 use segue::bus::MemoryNetwork;
+use segue::ratelimit::Limit;
 use segue::settings::Settings;
 use segue::startup::Application;
 use serde_json::{Value, json};
@@ -79,9 +80,37 @@ pub fn test_settings(data_dir: &Path) -> Settings {
         db_pool_size: 4,
         // Short, so tests that watch a device leave need not wait the default 3 s.
         presence_leave_delay_ms: 100,
+        // Tests register and log in far faster than people do; the rate-limit tests turn
+        // on the limits they test.
+        rate_limit_login_ip: Limit(None),
+        rate_limit_login_handle: Limit(None),
+        rate_limit_register_ip: Limit(None),
+        rate_limit_refresh_session: Limit(None),
+        rate_limit_account: Limit(None),
+        rate_limit_anonymous_ip: Limit(None),
+        rate_limit_ingest_device: Limit(None),
+        rate_limit_socket_ip: Limit(None),
+        rate_limit_socket_messages: Limit(None),
+        ip_block_after: Limit(None),
+        device_accounts_max: 0,
         ..Settings::default()
     }
 }
+
+/// The environment that turns every rate limit off, for hubs run as processes.
+pub const NO_RATE_LIMITS: [(&str, &str); 11] = [
+    ("SEGUE_RATE_LIMIT_LOGIN_IP", "off"),
+    ("SEGUE_RATE_LIMIT_LOGIN_HANDLE", "off"),
+    ("SEGUE_RATE_LIMIT_REGISTER_IP", "off"),
+    ("SEGUE_RATE_LIMIT_REFRESH_SESSION", "off"),
+    ("SEGUE_RATE_LIMIT_ACCOUNT", "off"),
+    ("SEGUE_RATE_LIMIT_ANONYMOUS_IP", "off"),
+    ("SEGUE_RATE_LIMIT_INGEST_DEVICE", "off"),
+    ("SEGUE_RATE_LIMIT_SOCKET_IP", "off"),
+    ("SEGUE_RATE_LIMIT_SOCKET_MESSAGES", "off"),
+    ("SEGUE_IP_BLOCK_AFTER", "off"),
+    ("SEGUE_DEVICE_ACCOUNTS_MAX", "0"),
+];
 
 /// Settings with a data directory and (for PostgreSQL) a database of their own.
 async fn fresh_settings(backend: Backend) -> (Settings, PathBuf, Option<String>) {
@@ -708,7 +737,8 @@ impl HubProcess {
             .env("SEGUE_BIND", format!("127.0.0.1:{port}"))
             .env("SEGUE_JWT_SECRET", TEST_JWT_SECRET)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::null())
+            .envs(NO_RATE_LIMITS);
         for (key, value) in env {
             command.env(key, value);
         }

@@ -1,0 +1,2 @@
+DROP TABLE device_registrations;
+DROP TABLE ip_blocks;

@@ -1,0 +1,91 @@
+//! The middleware every request passes first: it works out the client's address, refuses a
+//! blocked one (403 `ip_blocked`) before any other work, and counts the request against its
+//! rate limits (429 `rate_limited`). Allowed answers carry the tightest limit's `RateLimit`
+//! headers.
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage, ResponseError, web};
+
+use super::AppState;
+use crate::abuse::{ClientIp, Guard, Rule, address_key};
+use crate::ratelimit::{Decision, Quota, headers};
+
+/// Paths no limit applies to: probes and the operator's scrape.
+const UNLIMITED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// The limits one request counts against: its rule and the key it is counted by.
+fn limits_of(req: &ServiceRequest, state: &AppState, address: &str) -> Vec<(Rule, String)> {
+    let path = req.path();
+    if UNLIMITED.contains(&path) {
+        return Vec::new();
+    }
+    let caller = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|token| state.keys.verify(token.trim()).ok());
+    let mut limits = Vec::with_capacity(2);
+    match &caller {
+        Some(claims) => limits.push((Rule::Account, claims.sub.clone())),
+        None => limits.push((Rule::AnonymousIp, address.to_owned())),
+    }
+    let post = req.method() == Method::POST;
+    match path.trim_end_matches('/') {
+        "/auth/login" if post => limits.push((Rule::LoginIp, address.to_owned())),
+        "/auth/register" if post => limits.push((Rule::RegisterIp, address.to_owned())),
+        "/socket/websocket" => limits.push((Rule::SocketIp, address.to_owned())),
+        "/now-playing" if post => {
+            if let Some(claims) = &caller {
+                limits.push((Rule::IngestDevice, format!("{}/{}", claims.sub, claims.did)));
+            }
+        }
+        _ => {}
+    }
+    limits
+}
+
+pub async fn guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let (Some(guard), Some(state)) = (
+        req.app_data::<web::Data<Guard>>().cloned(),
+        req.app_data::<web::Data<AppState>>().cloned(),
+    ) else {
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body);
+    };
+    let peer = req
+        .peer_addr()
+        .map(|addr| addr.ip())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let client = guard.client_ip(peer, req.headers());
+    req.extensions_mut().insert(ClientIp(client));
+    if let Err(refusal) = guard.refuse_blocked(client) {
+        return Ok(req.into_response(refusal.error_response()));
+    }
+    let address = address_key(client);
+    let mut tightest: Option<(Rule, Quota, Decision)> = None;
+    for (rule, key) in limits_of(&req, &state, &address) {
+        match guard.limit(rule, &key, client).await {
+            Ok(Some((quota, decision))) => {
+                if tightest.is_none_or(|(_, _, t)| decision.remaining < t.remaining) {
+                    tightest = Some((rule, quota, decision));
+                }
+            }
+            Ok(None) => {}
+            Err(refusal) => return Ok(req.into_response(refusal.error_response())),
+        }
+    }
+    let mut response = next.call(req).await?.map_into_boxed_body();
+    if let Some((rule, quota, decision)) = tightest {
+        headers::insert(response.headers_mut(), rule.name(), quota, &decision);
+    }
+    Ok(response)
+}
