@@ -385,7 +385,8 @@ enum RefreshOutcome {
 /// [`TokenKeys::successor_of`]: crate::auth::TokenKeys::successor_of
 ///
 /// The token comes from the body, or else from the refresh cookie; the next one goes where
-/// `refresh_token_in` says, by default where this one came from. A refused cookie is cleared.
+/// `refresh_token_in` says, by default where this one came from, but a token from the cookie
+/// only ever goes back into the cookie. A refused cookie is cleared.
 pub async fn refresh(
     state: web::Data<AppState>,
     realtime: web::Data<Realtime>,
@@ -395,18 +396,30 @@ pub async fn refresh(
     body: web::Json<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let (presented, came_in) = match (body.refresh_token, request.cookie(REFRESH_COOKIE)) {
+    let in_body = body.refresh_token.filter(|token| !token.trim().is_empty());
+    let (presented, came_in) = match (in_body, request.cookie(REFRESH_COOKIE)) {
         (Some(token), _) => (token, RefreshTokenIn::Body),
         (None, Some(cookie)) => (cookie.value().to_owned(), RefreshTokenIn::Cookie),
         (None, None) => {
             return Err(InvalidInput::new(
                 "refresh_token",
-                "is required, in the body or in the cookie a login with \"refresh_token_in\": \"cookie\" set",
+                "is missing: send it in the body, or log in with \"refresh_token_in\": \"cookie\" to have the browser send it",
             )
             .into());
         }
     };
-    let delivery = body.refresh_token_in.unwrap_or(came_in);
+    // A token kept out of scripts' reach stays there: a script on the page could otherwise
+    // ask for the next one in the body and carry the login away.
+    let delivery = match (came_in, body.refresh_token_in) {
+        (RefreshTokenIn::Cookie, Some(RefreshTokenIn::Body)) => {
+            return Err(InvalidInput::new(
+                "refresh_token_in",
+                "a refresh token from the cookie is only ever renewed into the cookie",
+            )
+            .into());
+        }
+        (came_in, asked) => asked.unwrap_or(came_in),
+    };
     if guard.quota(Rule::RefreshSession).is_some() {
         let known = {
             let mut pooled = state.store.conn().await?;

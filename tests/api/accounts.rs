@@ -548,6 +548,35 @@ async fn a_web_clients_refresh_token_travels_only_in_an_httponly_cookie(app: Tes
     let access = body["access_token"].as_str().unwrap().to_owned();
     assert_eq!(probe(&app, &access).await.status(), 200);
 
+    // A script on the page cannot have the cookie's successor handed to it in the body
+    // (the review's attack); the refusal spends nothing.
+    let exfiltrate = app
+        .client
+        .post(app.url("/auth/refresh"))
+        .header("cookie", format!("segue_refresh={second}"))
+        .json(&json!({"refresh_token_in": "body"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(exfiltrate, 422).await, "invalid_input");
+    let empty_body_token = app
+        .client
+        .post(app.url("/auth/refresh"))
+        .header("cookie", format!("segue_refresh={second}"))
+        .json(&json!({"refresh_token": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        empty_body_token.status(),
+        200,
+        "an empty body token does not hide the cookie"
+    );
+    let second = assert_refresh_cookie(&empty_body_token);
+    let body: Value = empty_body_token.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    let access = body["access_token"].as_str().unwrap().to_owned();
+
     // Bad input is refused with a clear error and no cookie.
     let bad_mode = app
         .post_json(
