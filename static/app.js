@@ -67,7 +67,9 @@ async function refreshTokens() {
       headers: { "content-type": "application/json" },
       body: "{}",
     });
-    if (res.status === 401) return false; // refused: the login has ended
+    // 401: refused, the login has ended. 422: no cookie came (a browser keeps the Secure
+    // cookie only on https:// or localhost pages), so there is nothing to refresh with.
+    if (res.status === 401 || res.status === 422) return false;
     if (!res.ok) throw new Error(`refresh failed (${res.status})`); // try again later
     saveAuth(await res.json());
     return true;

@@ -188,6 +188,7 @@ pub async fn patch_preferences(
     let mut pooled = state.store.conn().await?;
     let mut conn = pooled.conn();
     let mut preferences: Preferences = preferences::load(&mut conn, caller.user_id).await?;
+    let before = preferences.clone();
     for (key, value) in patch {
         let flag = match key.as_str() {
             "auto_advance" => Some(("auto_advance", &mut preferences.auto_advance)),
@@ -222,12 +223,17 @@ pub async fn patch_preferences(
         );
     }
     preferences::store(&mut conn, caller.user_id, &preferences).await?;
-    // Cached queues carry auto_advance, and presence views of followers depend on
-    // share_listening: every replica re-reads them.
-    realtime.hub.do_send(Publish {
-        user: caller.user_id,
-        event: UserEvent::PreferencesChanged,
-    });
+    // Cached queues carry auto_advance, and followers' views depend on share_listening:
+    // every replica hears a change of either (the new share_listening with it).
+    let sharing_changed = preferences.share_listening != before.share_listening;
+    if sharing_changed || preferences.auto_advance != before.auto_advance {
+        realtime.hub.do_send(Publish {
+            user: caller.user_id,
+            event: UserEvent::PreferencesChanged {
+                share_listening: sharing_changed.then_some(preferences.share_listening),
+            },
+        });
+    }
     Ok(HttpResponse::Ok().json(preferences))
 }
 

@@ -25,9 +25,13 @@ pub enum UserEvent {
     /// Close the sockets of one login session. Never sent on the bus: a replica delivers it
     /// to the user's local session when it hears [`ReplicaEvent::SessionEnded`].
     EndSession { session: String },
-    /// The user's preferences changed: cached queues (which carry `auto_advance`) and whether
-    /// followers see the user's presence (`share_listening`) are stale.
-    PreferencesChanged,
+    /// The user's preferences changed: cached queues (which carry `auto_advance`) are stale;
+    /// `share_listening` is the new value when that changed (whether followers see the
+    /// user's presence), applied in order with the user's presence events.
+    PreferencesChanged {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        share_listening: Option<bool>,
+    },
     /// One of the user's presence entries was written (by its owner).
     PresenceUpsert {
         instance: String,
@@ -53,7 +57,7 @@ impl UserEvent {
                 | Self::PresenceRemove { .. }
                 | Self::OutputChanged { .. }
                 | Self::FollowsChanged
-                | Self::PreferencesChanged
+                | Self::PreferencesChanged { .. }
         )
     }
 }
@@ -132,7 +136,12 @@ mod tests {
             UserEvent::EndSession {
                 session: "abc".into(),
             },
-            UserEvent::PreferencesChanged,
+            UserEvent::PreferencesChanged {
+                share_listening: None,
+            },
+            UserEvent::PreferencesChanged {
+                share_listening: Some(false),
+            },
             UserEvent::PresenceUpsert {
                 instance: "d/r".into(),
                 entry: Arc::new(DeviceEntry {

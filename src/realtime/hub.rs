@@ -231,7 +231,7 @@ impl Hub {
             } if topic.starts_with("queue:") => {
                 queues.observe(user, *revision, payload);
             }
-            UserEvent::PreferencesChanged => queues.forget(user),
+            UserEvent::PreferencesChanged { .. } => queues.forget(user),
             _ => {}
         }
     }
@@ -321,7 +321,7 @@ impl Handler<Publish> for Hub {
 
     fn handle(&mut self, msg: Publish, _: &mut Context<Self>) {
         let body = msg.event.encode();
-        if matches!(msg.event, UserEvent::PreferencesChanged) {
+        if matches!(msg.event, UserEvent::PreferencesChanged { .. }) {
             self.observe(msg.user, &msg.event);
         }
         self.tell_presence(msg.user, &msg.event);

@@ -134,7 +134,7 @@ impl Handler<Deliver> for UserSession {
                 }
             }
             // Presence views are the presence actor's; the hub hands these to it.
-            UserEvent::PreferencesChanged
+            UserEvent::PreferencesChanged { .. }
             | UserEvent::PresenceUpsert { .. }
             | UserEvent::PresenceRemove { .. }
             | UserEvent::FollowsChanged => {}

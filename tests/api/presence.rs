@@ -1244,3 +1244,131 @@ async fn presence_comes_back_after_redis_restarts_empty() {
     }
     assert!(list.keys.contains_key("phone"), "{list:?}");
 }
+
+/// Issue 10, item 10, from the review: turning sharing off then playing at once leaked the
+/// new track to followers (1 round in 10: the change was applied only once a store read came
+/// back). The change now travels with its value and applies in order.
+#[actix_web::test]
+async fn nothing_played_after_sharing_is_turned_off_reaches_a_follower() {
+    // The embedded store, whose reads take longest, and two workers (the request and the
+    // socket on different threads): the window the old code left open.
+    let app = &TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| s.workers = Some(2)).await;
+    let (alice, bob) = (app.register().await, app.register().await);
+    let followed = post(
+        app,
+        &format!("/follows/{}", alice.id),
+        &bob.access_token,
+        None,
+    )
+    .await;
+    assert_eq!(followed.status(), 201);
+    let alice_topic = format!("devices:{}", alice.id);
+    let mut alice_phone = device_socket(app, &alice, "alice-phone").await;
+    let alice_ref = join(&mut alice_phone, &alice_topic).await;
+    let bob_topic = format!("friends:{}", bob.id);
+    let mut bob_laptop = device_socket(app, &bob, "bob-laptop").await;
+    join(&mut bob_laptop, &bob_topic).await;
+    let mut list = PresenceList::default();
+    let alice_key = alice.id.to_string();
+    until(&mut bob_laptop, &bob_topic, &mut list, |l| {
+        l.keys.contains_key(&alice_key)
+    })
+    .await;
+    for round in 0..30 {
+        let off = patch_preferences(app, &alice, json!({"share_listening": false})).await;
+        assert_eq!(off.status(), 200);
+        let secret = format!("secret-{round}");
+        let pushed = alice_phone
+            .push(
+                Some(&alice_ref),
+                &alice_topic,
+                "now_playing",
+                json!({"track_id": secret, "progress_ms": 0, "is_playing": true}),
+            )
+            .await;
+        assert_eq!(alice_phone.reply_to(&pushed).await[4]["status"], "ok");
+        // Everything Bob is sent for a while: Alice leaves, and nothing carries the secret.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(frame) = tokio::time::timeout_at(
+            deadline,
+            bob_laptop.next_matching(|f| is_presence_on(f, &bob_topic)),
+        )
+        .await
+        {
+            assert!(
+                !frame[4].to_string().contains(&secret),
+                "round {round}: {secret} reached the follower: {frame}"
+            );
+            list.apply(&frame);
+        }
+        assert!(
+            !list.keys.contains_key(&alice_key),
+            "round {round}: Alice still shown"
+        );
+        let on = patch_preferences(app, &alice, json!({"share_listening": true})).await;
+        assert_eq!(on.status(), 200);
+        until(&mut bob_laptop, &bob_topic, &mut list, |l| {
+            l.keys.contains_key(&alice_key)
+        })
+        .await;
+        assert!(
+            list.metas(&alice_key)
+                .iter()
+                .all(|m| m["now_playing"]["track_id"] == secret),
+            "round {round}: back with what plays now"
+        );
+    }
+}
+
+/// From the review: a change of sharing made while a replica has lost the bus may go unheard
+/// there; a replica whose bus comes back reads every watched user's consent again, so its
+/// followers stop seeing the user either way.
+#[actix_web::test]
+async fn a_sharing_change_made_while_the_bus_was_lost_reaches_followers_after_it() {
+    let mut redis = crate::helpers::PrivateRedis::start();
+    let replicas = spawn_cluster(2, ClusterBus::Redis(redis.url())).await;
+    let [a, b] = &replicas[..] else {
+        panic!("two replicas")
+    };
+    let (alice, bob) = (a.register().await, a.register().await);
+    let followed = post(
+        a,
+        &format!("/follows/{}", alice.id),
+        &bob.access_token,
+        None,
+    )
+    .await;
+    assert_eq!(followed.status(), 201);
+    let mut alice_phone = device_socket(a, &alice, "alice-phone").await;
+    join(&mut alice_phone, &format!("devices:{}", alice.id)).await;
+    let bob_topic = format!("friends:{}", bob.id);
+    let mut bob_laptop = device_socket(b, &bob, "bob-laptop").await;
+    join(&mut bob_laptop, &bob_topic).await;
+    let mut list = PresenceList::default();
+    let alice_key = alice.id.to_string();
+    until(&mut bob_laptop, &bob_topic, &mut list, |l| {
+        l.keys.contains_key(&alice_key)
+    })
+    .await;
+
+    redis.halt();
+    let started = Instant::now();
+    while b.metric("segue_bus_lost_total").await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B never lost the bus"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let off = patch_preferences(a, &alice, json!({"share_listening": false})).await;
+    assert_eq!(
+        off.status(),
+        200,
+        "the store took it; the news could not travel"
+    );
+    redis.resume();
+    until(&mut bob_laptop, &bob_topic, &mut list, |l| {
+        !l.keys.contains_key(&alice_key)
+    })
+    .await;
+}

@@ -105,7 +105,7 @@ impl Presence {
     }
 
     /// Takes a number for a read of `users`' consent: only the latest read's answer counts.
-    fn start_consent_read(&mut self, users: &[UserId]) -> u64 {
+    pub(super) fn start_consent_read(&mut self, users: &[UserId]) -> u64 {
         self.consent_reads += 1;
         for user in users {
             if let Some(watched) = self.views.get_mut(user) {
@@ -131,6 +131,14 @@ impl Presence {
         );
     }
 
+    /// Those of `users` still watched whose latest consent read is `read`.
+    fn still_read_by(&self, users: Vec<UserId>, read: u64) -> Vec<UserId> {
+        users
+            .into_iter()
+            .filter(|user| self.views.get(user).is_some_and(|w| w.consent_read == read))
+            .collect()
+    }
+
     /// A read of `users`' consent is back; a failed one is tried again a second later
     /// (meanwhile they are hidden from followers).
     fn consent_answered(
@@ -140,21 +148,16 @@ impl Presence {
         answer: Result<HashSet<UserId>, StoreError>,
         ctx: &mut Context<Self>,
     ) {
-        let users: Vec<UserId> = users
-            .into_iter()
-            .filter(|user| self.views.get(user).is_some_and(|w| w.consent_read == read))
-            .collect();
+        let users = self.still_read_by(users, read);
         let hidden = match answer {
             Ok(hidden) => hidden,
             Err(error) => {
                 tracing::warn!(%error, "could not read who shares their listening; retrying");
                 for user in &users {
-                    self.set_consent(*user, Consent::Unknown);
+                    self.set_consent(*user, Consent::Hidden);
                 }
                 ctx.run_later(CONSENT_RETRY, move |this, ctx| {
-                    let users: Vec<UserId> = (users.into_iter())
-                        .filter(|user| this.views.get(user).is_some_and(|w| w.consent_read == read))
-                        .collect();
+                    let users = this.still_read_by(users, read);
                     if !users.is_empty() {
                         this.read_consent(users, ctx);
                     }
@@ -266,7 +269,12 @@ impl Presence {
 
     /// Reads every view again (the bus is back after a loss); a view whose read is under way
     /// is read again once it is back, as it may have been answered while the bus was away.
+    /// Every watched user's consent is read again too: a change of it may have gone unheard.
     pub(super) fn reread_views(&mut self, ctx: &mut Context<Self>) {
+        let watched: Vec<UserId> = self.views.keys().copied().collect();
+        if !watched.is_empty() {
+            self.read_consent(watched, ctx);
+        }
         let mut users = Vec::new();
         for (user, watched) in &mut self.views {
             if watched.view.is_some() && !watched.reloading {

@@ -54,9 +54,9 @@ pub(super) enum Consent {
     #[default]
     Unread,
     Shared,
+    /// Not shared, or not known because the read failed (followers see nothing they may
+    /// not; a retry follows).
     Hidden,
-    /// The read failed: hidden (followers see nothing they may not) until a retry answers.
-    Unknown,
 }
 
 impl Consent {
@@ -208,9 +208,20 @@ impl Presence {
             }
             return;
         }
-        if matches!(event, UserEvent::PreferencesChanged) {
-            if self.views.contains_key(&user) {
-                self.read_consent(vec![user], ctx);
+        if let UserEvent::PreferencesChanged { share_listening } = event {
+            // Applied at once, in order with the user's other events, so nothing played after
+            // the change reaches a follower; reads of the old value still under way no
+            // longer count.
+            if let Some(shares) = share_listening
+                && self.views.contains_key(&user)
+            {
+                self.start_consent_read(&[user]);
+                let consent = if shares {
+                    Consent::Shared
+                } else {
+                    Consent::Hidden
+                };
+                self.set_consent(user, consent);
             }
             return;
         }
