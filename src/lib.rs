@@ -38,6 +38,7 @@
 pub mod abuse;
 pub mod auth;
 pub mod bus;
+pub mod cache;
 pub mod demo;
 pub mod domain;
 pub mod error;

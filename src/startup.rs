@@ -15,11 +15,12 @@ use actix_web::{App, web};
 use crate::abuse::{Blocks, Guard};
 use crate::auth::{Passwords, Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
+use crate::cache::CacheAside;
 use crate::error;
 use crate::http::{self, AppState};
 use crate::presence::{AnyRegistry, RedisRegistry};
 use crate::ratelimit::{Limiter, MemoryLimiter, RedisLimiter};
-use crate::realtime::Realtime;
+use crate::realtime::{Realtime, Stores};
 use crate::settings::{Settings, SettingsError};
 use crate::store::{Store, StoreInitError};
 use crate::tcp::AbortableStream;
@@ -148,11 +149,16 @@ impl Application {
             None => AnyRegistry::Memory(network.presence_registry()),
         };
         let sessions = Sessions::new(store.clone());
+        let cache = CacheAside::new(redis.clone(), &settings.redis_namespace, metrics.cache());
+        let stores = Stores {
+            registry,
+            store: store.clone(),
+            cache: cache.clone(),
+        };
         let realtime = web::Data::new(Realtime::start(
             replica,
             bus,
-            registry,
-            store.clone(),
+            stores,
             sessions.clone(),
             &settings,
             metrics.clone(),
@@ -210,6 +216,7 @@ impl Application {
         }
         guard.start_upkeep();
         let guard = web::Data::new(guard);
+        let cache = web::Data::new(cache);
         let state = web::Data::new(AppState {
             passwords,
             settings,
@@ -228,6 +235,7 @@ impl Application {
                 .wrap(from_fn(telemetry::observe_requests))
                 .app_data(state.clone())
                 .app_data(guard.clone())
+                .app_data(cache.clone())
                 .app_data(metrics.clone())
                 .app_data(realtime.clone())
                 .app_data(queues.clone())

@@ -67,6 +67,12 @@ pub struct Metrics {
     pub ip_blocks: IntCounterVec,
     /// Requests refused because their address is blocked.
     pub ip_blocked_requests: IntCounter,
+    /// Cache-aside reads answered by Redis, by cache (store queries saved).
+    pub cache_hits: IntCounterVec,
+    /// Cache-aside reads Redis could not answer, by cache.
+    pub cache_misses: IntCounterVec,
+    /// Cache-aside calls that failed every try, by cache (the store answered alone).
+    pub cache_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -98,6 +104,20 @@ impl Metrics {
         let ip_blocks = IntCounterVec::new(
             Opts::new("ip_blocks_total", "Client addresses blocked"),
             &["source"],
+        )?;
+        let by_cache = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+            let counter = IntCounterVec::new(Opts::new(name, help), &["cache"])?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let cache_hits = by_cache("cache_hits_total", "Cache-aside reads answered by Redis")?;
+        let cache_misses = by_cache(
+            "cache_misses_total",
+            "Cache-aside reads Redis could not answer",
+        )?;
+        let cache_errors = by_cache(
+            "cache_errors_total",
+            "Cache-aside calls that failed every try",
         )?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(ip_blocks.clone()))?;
@@ -135,6 +155,9 @@ impl Metrics {
             )?,
             rate_limited,
             ip_blocks,
+            cache_hits,
+            cache_misses,
+            cache_errors,
             registry,
             http_requests,
             http_duration,
@@ -202,4 +225,15 @@ pub async fn observe_requests(
         tracing::debug!(%method, %route, status = status.as_u16(), latency_ms, "request");
     }
     Ok(response)
+}
+
+impl Metrics {
+    /// The cache-aside counters.
+    pub fn cache(&self) -> crate::cache::CacheMetrics {
+        crate::cache::CacheMetrics {
+            hits: self.cache_hits.clone(),
+            misses: self.cache_misses.clone(),
+            errors: self.cache_errors.clone(),
+        }
+    }
 }

@@ -900,14 +900,19 @@ fn presence_memory(devices: usize, redis: Option<String>) {
             }
             None => AnyRegistry::Memory(network.presence_registry()),
         };
+        let metrics = segue::telemetry::Metrics::new().unwrap();
+        let stores = segue::realtime::Stores {
+            registry: registry.clone(),
+            store: store.clone(),
+            cache: segue::cache::CacheAside::new(None, &namespace, metrics.cache()),
+        };
         let realtime = segue::realtime::Realtime::start(
             replica,
             (segue::bus::AnyBus::Memory(bus.0), bus.1),
-            registry.clone(),
-            store.clone(),
+            stores,
             segue::auth::Sessions::new(store),
             &settings,
-            segue::telemetry::Metrics::new().unwrap(),
+            metrics,
         );
         let users = devices.div_ceil(2);
         let sink = Sink.start().recipient();

@@ -229,6 +229,7 @@ fn token_response(
 /// `POST /auth/register` → 201 with a session; a taken handle → 409.
 pub async fn register(
     state: web::Data<AppState>,
+    cache: web::Data<crate::cache::CacheAside>,
     body: web::Json<Credentials>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
@@ -290,6 +291,10 @@ pub async fn register(
         other => other?.ok_or_else(too_many_accounts)?,
     };
     tracing::info!(user = user.id, "account registered");
+    // A replica may have cached that the handle was nobody's.
+    cache
+        .invalidate_twice("profile", vec![user.handle.clone()])
+        .await;
     token_response(
         &state,
         StatusCode::CREATED,

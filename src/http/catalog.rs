@@ -142,7 +142,7 @@ pub async fn upsert_tracks(
             )
         })?;
     // Hydration on this replica sees the new and changed tracks at once.
-    queues.forget_tracks(ids.iter().map(String::as_str));
+    queues.forget_tracks(&ids).await;
     Ok(HttpResponse::Ok().json(json!({ "upserted": upserted })))
 }
 

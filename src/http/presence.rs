@@ -3,10 +3,13 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
-use serde::Deserialize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{AppState, AuthenticatedUser};
+use crate::cache::CacheAside;
 use crate::domain::{Device, Handle, UserId};
 use crate::error::ApiError;
 use crate::presence::input::PlayReportInput;
@@ -60,22 +63,50 @@ pub async fn list_devices(
     Ok(HttpResponse::Ok().json(json!({ "devices": listed, "output_device_id": output })))
 }
 
+/// How long a replica may answer a handle's public profile from the shared cache.
+const PROFILE_TTL: Duration = Duration::from_secs(60);
+
+/// What anyone may know of an account: `{id, handle, display_name}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublicProfile {
+    pub id: i64,
+    pub handle: String,
+    pub display_name: String,
+}
+
+/// The public profile behind `handle` (`None`: no such account), through the shared cache.
+async fn profile_by_handle(
+    state: &AppState,
+    cache: &CacheAside,
+    handle: &Handle,
+) -> Result<Option<PublicProfile>, ApiError> {
+    cache
+        .get_or_load("profile", handle.as_str(), PROFILE_TTL, || async {
+            let mut pooled = state.store.conn().await?;
+            let account = users::find_by_handle(&mut pooled.conn(), handle).await?;
+            Ok::<_, ApiError>(account.map(|a| PublicProfile {
+                id: a.id,
+                handle: a.handle,
+                display_name: a.display_name,
+            }))
+        })
+        .await
+}
+
 /// `GET /users/by-handle/{handle}` → `{id, handle, display_name}` (to follow someone by
 /// handle); 404 `unknown_user`.
 pub async fn user_by_handle(
     state: web::Data<AppState>,
+    cache: web::Data<CacheAside>,
     _caller: AuthenticatedUser,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let unknown = || ApiError::not_found("unknown_user", "There is no user with that handle.");
     let handle = Handle::parse(&path.into_inner()).map_err(|_| unknown())?;
-    let mut pooled = state.store.conn().await?;
-    let account = users::find_by_handle(&mut pooled.conn(), &handle)
+    let profile = profile_by_handle(&state, &cache, &handle)
         .await?
         .ok_or_else(unknown)?;
-    Ok(HttpResponse::Ok().json(json!({
-        "id": account.id, "handle": account.handle, "display_name": account.display_name
-    })))
+    Ok(HttpResponse::Ok().json(profile))
 }
 
 /// `GET /follows/`.
@@ -205,24 +236,26 @@ pub async fn by_handle(
     state: web::Data<AppState>,
     realtime: web::Data<Realtime>,
     queues: web::Data<Queues>,
+    cache: web::Data<CacheAside>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let unknown = || ApiError::not_found("unknown_user", "There is no user with that handle.");
     let handle = Handle::parse(&path.into_inner()).map_err(|_| unknown())?;
-    let (account, shares) = {
+    let account = profile_by_handle(&state, &cache, &handle)
+        .await?
+        .ok_or_else(unknown)?;
+    let user = UserId(account.id);
+    // Read from the store each time, never cached: a user who turns sharing off is hidden
+    // from the next request on.
+    let shares = {
         let mut pooled = state.store.conn().await?;
-        let mut conn = pooled.conn();
-        let account = users::find_by_handle(&mut conn, &handle)
-            .await?
-            .ok_or_else(unknown)?;
-        let shares = preferences::shares_listening(&mut conn, account.user_id()).await?;
-        (account, shares)
+        preferences::shares_listening(&mut pooled.conn(), user).await?
     };
     // A user who does not share what they play answers as one who plays nothing.
     if !shares {
         return Ok(HttpResponse::NoContent().finish());
     }
-    let snapshot = realtime.registry.snapshot(account.user_id()).await?;
+    let snapshot = realtime.registry.snapshot(user).await?;
     let Some(entry) = snapshot.listening() else {
         return Ok(HttpResponse::NoContent().finish());
     };

@@ -64,22 +64,36 @@ pub struct Realtime {
     sockets: Arc<limits::SocketCounts>,
 }
 
+/// Where the realtime layer keeps and finds things.
+pub struct Stores {
+    /// The presence registry.
+    pub registry: AnyRegistry,
+    /// The system of record.
+    pub store: Store,
+    /// Hot data shared between replicas (catalog tracks).
+    pub cache: crate::cache::CacheAside,
+}
+
 impl Realtime {
     /// Starts the hub and the relay on the current arbiter.
     pub fn start(
         replica: ReplicaId,
         bus: (AnyBus, BusNotices),
-        registry: AnyRegistry,
-        store: Store,
+        stores: Stores,
         logins: crate::auth::Sessions,
         settings: &Settings,
         metrics: Metrics,
     ) -> Self {
+        let Stores {
+            registry,
+            store,
+            cache,
+        } = stores;
         let (bus, notices) = bus;
         let linger = Duration::from_secs(settings.session_linger_secs);
         let hub = Hub::new(bus, linger, logins, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
-        let queues = Queues::new(store.clone(), hub.clone(), settings);
+        let queues = Queues::new(store.clone(), hub.clone(), cache, settings);
         hub.do_send(hub::UseQueues(queues.clone()));
         let times = PresenceTimes {
             ttl: Duration::from_secs(settings.presence_ttl_secs),

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use super::events::UserEvent;
 use super::hub::{Hub, Publish, SessionOf};
 use super::session::{QueueCommand, UserSession};
+use crate::cache::CacheAside;
 use crate::domain::queue::{QueueOp, QueueState};
 use crate::domain::{DeviceId, InvalidInput, UserId};
 use crate::settings::Settings;
@@ -108,6 +109,8 @@ struct Inner {
     /// Known tracks by id. Only tracks that exist are cached, so a track added to the catalog
     /// shows up at once; an edited one may show its old fields here for up to the TTL.
     tracks: Cache<String, TrackView>,
+    /// Tracks other replicas read already (Redis), between this replica's cache and the store.
+    cache: CacheAside,
     /// Ids the catalog did not know when last asked.
     unknown_tracks: Cache<String, ()>,
     /// The user sessions writes were last sent to (their addresses; a stopped one fails the
@@ -128,7 +131,7 @@ pub struct Queues {
 }
 
 impl Queues {
-    pub fn new(store: Store, hub: Addr<Hub>, settings: &Settings) -> Self {
+    pub fn new(store: Store, hub: Addr<Hub>, cache: CacheAside, settings: &Settings) -> Self {
         let tracks = Cache::builder()
             .max_capacity(TRACK_CACHE_CAPACITY)
             .time_to_live(TRACK_CACHE_TTL)
@@ -148,6 +151,7 @@ impl Queues {
             .build();
         let inner = Inner {
             store,
+            cache,
             hub,
             sessions,
             tracks,
@@ -513,8 +517,24 @@ impl Queues {
             }
         }
         if !missing.is_empty() {
+            let keys: Vec<String> = missing.iter().map(|id| (*id).to_owned()).collect();
+            let shared = self.inner.cache.get_many::<TrackView>("track", &keys).await;
+            for track in shared.into_iter().flatten() {
+                missing.retain(|id| *id != track.id);
+                self.inner.tracks.insert(track.id.clone(), track);
+            }
+        }
+        if !missing.is_empty() {
             let mut pooled = self.inner.store.conn().await?;
             let found = catalog::find_tracks(&mut pooled.conn(), &missing).await?;
+            let shared: Vec<(String, &TrackView)> = found
+                .iter()
+                .map(|track| (track.id.clone(), track))
+                .collect();
+            self.inner
+                .cache
+                .put_many("track", &shared, TRACK_CACHE_TTL)
+                .await;
             for id in &missing {
                 if !found.iter().any(|track| track.id == *id) {
                     self.inner.unknown_tracks.insert((*id).to_owned(), ());
@@ -540,11 +560,17 @@ impl Queues {
         self.inner.tracks.get(id).and_then(|t| t.duration_ms)
     }
 
-    /// Forgets cached tracks after the catalog changed.
-    pub fn forget_tracks<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+    /// Forgets cached tracks after the catalog changed, here and in the shared cache (twice:
+    /// at once, and again a moment later, in case a replica that read the old track from the
+    /// store just before the change puts it back).
+    pub async fn forget_tracks(&self, ids: &[String]) {
         for id in ids {
             self.inner.tracks.invalidate(id);
             self.inner.unknown_tracks.invalidate(id);
         }
+        self.inner
+            .cache
+            .invalidate_twice("track", ids.to_vec())
+            .await;
     }
 }

@@ -12,7 +12,7 @@ use super::{Conn, StoreError, run};
 use crate::domain::{TrackId, UserId};
 
 /// A track as clients see it, with its artist's name joined in.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TrackView {
     pub id: String,
     pub title: String,

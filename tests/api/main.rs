@@ -9,6 +9,7 @@ mod phoenix;
 mod accounts;
 mod backpressure;
 mod bus;
+mod cache;
 mod catalog;
 mod cluster;
 mod failures;
