@@ -118,10 +118,14 @@ pub struct Settings {
     /// Proxies whose `Forwarded` / `X-Forwarded-For` name the client, as comma-separated
     /// addresses or CIDRs; from any other peer those headers are ignored.
     pub trusted_proxies: String,
+    /// The header those proxies write the client's address into: `x-forwarded-for` (nginx's
+    /// `proxy_add_x_forwarded_for`, HAProxy's `forwardfor`) or `forwarded` (RFC 7239).
+    pub forwarded_header: crate::abuse::ForwardedHeader,
     /// Logins per client address (rates are written `20/m`, `5/10m`, `10/s:100` with a
     /// burst, or `off`).
     pub rate_limit_login_ip: Limit,
-    /// Logins per handle, whoever tries.
+    /// Wrong-password logins per handle, whoever tries; while over it, the handle's logins
+    /// are refused.
     pub rate_limit_login_handle: Limit,
     /// Registrations per client address.
     pub rate_limit_register_ip: Limit,
@@ -131,7 +135,8 @@ pub struct Settings {
     pub rate_limit_account: Limit,
     /// Requests per client address without a valid access token.
     pub rate_limit_anonymous_ip: Limit,
-    /// Now-playing reports per device (REST and socket).
+    /// Now-playing reports per device over REST (a socket's reports count against its
+    /// message budget).
     pub rate_limit_ingest_device: Limit,
     /// Socket upgrades per client address.
     pub rate_limit_socket_ip: Limit,
@@ -201,6 +206,7 @@ impl Default for Settings {
             presence_ttl_secs: 60,
             presence_leave_delay_ms: 3_000,
             trusted_proxies: String::new(),
+            forwarded_header: crate::abuse::ForwardedHeader::XForwardedFor,
             rate_limit_login_ip: limit(30, MINUTE, 10),
             rate_limit_login_handle: limit(20, HOUR, 10),
             rate_limit_register_ip: limit(20, HOUR, 5),

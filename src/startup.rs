@@ -68,7 +68,12 @@ fn cors(origins: Option<&[String]>) -> Cors {
             header::IF_MATCH,
             header::IF_NONE_MATCH,
         ])
-        .expose_headers([header::ETAG])
+        .expose_headers([
+            header::ETAG,
+            header::RETRY_AFTER,
+            crate::ratelimit::headers::POLICY,
+            crate::ratelimit::headers::STATE,
+        ])
         .max_age(3600);
     match origins {
         None => cors.allow_any_origin(),

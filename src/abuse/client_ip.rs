@@ -1,6 +1,8 @@
 //! Who the client is: the peer address, or, when the peer is a trusted proxy, the right-most
-//! address of `Forwarded` (else `X-Forwarded-For`) that is not a trusted proxy. A header sent
-//! by an untrusted peer is ignored, so spoofing one changes nothing.
+//! address of the forwarding header the proxies write (`X-Forwarded-For` by default, or
+//! `Forwarded`: `SEGUE_FORWARDED_HEADER`) that is not a trusted proxy. Only that header is
+//! read (a proxy that appends to one passes the other through from the client), and a header
+//! sent by an untrusted peer is ignored, so spoofing one changes nothing.
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -8,7 +10,17 @@ use std::str::FromStr;
 use actix_web::http::header::HeaderMap;
 use ipnet::IpNet;
 
-/// The proxies whose forwarding headers are believed (`SEGUE_TRUSTED_PROXIES`).
+/// Which header the trusted proxies write the client's address into.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum ForwardedHeader {
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
+/// The proxies whose forwarding header is believed (`SEGUE_TRUSTED_PROXIES`).
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
 
@@ -33,12 +45,17 @@ impl TrustedProxies {
 }
 
 /// The client's address for a request from `peer` with `headers`.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &TrustedProxies,
+    header: ForwardedHeader,
+) -> IpAddr {
     let peer = canonical(peer);
     if !trusted.contains(peer) {
         return peer;
     }
-    let hops = forwarded_for(headers);
+    let hops = forwarded_for(headers, header);
     // From the nearest hop outwards: the first address no trusted proxy vouches for.
     let mut nearest = peer;
     for hop in hops.iter().rev() {
@@ -63,31 +80,33 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The forwarded-for chain, client first: `Forwarded`'s `for=` values when that header is
-/// present, else `X-Forwarded-For`. `None` for an entry that is not an address.
-fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let forwarded: Vec<&str> = headers
-        .get_all("forwarded")
-        .filter_map(|value| value.to_str().ok())
+/// The forwarded-for chain of `header`, client first. `None` for an entry that is not an
+/// address. Lines are read byte by byte (a stray non-ASCII byte a client put in its part must
+/// not hide the part the proxy appended).
+fn forwarded_for(headers: &HeaderMap, header: ForwardedHeader) -> Vec<Option<IpAddr>> {
+    let name = match header {
+        ForwardedHeader::XForwardedFor => "x-forwarded-for",
+        ForwardedHeader::Forwarded => "forwarded",
+    };
+    let lines: Vec<String> = headers
+        .get_all(name)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
         .collect();
-    if !forwarded.is_empty() {
-        return forwarded
-            .iter()
-            .flat_map(|line| line.split(','))
-            .filter_map(|element| {
+    let elements = lines.iter().flat_map(|line| line.split(','));
+    match header {
+        ForwardedHeader::XForwardedFor => elements.map(node).collect(),
+        // Every element stands for one hop, with or without a `for=`.
+        ForwardedHeader::Forwarded => elements
+            .map(|element| {
                 element.split(';').find_map(|pair| {
                     let (name, value) = pair.trim().split_once('=')?;
-                    name.trim().eq_ignore_ascii_case("for").then(|| node(value))
+                    name.trim()
+                        .eq_ignore_ascii_case("for")
+                        .then(|| node(value))?
                 })
             })
-            .collect();
+            .collect(),
     }
-    headers
-        .get_all("x-forwarded-for")
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|line| line.split(','))
-        .map(node)
-        .collect()
 }
 
 /// One node: `192.0.2.60`, `"[2001:db8::1]:4711"`, `192.0.2.60:80`, `2001:db8::1`.

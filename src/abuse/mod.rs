@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::blocks::{Blocks, SYNC_EVERY};
-pub use self::client_ip::{TrustedProxies, address_key, client_ip};
+pub use self::client_ip::{ForwardedHeader, TrustedProxies, address_key, client_ip};
 use crate::error::ApiError;
 use crate::ratelimit::{Decision, Limiter, Quota};
 use crate::settings::Settings;
@@ -102,6 +102,17 @@ struct Inner {
     announce: Announce,
 }
 
+/// 429 `rate_limited` for `rule`.
+fn limited(rule: Rule, quota: Quota, decision: Decision) -> ApiError {
+    ApiError::Limited {
+        code: "rate_limited",
+        detail: "Too many requests; slow down and retry after the time Retry-After gives.",
+        rule: rule.name(),
+        quota,
+        decision,
+    }
+}
+
 /// A request's client address, as the guard worked it out (in the request's extensions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
@@ -132,7 +143,12 @@ impl Guard {
 
     /// The client of a request from `peer` with `headers`.
     pub fn client_ip(&self, peer: IpAddr, headers: &actix_web::http::header::HeaderMap) -> IpAddr {
-        client_ip(peer, headers, &self.inner.trusted)
+        client_ip(
+            peer,
+            headers,
+            &self.inner.trusted,
+            self.inner.settings.forwarded_header,
+        )
     }
 
     pub fn blocks(&self) -> &Blocks {
@@ -186,13 +202,33 @@ impl Guard {
             .with_label_values(&[rule.name()])
             .inc();
         self.violation(client).await;
-        Err(ApiError::Limited {
-            code: "rate_limited",
-            detail: "Too many requests; slow down and retry after the time Retry-After gives.",
-            rule: rule.name(),
-            quota,
-            decision,
-        })
+        Err(limited(rule, quota, decision))
+    }
+
+    /// 429 `rate_limited` when `key` is over `rule`'s budget now; counts nothing (no attempt,
+    /// no violation). For rules that count failures only ([`Guard::spend`] after one).
+    pub async fn refuse_if_spent(&self, rule: Rule, key: &str) -> Result<(), ApiError> {
+        let Some(quota) = self.quota(rule) else {
+            return Ok(());
+        };
+        let decision = self.inner.limiter.peek(rule.name(), quota, key).await;
+        if decision.allowed {
+            return Ok(());
+        }
+        self.inner
+            .metrics
+            .rate_limited
+            .with_label_values(&[rule.name()])
+            .inc();
+        Err(limited(rule, quota, decision))
+    }
+
+    /// Counts one failure of `key` under `rule` (no violation for anyone: the failures of a
+    /// handle may be anybody's).
+    pub async fn spend(&self, rule: Rule, key: &str) {
+        if let Some(quota) = self.quota(rule) {
+            self.inner.limiter.check(rule.name(), quota, key).await;
+        }
     }
 
     /// Whether `ip` may never be blocked automatically (loopback, trusted proxies).
@@ -270,6 +306,7 @@ impl Guard {
 
     /// Reads the store's blocks into this replica's list (at start and every [`SYNC_EVERY`]).
     pub async fn sync_blocks(&self) -> Result<(), crate::store::StoreError> {
+        let read_at = std::time::Instant::now();
         let active = {
             let mut pooled = self.inner.store.conn().await?;
             stored::active(&mut pooled.conn(), crate::store::now()).await?
@@ -278,7 +315,7 @@ impl Guard {
             .into_iter()
             .map(|b| (b.address, b.until.and_utc().timestamp_millis()))
             .collect();
-        self.inner.blocks.replace_all(blocks);
+        self.inner.blocks.replace_all(blocks, read_at);
         Ok(())
     }
 

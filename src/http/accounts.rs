@@ -52,8 +52,9 @@ const MAX_FINGERPRINT_LEN: usize = 128;
 /// client chose (one the server assigns says nothing), and its fingerprint.
 fn device_keys(body: &Credentials, device: &Device) -> Result<Vec<String>, InvalidInput> {
     let mut keys = Vec::new();
+    // Counted without regard to case, so `Phone-1` and `phone-1` are one device.
     if body.device_id.is_some() {
-        keys.push(format!("id:{}", device.id.as_str()));
+        keys.push(format!("id:{}", device.id.as_str().to_lowercase()));
     }
     if let Some(fingerprint) = body.device_fingerprint.as_deref().map(str::trim) {
         if fingerprint.is_empty() || fingerprint.len() > MAX_FINGERPRINT_LEN {
@@ -62,7 +63,7 @@ fn device_keys(body: &Credentials, device: &Device) -> Result<Vec<String>, Inval
                 "must be 1 to 128 characters",
             ));
         }
-        keys.push(format!("fp:{fingerprint}"));
+        keys.push(format!("fp:{}", fingerprint.to_lowercase()));
     }
     Ok(keys)
 }
@@ -267,16 +268,20 @@ pub async fn register(
                     password_hash: &password_hash,
                     created_at: store::now(),
                 };
-                if device_limit > 0
-                    && blocks::accounts_from_device(conn, &device_keys, since).await?
-                        >= i64::from(device_limit)
-                {
-                    return Ok(None);
-                }
+                // Written first, then counted (this one included): a write first takes
+                // SQLite's write lock, so concurrent registrations queue instead of failing
+                // to upgrade a read lock ("database is locked").
                 let user = users::insert(conn, &new_user).await?;
                 blocks::record_registration(conn, &device_keys, user.user_id()).await?;
+                if device_limit > 0
+                    && blocks::accounts_from_device(conn, &device_keys, since).await?
+                        > i64::from(device_limit)
+                {
+                    // Rolled back: nothing of the refused registration stays.
+                    return Err(StoreError::Refused);
+                }
                 let refresh = start_session(conn, state_ref, &user, &device).await?;
-                Ok::<_, StoreError>(Some((user, refresh, device)))
+                Ok::<_, StoreError>((user, refresh, device))
             }
             .scope_boxed()
         })
@@ -288,7 +293,8 @@ pub async fn register(
                 "That handle is already taken.",
             ));
         }
-        other => other?.ok_or_else(too_many_accounts)?,
+        Err(StoreError::Refused) => return Err(too_many_accounts()),
+        other => other?,
     };
     tracing::info!(user = user.id, "account registered");
     // A replica may have cached that the handle was nobody's.
@@ -318,7 +324,6 @@ fn too_many_accounts() -> ApiError {
 pub async fn login(
     state: web::Data<AppState>,
     guard: web::Data<Guard>,
-    client: ClientIp,
     body: web::Json<Credentials>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
@@ -332,9 +337,11 @@ pub async fn login(
     let delivery = body.refresh_token_in;
     let handle = Handle::parse(&body.handle).ok();
     if let Some(handle) = &handle {
-        // Guesses at one account are limited whoever makes them (per address is the guard's).
+        // Wrong guesses at one account are limited whoever makes them (per address is the
+        // guard's); a right password spends nothing, and a refusal here is nobody's violation
+        // (the failures may be an attacker's, the refused attempt its owner's).
         guard
-            .limit(Rule::LoginHandle, handle.as_str(), client.0)
+            .refuse_if_spent(Rule::LoginHandle, handle.as_str())
             .await?;
     }
     let mut pooled = state.store.conn().await?;
@@ -346,6 +353,9 @@ pub async fn login(
     };
     let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
     if !state.passwords.verify(body.password, stored_hash).await? {
+        if let Some(handle) = &handle {
+            guard.spend(Rule::LoginHandle, handle.as_str()).await;
+        }
         return Err(wrong());
     }
     let user = user.ok_or_else(wrong)?;

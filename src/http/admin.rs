@@ -16,12 +16,26 @@ use crate::store::blocks;
 /// Longest block an operator may set: 30 days.
 pub const MAX_BLOCK_SECS: u64 = 30 * 86_400;
 
-/// An address as typed (`203.0.113.7`, `2001:db8::1`) → the key blocks are kept by.
+/// An address as typed (`203.0.113.7`, `2001:db8::1`, or an IPv6 `/64` as the block list
+/// shows it, `2001:db8::/64`) → the key blocks are kept by. Loopback and unspecified
+/// addresses are refused: blocking them would shut out the machine itself.
 pub fn parse_address(raw: &str) -> Result<String, InvalidInput> {
-    raw.trim()
-        .parse::<std::net::IpAddr>()
-        .map(address_key)
-        .map_err(|_| InvalidInput::new("address", "must be an IPv4 or IPv6 address"))
+    let raw = raw.trim();
+    let ip = match raw.strip_suffix("/64") {
+        Some(prefix) => prefix
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(std::net::IpAddr::V6),
+        None => raw.parse::<std::net::IpAddr>().ok(),
+    }
+    .ok_or_else(|| InvalidInput::new("address", "must be an IPv4 or IPv6 address"))?;
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Err(InvalidInput::new(
+            "address",
+            "a loopback or unspecified address cannot be blocked",
+        ));
+    }
+    Ok(address_key(ip))
 }
 
 /// `GET /admin/blocks` → `{"blocks": [{address, until, reason, created_at}]}`.

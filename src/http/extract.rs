@@ -77,13 +77,19 @@ pub fn require_operator(req: &HttpRequest, state: &AppState) -> Result<(), ApiEr
 
 /// The token of an `Authorization: Bearer` header.
 fn bearer_token(req: &HttpRequest) -> Result<&str, ApiError> {
+    bearer_in(req.headers())
+}
+
+/// The token of an `Authorization: Bearer` header in `headers` (the scheme in any case), as
+/// every part that reads one (the extractor, the guard) reads it.
+pub fn bearer_in(headers: &header::HeaderMap) -> Result<&str, ApiError> {
     let malformed = || {
         ApiError::unauthorized(
             "invalid_token",
             "The Authorization header must be 'Bearer <token>'.",
         )
     };
-    let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
         ApiError::unauthorized(
             "missing_token",
             "This endpoint needs an access token (Authorization: Bearer <token>).",
@@ -108,12 +114,13 @@ impl FromRequest for ClientIp {
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
         let known = req.extensions().get::<ClientIp>().copied();
-        let peer = || {
-            ClientIp(
-                req.peer_addr()
-                    .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |addr| addr.ip()),
-            )
-        };
-        std::future::ready(Ok(known.unwrap_or_else(peer)))
+        std::future::ready(Ok(
+            known.unwrap_or_else(|| ClientIp(peer_ip(req.peer_addr())))
+        ))
     }
+}
+
+/// The peer's address (unspecified when the transport has none, as in some tests).
+pub fn peer_ip(peer: Option<std::net::SocketAddr>) -> std::net::IpAddr {
+    peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |addr| addr.ip())
 }

@@ -18,16 +18,14 @@ const UNLIMITED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// The limits one request counts against: its rule and the key it is counted by.
 fn limits_of(req: &ServiceRequest, state: &AppState, address: &str) -> Vec<(Rule, String)> {
-    let path = req.path();
+    // The path as routing sees it (percent-decoded): `/auth/%6cogin` is `/auth/login`.
+    let path = req.match_info().as_str();
     if UNLIMITED.contains(&path) {
         return Vec::new();
     }
-    let caller = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .and_then(|token| state.keys.verify(token.trim()).ok());
+    let caller = super::extract::bearer_in(req.headers())
+        .ok()
+        .and_then(|token| state.keys.verify(token).ok());
     let mut limits = Vec::with_capacity(2);
     match &caller {
         Some(claims) => limits.push((Rule::Account, claims.sub.clone())),
@@ -61,13 +59,13 @@ pub async fn guard(
             .await
             .map(ServiceResponse::map_into_boxed_body);
     };
-    let peer = req
-        .peer_addr()
-        .map(|addr| addr.ip())
-        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-    let client = guard.client_ip(peer, req.headers());
+    let client = guard.client_ip(super::extract::peer_ip(req.peer_addr()), req.headers());
     req.extensions_mut().insert(ClientIp(client));
-    if let Err(refusal) = guard.refuse_blocked(client) {
+    // Probes, the operator's scrape and the operator's own endpoints stay reachable from a
+    // blocked address (the operator token guards the latter).
+    let exempt = UNLIMITED.contains(&req.match_info().as_str())
+        || req.match_info().as_str().starts_with("/admin/");
+    if !exempt && let Err(refusal) = guard.refuse_blocked(client) {
         return Ok(req.into_response(refusal.error_response()));
     }
     let address = address_key(client);
@@ -84,7 +82,10 @@ pub async fn guard(
         }
     }
     let mut response = next.call(req).await?.map_into_boxed_body();
-    if let Some((rule, quota, decision)) = tightest {
+    // A handler's own refusal carries its rule's headers; those stay.
+    if let Some((rule, quota, decision)) = tightest
+        && !response.headers().contains_key(headers::POLICY)
+    {
         headers::insert(response.headers_mut(), rule.name(), quota, &decision);
     }
     Ok(response)

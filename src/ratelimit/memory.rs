@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use governor::RateLimiter;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::state::keyed::DashMapStateStore;
 
@@ -31,6 +31,9 @@ impl<C: Clock> Clone for MemoryLimiter<C> {
 struct Inner<C: Clock> {
     clock: C,
     rules: Mutex<Rules<C>>,
+    /// Until when each refused (rule, key) stays refused, for [`MemoryLimiter::peek`]:
+    /// `governor` has no look without a spend.
+    refused: Mutex<HashMap<(String, String), C::Instant>>,
 }
 
 impl Default for MemoryLimiter {
@@ -46,22 +49,21 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
             inner: Arc::new(Inner {
                 clock,
                 rules: Mutex::new(HashMap::new()),
+                refused: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    fn limiter(&self, rule: &str, quota: Quota) -> Option<Arc<Keyed<C>>> {
+    fn limiter(&self, rule: &str, quota: Quota) -> Arc<Keyed<C>> {
         let mut rules = self
             .inner
             .rules
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match rules.get(rule) {
-            Some((made_with, limiter)) if *made_with == quota => Some(limiter.clone()),
+            Some((made_with, limiter)) if *made_with == quota => limiter.clone(),
             _ => {
-                // `None` only for a zero interval, which no `Quota` has.
-                let governed =
-                    governor::Quota::with_period(quota.interval())?.allow_burst(quota.burst());
+                let governed = quota.to_governor();
                 let plain: RateLimiter<String, _, C, NoOpMiddleware<C::Instant>> = RateLimiter::new(
                     governed,
                     DashMapStateStore::default(),
@@ -69,16 +71,14 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
                 );
                 let limiter = Arc::new(plain.with_middleware::<StateInformationMiddleware>());
                 rules.insert(rule.to_owned(), (quota, limiter.clone()));
-                Some(limiter)
+                limiter
             }
         }
     }
 
     /// Counts one attempt of `key` under `rule`'s `quota`.
     pub fn check(&self, rule: &str, quota: Quota, key: &str) -> Decision {
-        let Some(limiter) = self.limiter(rule, quota) else {
-            return Decision::unlimited(quota);
-        };
+        let limiter = self.limiter(rule, quota);
         match limiter.check_key(&key.to_owned()) {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
@@ -91,6 +91,14 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
             }
             Err(refused) => {
                 let retry_after = refused.wait_time_from(self.inner.clock.now());
+                self.inner
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(
+                        (rule.to_owned(), key.to_owned()),
+                        refused.earliest_possible(),
+                    );
                 Decision {
                     allowed: false,
                     remaining: 0,
@@ -101,8 +109,41 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
         }
     }
 
+    /// Whether `key` is refused under `rule` now, counting nothing. Refusals are remembered
+    /// when a spend meets them, so the first attempt after the budget ran out is allowed by a
+    /// peek (and refused when spent).
+    pub fn peek(&self, rule: &str, quota: Quota, key: &str) -> Decision {
+        let now = self.inner.clock.now();
+        let refused = self
+            .inner
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&(rule.to_owned(), key.to_owned()))
+            .copied()
+            .filter(|until| *until > now);
+        match refused {
+            Some(until) => {
+                let retry_after = until.duration_since(now).into();
+                Decision {
+                    allowed: false,
+                    remaining: 0,
+                    retry_after,
+                    reset_after: retry_after + quota.interval() * (quota.burst().get() - 1),
+                }
+            }
+            None => Decision::unlimited(quota),
+        }
+    }
+
     /// Forgets keys whose budget is full again, so the maps hold only recent ones.
     pub fn sweep(&self) {
+        let now = self.inner.clock.now();
+        self.inner
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|_, until| *until > now);
         let rules: Vec<Arc<Keyed<C>>> = {
             let rules = self
                 .inner

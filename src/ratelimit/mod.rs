@@ -42,6 +42,14 @@ impl Quota {
         Self { burst, ..self }
     }
 
+    /// The same quota as `governor` writes it.
+    pub fn to_governor(self) -> governor::Quota {
+        // Never `None`: no `Quota` has a zero interval.
+        governor::Quota::with_period(self.interval)
+            .unwrap_or(governor::Quota::per_second(self.burst))
+            .allow_burst(self.burst)
+    }
+
     pub fn burst(&self) -> NonZeroU32 {
         self.burst
     }
@@ -162,6 +170,14 @@ impl Limiter {
         match self {
             Self::Memory(limiter) => limiter.check(rule, quota, key),
             Self::Redis(limiter) => limiter.check(rule, quota, key).await,
+        }
+    }
+
+    /// Whether one more attempt of `key` would be allowed now, counting nothing.
+    pub async fn peek(&self, rule: &str, quota: Quota, key: &str) -> Decision {
+        match self {
+            Self::Memory(limiter) => limiter.peek(rule, quota, key),
+            Self::Redis(limiter) => limiter.peek(rule, quota, key).await,
         }
     }
 

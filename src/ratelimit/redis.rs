@@ -15,6 +15,13 @@ pub const DECISION_TIMEOUT: Duration = Duration::from_millis(50);
 /// (so a Redis outage costs each request nothing, not the whole timeout).
 const BACK_OFF: Duration = Duration::from_secs(1);
 
+/// Whether a decision counts the attempt.
+#[derive(Clone, Copy)]
+enum Mode {
+    Spend,
+    Peek,
+}
+
 /// Limits shared by every replica through Redis, with the process's own limiter to fall back
 /// on: a limit may be lenient while Redis is away (each replica counts alone), never a wall.
 #[derive(Clone)]
@@ -53,8 +60,25 @@ impl RedisLimiter {
     /// Counts one attempt of `key` under `rule`'s `quota`, in Redis when it answers within
     /// [`DECISION_TIMEOUT`], else in process.
     pub async fn check(&self, rule: &str, quota: Quota, key: &str) -> Decision {
+        self.decide_or_fall_back(rule, quota, key, Mode::Spend)
+            .await
+    }
+
+    /// Whether one more attempt of `key` would be allowed now, counting nothing.
+    pub async fn peek(&self, rule: &str, quota: Quota, key: &str) -> Decision {
+        self.decide_or_fall_back(rule, quota, key, Mode::Peek).await
+    }
+
+    async fn decide_or_fall_back(
+        &self,
+        rule: &str,
+        quota: Quota,
+        key: &str,
+        mode: Mode,
+    ) -> Decision {
         if !self.skipping() {
-            match tokio::time::timeout(DECISION_TIMEOUT, self.decide(rule, quota, key)).await {
+            match tokio::time::timeout(DECISION_TIMEOUT, self.decide(rule, quota, key, mode)).await
+            {
                 Ok(Ok(decision)) => return decision,
                 Ok(Err(error)) => {
                     tracing::warn!(%error, rule, "rate limit: Redis failed; deciding in process")
@@ -65,7 +89,10 @@ impl RedisLimiter {
                 Some(Instant::now() + BACK_OFF);
         }
         self.fail_open.inc();
-        self.fallback.check(rule, quota, key)
+        match mode {
+            Mode::Spend => self.fallback.check(rule, quota, key),
+            Mode::Peek => self.fallback.peek(rule, quota, key),
+        }
     }
 
     async fn decide(
@@ -73,6 +100,7 @@ impl RedisLimiter {
         rule: &str,
         quota: Quota,
         key: &str,
+        mode: Mode,
     ) -> Result<Decision, Box<dyn std::error::Error + Send + Sync>> {
         let mut conn = self.pool.get().await?;
         let interval_us = u64::try_from(quota.interval().as_micros())
@@ -83,6 +111,10 @@ impl RedisLimiter {
             .key(self.key(rule, key))
             .arg(quota.burst().get())
             .arg(interval_us)
+            .arg(match mode {
+                Mode::Spend => "spend",
+                Mode::Peek => "peek",
+            })
             .invoke_async(&mut *conn)
             .await?;
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));

@@ -118,10 +118,10 @@ impl Connection {
         slot: super::limits::SocketSlot,
     ) -> Self {
         let now = Instant::now();
-        let budget = shared.limits.messages.and_then(|quota| {
-            let quota = governor::Quota::with_period(quota.interval())?.allow_burst(quota.burst());
-            Some(governor::RateLimiter::direct(quota))
-        });
+        let budget = shared
+            .limits
+            .messages
+            .map(|quota| governor::RateLimiter::direct(quota.to_governor()));
         Self {
             budget,
             refused: 0,

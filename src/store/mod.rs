@@ -77,6 +77,9 @@ pub enum StoreError {
     /// A task running store work ended without an answer (it panicked).
     #[error("a store task ended without an answer")]
     TaskLost,
+    /// A transaction's own check refused what it was about to commit (rolled back).
+    #[error("refused by a check inside the transaction")]
+    Refused,
 }
 
 impl StoreError {

@@ -182,6 +182,16 @@ async fn a_login_flood_from_one_address_is_refused_with_429_and_its_headers() {
     // Even the right password waits: the limit is on attempts.
     let right = app.login_raw(&account.handle, &account.password).await;
     assert_eq!(right.status(), 429);
+    // The path as routing decodes it: an encoded letter is the same route (from the review:
+    // `/auth/%6cogin` went on past the limit).
+    let encoded = app
+        .client
+        .post(app.url("/auth/%6cogin"))
+        .json(&json!({"handle": account.handle, "password": "not the password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(encoded, 429).await, "rate_limited");
     // Other routes are not this rule's business.
     assert_eq!(app.get("/healthz").await.status(), 200);
     assert_eq!(
@@ -197,40 +207,110 @@ async fn a_login_flood_from_one_address_is_refused_with_429_and_its_headers() {
     );
 }
 
-/// Guesses at one account are limited whichever addresses they come from.
+/// Wrong guesses at one account are limited whichever addresses they come from; right
+/// passwords spend nothing; and a refusal for the handle blocks nobody (from the review: an
+/// attacker's failures got the owner's own address blocked).
 #[actix_web::test]
-async fn logins_to_one_handle_are_limited_from_every_address() {
+async fn wrong_guesses_at_one_handle_are_limited_from_every_address() {
     let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
         s.trusted_proxies = "127.0.0.1".into();
         s.rate_limit_login_handle = limit("2/m");
+        s.ip_block_after = limit("1/m");
     })
     .await;
     let (alice, bob) = (app.register().await, app.register().await);
-    let addresses = ["203.0.113.1", "203.0.113.2", "203.0.113.3"];
+    let mut answers = Vec::new();
+    for i in 1..=4 {
+        let address = format!("203.0.113.{i}");
+        answers.push(login_from(&app, &alice.handle, Some(&address)).await);
+    }
+    let last = answers.pop().unwrap();
+    assert!(answers.iter().take(2).all(|r| r.status() == 401));
     assert_eq!(
-        login_from(&app, &alice.handle, Some(addresses[0]))
-            .await
-            .status(),
-        401
-    );
-    assert_eq!(
-        login_from(&app, &alice.handle, Some(addresses[1]))
-            .await
-            .status(),
-        401
-    );
-    let refused = login_from(&app, &alice.handle, Some(addresses[2])).await;
-    assert_eq!(
-        refused.headers()["ratelimit-policy"],
+        last.headers()["ratelimit-policy"],
         "\"login_handle\";q=2;w=60"
     );
-    assert_eq!(error_code(refused, 429).await, "rate_limited");
-    assert_eq!(
-        login_from(&app, &bob.handle, Some(addresses[2]))
+    assert_eq!(error_code(last, 429).await, "rate_limited");
+    // The owner waits too (the price of a per-account limit), but is nobody's violation.
+    let owner = "198.51.100.20";
+    for _ in 0..3 {
+        let right = app
+            .client
+            .post(app.url("/auth/login"))
+            .header("x-forwarded-for", owner)
+            .json(&json!({"handle": alice.handle, "password": alice.password}))
+            .send()
             .await
-            .status(),
-        401
+            .unwrap();
+        assert_eq!(right.status(), 429);
+    }
+    assert_eq!(
+        status_from(&app, owner).await,
+        404,
+        "the owner's address is not blocked"
     );
+    // Right passwords spend nothing: Bob logs in as often as he likes.
+    for _ in 0..5 {
+        assert_eq!(
+            app.login_raw(&bob.handle, &bob.password).await.status(),
+            200
+        );
+    }
+}
+
+/// What a request to a path that does not exist answers from `address` (through the
+/// loopback proxy): 404, or 403 when the address is blocked.
+async fn status_from(app: &TestApp, address: &str) -> u16 {
+    app.client
+        .get(app.url("/no-such-page"))
+        .header("x-forwarded-for", address)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The guard reads tokens as the handlers do (`bearer` in any case), and only the forwarding
+/// header it is told the proxy writes (from the review: a lowercase scheme moved requests to
+/// another budget; a client's own `Forwarded` header evaded the per-address limit).
+#[actix_web::test]
+async fn neither_a_lowercase_scheme_nor_a_clients_forwarded_header_moves_a_budget() {
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.trusted_proxies = "127.0.0.1".into();
+        s.rate_limit_account = limit("2/m");
+        s.rate_limit_login_ip = limit("2/m");
+    })
+    .await;
+    let account = app.register().await;
+    let mut last = None;
+    for _ in 0..3 {
+        let response = app
+            .client
+            .get(app.url("/preferences/"))
+            .header("authorization", format!("bearer {}", account.access_token))
+            .send()
+            .await
+            .unwrap();
+        last = Some(response);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.headers()["ratelimit-policy"], "\"account\";q=2;w=60");
+    assert_eq!(error_code(last, 429).await, "rate_limited");
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let response = app
+            .client
+            .post(app.url("/auth/login"))
+            .header("x-forwarded-for", "203.0.113.30")
+            .header("forwarded", format!("for=10.9.{i}.1"))
+            .json(&json!({"handle": account.handle, "password": "not the password"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 429, 429]);
 }
 
 /// Two replicas share one budget through Redis: a flood split over both is limited as one.
@@ -379,7 +459,7 @@ async fn an_address_over_the_threshold_is_blocked_on_every_replica_until_it_expi
     loop {
         let response = b
             .client
-            .get(b.url("/healthz"))
+            .get(b.url("/no-such-page"))
             .header("x-forwarded-for", "203.0.113.66")
             .send()
             .await
@@ -407,13 +487,13 @@ async fn an_address_over_the_threshold_is_blocked_on_every_replica_until_it_expi
     loop {
         let status = b
             .client
-            .get(b.url("/healthz"))
+            .get(b.url("/no-such-page"))
             .header("x-forwarded-for", "203.0.113.66")
             .send()
             .await
             .unwrap()
             .status();
-        if status == 200 {
+        if status == 404 {
             break;
         }
         assert!(Instant::now() < deadline, "the block never lifted");
@@ -433,7 +513,7 @@ async fn the_operator_blocks_and_lifts_addresses() {
     let from = |address: &'static str| {
         let request = app
             .client
-            .get(app.url("/healthz"))
+            .get(app.url("/no-such-page"))
             .header("x-forwarded-for", address);
         async move { request.send().await.unwrap().status().as_u16() }
     };
@@ -462,15 +542,19 @@ async fn the_operator_blocks_and_lifts_addresses() {
             "{bad}"
         );
     }
+    for machine in ["127.0.0.1", "::1", "0.0.0.0"] {
+        let refused = add(json!({"address": machine}), OPERATOR).await;
+        assert_eq!(error_code(refused, 422).await, "invalid_input", "{machine}");
+    }
     assert_eq!(
         from("192.0.2.1").await,
-        200,
+        404,
         "refused input blocked nothing"
     );
     let added = add(json!({"address": "192.0.2.1", "ttl_secs": 600}), OPERATOR).await;
     assert_eq!(added.status(), 201);
     assert_eq!(from("192.0.2.1").await, 403);
-    assert_eq!(from("192.0.2.2").await, 200);
+    assert_eq!(from("192.0.2.2").await, 404);
     // IPv6 is blocked by its /64.
     assert_eq!(
         add(json!({"address": "2001:db8:0:1::5"}), OPERATOR)
@@ -493,6 +577,15 @@ async fn the_operator_blocks_and_lifts_addresses() {
         .collect();
     assert_eq!(addresses.len(), 2, "{listed}");
     assert!(addresses.contains(&"192.0.2.1") && addresses.contains(&"2001:db8:0:1::/64"));
+    // Probes stay reachable from a blocked address.
+    let probe = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-forwarded-for", "192.0.2.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(probe.status(), 200);
     let removed = app
         .client
         .delete(app.url("/admin/blocks/192.0.2.1"))
@@ -501,7 +594,17 @@ async fn the_operator_blocks_and_lifts_addresses() {
         .await
         .unwrap();
     assert_eq!(removed.status(), 204);
-    assert_eq!(from("192.0.2.1").await, 200);
+    assert_eq!(from("192.0.2.1").await, 404);
+    // The /64 as the list shows it can be lifted too.
+    let removed = app
+        .client
+        .delete(app.url("/admin/blocks/2001:db8:0:1::%2F64"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+    assert_eq!(from("2001:db8:0:1:ffff::9").await, 404);
 }
 
 mod a_device_creates_at_most_its_quota_of_accounts {
@@ -546,9 +649,28 @@ async fn a_device_creates_at_most_its_quota_of_accounts(backend: Backend) {
     }
     let refused = register_from(&app, Some("phone-1"), None).await;
     assert_eq!(error_code(refused, 429).await, "device_limit");
+    let other_case = register_from(&app, Some("PHONE-1"), None).await;
+    assert_eq!(
+        error_code(other_case, 429).await,
+        "device_limit",
+        "case does not make another device"
+    );
     assert_eq!(
         register_from(&app, Some("phone-2"), None).await.status(),
         201
+    );
+    // Registrations at once from one device: each is answered (201 or 429), never 500 (the
+    // review saw SQLite's "database is locked"), and the limit holds.
+    let burst: Vec<u16> =
+        futures_util::future::join_all((0..8).map(|_| register_from(&app, Some("tablet-9"), None)))
+            .await
+            .iter()
+            .map(|r| r.status().as_u16())
+            .collect();
+    assert!(burst.iter().all(|s| *s == 201 || *s == 429), "{burst:?}");
+    assert!(
+        burst.iter().filter(|s| **s == 201).count() <= 3,
+        "{burst:?}"
     );
     // A fingerprint counts across device ids.
     for device in ["a", "b", "c"] {
@@ -609,7 +731,7 @@ async fn the_blocks_command_reaches_a_running_hub() {
             .expect("run segue blocks")
     };
     let status_from = |address: &'static str| {
-        let url = format!("{}/healthz", hub.address);
+        let url = format!("{}/no-such-page", hub.address);
         async move {
             reqwest::Client::new()
                 .get(url)
@@ -642,9 +764,9 @@ async fn the_blocks_command_reaches_a_running_hub() {
     let added = run(&["add", "192.0.2.9", "--ttl", "600"]);
     assert!(added.status.success(), "{added:?}");
     until_status("192.0.2.9", 403).await;
-    assert_eq!(status_from("192.0.2.10").await, 200);
+    assert_eq!(status_from("192.0.2.10").await, 404);
     let listed = String::from_utf8(run(&["list"]).stdout).unwrap();
     assert!(listed.contains("192.0.2.9\tuntil "), "{listed}");
     assert!(run(&["remove", "192.0.2.9"]).status.success());
-    until_status("192.0.2.9", 200).await;
+    until_status("192.0.2.9", 404).await;
 }
