@@ -166,29 +166,31 @@ mod tests {
             ("x-forwarded-for", "203.0.113.9"),
             ("forwarded", "for=198.51.100.1"),
         ]);
-        assert_eq!(
-            client_ip(ip("192.0.2.7"), &spoofed, &trusted),
-            ip("192.0.2.7")
-        );
-        let none = TrustedProxies::default();
-        assert_eq!(client_ip(ip("10.0.0.1"), &spoofed, &none), ip("10.0.0.1"));
+        for header in [ForwardedHeader::XForwardedFor, ForwardedHeader::Forwarded] {
+            let from_outside = client_ip(ip("192.0.2.7"), &spoofed, &trusted, header);
+            assert_eq!(from_outside, ip("192.0.2.7"));
+            let none = TrustedProxies::default();
+            assert_eq!(
+                client_ip(ip("10.0.0.1"), &spoofed, &none, header),
+                ip("10.0.0.1")
+            );
+        }
     }
 
     #[test]
     fn behind_trusted_proxies_the_right_most_untrusted_hop_is_the_client() {
         let trusted = TrustedProxies::parse("10.0.0.0/8, 127.0.0.1").unwrap();
+        let (xff, fwd) = (ForwardedHeader::XForwardedFor, ForwardedHeader::Forwarded);
+        let proxy = ip("10.0.0.1");
         // The client prepended a lie; the proxies appended what they saw.
         let chain = headers(&[("x-forwarded-for", "1.2.3.4, 203.0.113.9, 10.1.1.1")]);
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), &chain, &trusted),
-            ip("203.0.113.9")
-        );
+        assert_eq!(client_ip(proxy, &chain, &trusted, xff), ip("203.0.113.9"));
         let split = headers(&[
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-for", "203.0.113.9"),
         ]);
         assert_eq!(
-            client_ip(ip("127.0.0.1"), &split, &trusted),
+            client_ip(ip("127.0.0.1"), &split, &trusted, xff),
             ip("203.0.113.9")
         );
         let forwarded = headers(&[(
@@ -196,30 +198,33 @@ mod tests {
             "for=1.2.3.4, for=\"[2001:db8::1]:4711\";proto=https, for=10.2.2.2;by=10.0.0.1",
         )]);
         assert_eq!(
-            client_ip(ip("10.0.0.1"), &forwarded, &trusted),
+            client_ip(proxy, &forwarded, &trusted, fwd),
             ip("2001:db8::1")
         );
-        // Forwarded wins over X-Forwarded-For.
+        // Only the configured header counts: a client's own Forwarded passed on by an
+        // X-Forwarded-For proxy changes nothing (the review's evasion).
         let both = headers(&[
             ("forwarded", "for=198.51.100.2:80"),
             ("x-forwarded-for", "203.0.113.9"),
         ]);
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), &both, &trusted),
-            ip("198.51.100.2")
-        );
+        assert_eq!(client_ip(proxy, &both, &trusted, xff), ip("203.0.113.9"));
+        assert_eq!(client_ip(proxy, &both, &trusted, fwd), ip("198.51.100.2"));
+        // A Forwarded element without `for=` is a hop we cannot read.
+        let no_for = headers(&[("forwarded", "for=203.0.113.9, proto=https")]);
+        assert_eq!(client_ip(proxy, &no_for, &trusted, fwd), proxy);
         // No header, or only trusted hops: the nearest proxy's view is all there is.
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
-            ip("10.0.0.1")
-        );
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted, xff), proxy);
         let inside = headers(&[("x-forwarded-for", "10.9.9.9")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &inside, &trusted), ip("10.9.9.9"));
+        assert_eq!(client_ip(proxy, &inside, &trusted, xff), ip("10.9.9.9"));
         let unreadable = headers(&[("x-forwarded-for", "203.0.113.9, unknown, 10.3.3.3")]);
-        assert_eq!(
-            client_ip(ip("10.0.0.1"), &unreadable, &trusted),
-            ip("10.3.3.3")
+        assert_eq!(client_ip(proxy, &unreadable, &trusted, xff), ip("10.3.3.3"));
+        // A client's non-ASCII bytes do not hide what the proxy appended.
+        let mut dirty = HeaderMap::new();
+        dirty.append(
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.8").unwrap(),
         );
+        assert_eq!(client_ip(proxy, &dirty, &trusted, xff), ip("203.0.113.8"));
     }
 
     #[test]
