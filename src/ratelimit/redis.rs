@@ -27,6 +27,10 @@ enum Mode {
 #[derive(Clone)]
 pub struct RedisLimiter {
     pool: RedisPool,
+    /// One multiplexed connection every decision shares (a clone each), taken from the pool
+    /// once and again after a failure: checking a connection out per decision made decisions
+    /// wait for the pool under load, past their bound.
+    shared: Arc<tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
     namespace: Arc<str>,
     script: Arc<redis::Script>,
     fallback: MemoryLimiter,
@@ -39,6 +43,7 @@ impl RedisLimiter {
     pub fn new(pool: RedisPool, namespace: &str, fail_open: IntCounter) -> Self {
         Self {
             pool,
+            shared: Arc::new(tokio::sync::Mutex::new(None)),
             namespace: namespace.into(),
             script: Arc::new(redis::Script::new(include_str!("gcra.lua"))),
             fallback: MemoryLimiter::default(),
@@ -85,6 +90,7 @@ impl RedisLimiter {
                 }
                 Err(_) => tracing::warn!(rule, "rate limit: Redis too slow; deciding in process"),
             }
+            self.forget_connection();
             *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Instant::now() + BACK_OFF);
         }
@@ -102,7 +108,7 @@ impl RedisLimiter {
         key: &str,
         mode: Mode,
     ) -> Result<Decision, Box<dyn std::error::Error + Send + Sync>> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.connection().await?;
         let interval_us = u64::try_from(quota.interval().as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
@@ -115,8 +121,9 @@ impl RedisLimiter {
                 Mode::Spend => "spend",
                 Mode::Peek => "peek",
             })
-            .invoke_async(&mut *conn)
-            .await?;
+            .invoke_async(&mut conn)
+            .await
+            .inspect_err(|_| self.forget_connection())?;
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
         Ok(Decision {
             allowed: allowed == 1,
@@ -124,6 +131,26 @@ impl RedisLimiter {
             retry_after: micros(retry_us),
             reset_after: micros(reset_us),
         })
+    }
+
+    /// A clone of the shared connection, taken from the pool when there is none.
+    async fn connection(
+        &self,
+    ) -> Result<redis::aio::MultiplexedConnection, Box<dyn std::error::Error + Send + Sync>> {
+        let mut shared = self.shared.lock().await;
+        if let Some(conn) = shared.as_ref() {
+            return Ok(conn.clone());
+        }
+        let conn = self.pool.get().await?.clone();
+        *shared = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the shared connection after a failure, so the next decision takes a fresh one.
+    fn forget_connection(&self) {
+        if let Ok(mut shared) = self.shared.try_lock() {
+            *shared = None;
+        }
     }
 
     /// The in-process limiter decisions fall back on (swept with the others).
