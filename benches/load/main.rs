@@ -26,6 +26,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod floods;
+mod reads;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -129,6 +130,11 @@ pub(crate) struct Args {
     /// Clients of a flood.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Read-heavy run over two replicas sharing `--redis`: clients (`--connections`, at most
+    /// 16) read one user's public now-playing page for `--seconds`; prints the cache-aside
+    /// hits (store queries saved) and misses of each replica.
+    #[arg(long)]
+    read_heavy: bool,
     /// Internal: run as a load-generator worker.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -144,6 +150,13 @@ fn main() {
         drop(runtime);
         let redis = args.redis_registry.then_some(args.redis.clone());
         return presence_memory(devices, redis);
+    }
+    if args.read_heavy {
+        let dir = std::env::temp_dir().join(format!("segue-reads-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("b")).unwrap();
+        runtime.block_on(reads::read_heavy(&args, &dir));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
     }
     if let Some(kind) = args.flood {
         let dir = std::env::temp_dir().join(format!("segue-flood-{}", std::process::id()));
