@@ -155,10 +155,12 @@ impl Application {
         };
         let sessions = Sessions::new(store.clone());
         let cache = CacheAside::new(redis.clone(), &settings.redis_namespace, metrics.cache());
+        let blocks = Blocks::default();
         let stores = Stores {
             registry,
             store: store.clone(),
             cache: cache.clone(),
+            blocks: blocks.clone(),
         };
         let realtime = web::Data::new(Realtime::start(
             replica,
@@ -203,10 +205,6 @@ impl Application {
             )),
             None => Limiter::Memory(MemoryLimiter::default()),
         };
-        let blocks = Blocks::default();
-        realtime
-            .hub
-            .do_send(crate::realtime::hub::UseBlocks(blocks.clone()));
         let announcer = realtime.clone();
         let guard = Guard::new(
             limiter,

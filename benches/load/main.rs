@@ -918,6 +918,7 @@ fn presence_memory(devices: usize, redis: Option<String>) {
             registry: registry.clone(),
             store: store.clone(),
             cache: segue::cache::CacheAside::new(None, &namespace, metrics.cache()),
+            blocks: segue::abuse::Blocks::default(),
         };
         let realtime = segue::realtime::Realtime::start(
             replica,

@@ -129,6 +129,6 @@ pub async fn upgrade(
     drop(pooled);
 
     realtime
-        .accept(&req, body, identity, device, slot)
+        .accept(&req, body, identity, device, client.0, slot)
         .map_err(|e| ApiError::bad_request("not_a_websocket", format!("The upgrade failed: {e}.")))
 }

@@ -74,6 +74,8 @@ pub struct Shared {
     pub store: Store,
     pub limits: SocketLimits,
     pub metrics: Metrics,
+    /// The blocked client addresses: a socket from one is closed at its next message.
+    pub blocks: crate::abuse::Blocks,
 }
 
 /// A topic this socket has joined.
@@ -92,6 +94,8 @@ pub struct Connection {
     id: SocketId,
     identity: Identity,
     device: Device,
+    /// The client's address key, as blocks are kept.
+    address: String,
     shared: Arc<Shared>,
     outbox: Outbox,
     /// Joined topics by name.
@@ -113,6 +117,7 @@ impl Connection {
         id: SocketId,
         identity: Identity,
         device: Device,
+        address: String,
         shared: Arc<Shared>,
         outbox: Outbox,
         slot: super::limits::SocketSlot,
@@ -125,6 +130,7 @@ impl Connection {
         Self {
             budget,
             refused: 0,
+            address,
             id,
             identity,
             device,
@@ -248,6 +254,11 @@ impl Connection {
     }
 
     fn on_frame(&mut self, frame: Frame, ctx: &mut Context<Self>) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if self.shared.blocks.until(&self.address, now_ms).is_some() {
+            tracing::info!(socket = self.id, "its address is blocked; closing socket");
+            return self.close(CloseKind::AddressBlocked, ctx);
+        }
         if !self.within_budget(&frame, ctx) {
             return;
         }

@@ -72,6 +72,8 @@ pub struct Stores {
     pub store: Store,
     /// Hot data shared between replicas (catalog tracks).
     pub cache: crate::cache::CacheAside,
+    /// The blocked client addresses (kept in step with other replicas by the hub).
+    pub blocks: crate::abuse::Blocks,
 }
 
 impl Realtime {
@@ -88,11 +90,13 @@ impl Realtime {
             registry,
             store,
             cache,
+            blocks,
         } = stores;
         let (bus, notices) = bus;
         let linger = Duration::from_secs(settings.session_linger_secs);
         let hub = Hub::new(bus, linger, logins, metrics.clone()).start();
         relay::Relay::start(replica.clone(), hub.clone(), notices);
+        hub.do_send(hub::UseBlocks(blocks.clone()));
         let queues = Queues::new(store.clone(), hub.clone(), cache, settings);
         hub.do_send(hub::UseQueues(queues.clone()));
         let times = PresenceTimes {
@@ -122,6 +126,7 @@ impl Realtime {
             presence: presence.clone(),
             registry: registry.clone(),
             store,
+            blocks,
             limits,
             metrics,
         });
@@ -162,6 +167,7 @@ impl Realtime {
         body: actix_web::web::Payload,
         identity: crate::auth::Identity,
         device: Device,
+        address: std::net::IpAddr,
         slot: limits::SocketSlot,
     ) -> Result<actix_web::HttpResponse, actix_web::Error> {
         let limits = &self.shared.limits;
@@ -170,7 +176,8 @@ impl Realtime {
         let (id, shared) = (self.next_socket_id(), self.shared.clone());
         connection::Connection::create(move |ctx| {
             ctx.add_stream(inbound);
-            connection::Connection::new(id, identity, device, shared, outbox, slot)
+            let address = crate::abuse::address_key(address);
+            connection::Connection::new(id, identity, device, address, shared, outbox, slot)
         });
         Ok(response)
     }

@@ -63,6 +63,8 @@ pub enum CloseKind {
     TokenExpired,
     /// The socket went on sending over its message budget (1008, reason `rate limited`).
     RateLimited,
+    /// The socket's client address was blocked (1008, reason `address blocked`).
+    AddressBlocked,
 }
 
 /// What the connection actor writes.
@@ -226,6 +228,7 @@ fn close_reason(kind: CloseKind) -> CloseReason {
         CloseKind::SessionEnded => (CloseCode::Policy, Some("session ended")),
         CloseKind::TokenExpired => (CloseCode::Policy, Some("token expired")),
         CloseKind::RateLimited => (CloseCode::Policy, Some("rate limited")),
+        CloseKind::AddressBlocked => (CloseCode::Policy, Some("address blocked")),
     };
     CloseReason {
         code,

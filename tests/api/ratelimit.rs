@@ -793,3 +793,45 @@ async fn concurrent_decisions_on_a_healthy_redis_do_not_fail_open() {
     }
     assert_eq!(fewest, 0, "every decision of a round was made in Redis");
 }
+
+/// A block reaches the sockets already open from the address: closed at their next message
+/// (from the review: a blocked client's socket went on joining topics).
+#[actix_web::test]
+async fn a_blocked_addresss_open_socket_is_closed_at_its_next_message() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    const OPERATOR: &str = "an-operator-token-of-at-least-32-bytes";
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.trusted_proxies = "127.0.0.1".into();
+        s.operator_token = Some(OPERATOR.into());
+    })
+    .await;
+    let account = app.register().await;
+    let url =
+        crate::phoenix::socket_url(&app, &format!("vsn=2.0.0&token={}", account.access_token));
+    let open = |address: &'static str| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", address.parse().unwrap());
+        crate::phoenix::connect_request(request)
+    };
+    let mut doomed = open("192.0.2.44").await.expect("socket");
+    let mut bystander = open("192.0.2.45").await.expect("socket");
+    doomed.join_ok(&format!("echo:{}", account.id)).await;
+    let blocked = app
+        .client
+        .post(app.url("/admin/blocks"))
+        .bearer_auth(OPERATOR)
+        .json(&json!({"address": "192.0.2.44"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blocked.status(), 201);
+    doomed.push(None, "phoenix", "heartbeat", json!({})).await;
+    let close = doomed.closed(Duration::from_secs(2)).await.expect("closed");
+    assert_eq!(close.reason, "address blocked");
+    let reference = bystander
+        .push(None, "phoenix", "heartbeat", json!({}))
+        .await;
+    assert_eq!(bystander.reply_to(&reference).await[4]["status"], "ok");
+}
