@@ -254,6 +254,17 @@ impl TestApp {
             .await
     }
 
+    /// `PATCH /preferences/` with `body` as `account`.
+    pub async fn patch_preferences(&self, account: &Account, body: &Value) -> Response {
+        self.client
+            .patch(self.url("/preferences/"))
+            .bearer_auth(&account.access_token)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// `POST /auth/logout` with `token`.
     pub async fn logout(&self, token: &str) -> Response {
         self.client

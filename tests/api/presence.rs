@@ -543,13 +543,20 @@ async fn rest_players_show_up_everywhere_and_by_handle_answers_the_same_on_every
 }
 
 async fn patch_preferences(app: &TestApp, account: &Account, body: Value) -> reqwest::Response {
-    app.client
-        .patch(app.url("/preferences/"))
-        .bearer_auth(&account.access_token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
+    app.patch_preferences(account, &body).await
+}
+
+/// Reports `track` playing from `socket` (joined to `topic` with `join_ref`); the reply is ok.
+async fn report(socket: &mut PhxClient, join_ref: &str, topic: &str, track: &str) {
+    let pushed = socket
+        .push(
+            Some(join_ref),
+            topic,
+            "now_playing",
+            json!({"track_id": track, "progress_ms": 0, "is_playing": true}),
+        )
+        .await;
+    assert_eq!(socket.reply_to(&pushed).await[4]["status"], "ok");
 }
 
 /// Issue 10, item 10: `share_listening` off hides the account from every follower's
@@ -645,15 +652,7 @@ async fn a_user_who_stops_sharing_leaves_followers_views_and_the_public_page_eve
         assert_eq!(app.get(&alice_page).await.status(), 204);
     }
     // What she plays now reaches no follower, and a new join of Bob's shows nobody.
-    let pushed = alice_phone
-        .push(
-            Some(&alice_ref),
-            &alice_topic,
-            "now_playing",
-            json!({"track_id": "song-2", "progress_ms": 0, "is_playing": true}),
-        )
-        .await;
-    assert_eq!(alice_phone.reply_to(&pushed).await[4]["status"], "ok");
+    report(&mut alice_phone, &alice_ref, &alice_topic, "song-2").await;
     assert!(
         !bob_laptop
             .sees_within(Duration::from_millis(300), |f| f[3] == "presence_diff")

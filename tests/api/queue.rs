@@ -432,13 +432,8 @@ async fn auto_advance_comes_from_preferences(app: TestApp) {
         .unwrap();
     assert_eq!(prefs["auto_advance"], true);
     let patched = app
-        .client
-        .patch(app.url("/preferences/"))
-        .bearer_auth(&account.access_token)
-        .json(&json!({"auto_advance": false, "theme": "dark"}))
-        .send()
-        .await
-        .unwrap();
+        .patch_preferences(&account, &json!({"auto_advance": false, "theme": "dark"}))
+        .await;
     assert_eq!(patched.status(), 200);
     let mut state = plyr_state(&["a"], 0);
     state["auto_advance"] = json!(true);
@@ -461,14 +456,7 @@ async fn auto_advance_comes_from_preferences(app: TestApp) {
         json!({"share_listening": 0, "theme": "light"}),
         json!({"theme": "light", "share_listening": null}),
     ] {
-        let refused = app
-            .client
-            .patch(app.url("/preferences/"))
-            .bearer_auth(&account.access_token)
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
+        let refused = app.patch_preferences(&account, &bad).await;
         assert_eq!(error_code(refused, 422).await, "invalid_input", "{bad}");
     }
     let after: Value = app
@@ -479,13 +467,8 @@ async fn auto_advance_comes_from_preferences(app: TestApp) {
         .unwrap();
     assert_eq!(after, prefs);
     let off = app
-        .client
-        .patch(app.url("/preferences/"))
-        .bearer_auth(&account.access_token)
-        .json(&json!({"share_listening": false}))
-        .send()
-        .await
-        .unwrap();
+        .patch_preferences(&account, &json!({"share_listening": false}))
+        .await;
     assert_eq!(off.status(), 200);
     let prefs: Value = app
         .get_with_token("/preferences/", &account.access_token)
