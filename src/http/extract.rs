@@ -30,9 +30,19 @@ impl FromRequest for AuthenticatedUser {
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let token = bearer_token(req).map(str::to_owned);
+        // Verified already by the guard (the same token: the headers do not change).
+        let verified = req
+            .extensions()
+            .get::<super::guard::Verified>()
+            .map(|v| v.0.clone());
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
-            let identity = state.keys.identify(&token?).map_err(|e| match e {
+            let token = token?;
+            let identity = match verified {
+                Some(identity) => Ok(identity),
+                None => state.keys.identify(&token),
+            };
+            let identity = identity.map_err(|e| match e {
                 TokenError::Expired => ApiError::unauthorized(
                     "token_expired",
                     "The access token has expired; refresh it.",

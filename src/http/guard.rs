@@ -11,24 +11,31 @@ use actix_web::{HttpMessage, ResponseError, web};
 
 use super::AppState;
 use crate::abuse::{ClientIp, Guard, Rule, address_key};
+use crate::auth::Identity;
+
+/// The identity of the request's bearer token, verified by the guard.
+#[derive(Clone)]
+pub struct Verified(pub Identity);
 use crate::ratelimit::{Decision, Quota, headers};
 
 /// Paths no limit applies to: probes and the operator's scrape.
 const UNLIMITED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-/// The limits one request counts against: its rule and the key it is counted by.
+/// The limits one request counts against: its rule and the key it is counted by. A valid
+/// bearer token's identity is kept in the request for the extractor, which then need not
+/// verify the token again.
 fn limits_of(req: &ServiceRequest, state: &AppState, address: &str) -> Vec<(Rule, String)> {
     // The path as routing sees it (percent-decoded): `/auth/%6cogin` is `/auth/login`.
-    let path = req.match_info().as_str();
-    if UNLIMITED.contains(&path) {
+    let path = req.match_info().as_str().to_owned();
+    if UNLIMITED.contains(&path.as_str()) {
         return Vec::new();
     }
     let caller = super::extract::bearer_in(req.headers())
         .ok()
-        .and_then(|token| state.keys.verify(token).ok());
+        .and_then(|token| state.keys.identify(token).ok());
     let mut limits = Vec::with_capacity(2);
     match &caller {
-        Some(claims) => limits.push((Rule::Account, claims.sub.clone())),
+        Some(identity) => limits.push((Rule::Account, identity.user_id.to_string())),
         None => limits.push((Rule::AnonymousIp, address.to_owned())),
     }
     let post = req.method() == Method::POST;
@@ -37,11 +44,15 @@ fn limits_of(req: &ServiceRequest, state: &AppState, address: &str) -> Vec<(Rule
         "/auth/register" if post => limits.push((Rule::RegisterIp, address.to_owned())),
         "/socket/websocket" => limits.push((Rule::SocketIp, address.to_owned())),
         "/now-playing" if post => {
-            if let Some(claims) = &caller {
-                limits.push((Rule::IngestDevice, format!("{}/{}", claims.sub, claims.did)));
+            if let Some(identity) = &caller {
+                let device = format!("{}/{}", identity.user_id, identity.device_id.as_str());
+                limits.push((Rule::IngestDevice, device));
             }
         }
         _ => {}
+    }
+    if let Some(identity) = caller {
+        req.extensions_mut().insert(Verified(identity));
     }
     limits
 }
