@@ -220,6 +220,10 @@ impl Application {
         guard.start_upkeep();
         let guard = web::Data::new(guard);
         let cache = web::Data::new(cache);
+        let fast_path = crate::auth::fast_path::FastPath::new(
+            cache.get_ref().clone(),
+            std::time::Duration::from_secs(settings.refresh_token_ttl_secs),
+        );
         let state = web::Data::new(AppState {
             passwords,
             settings,
@@ -227,6 +231,7 @@ impl Application {
             store,
             keys,
             redis,
+            fast_path,
         });
         let metrics = http::metrics_data(metrics);
         let app = move || {

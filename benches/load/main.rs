@@ -135,6 +135,13 @@ pub(crate) struct Args {
     /// hits (store queries saved) and misses of each replica.
     #[arg(long)]
     read_heavy: bool,
+    /// Refresh throughput: this many clients each refresh their own login in a chain for
+    /// `--seconds` (one replica, SQLite); with `--fast-path`, Redis keeps what it can.
+    #[arg(long)]
+    refresh_chains: Option<usize>,
+    /// With --refresh-chains: give the replica `--redis` (the refresh fast path).
+    #[arg(long)]
+    fast_path: bool,
     /// Internal: run as a load-generator worker.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -150,6 +157,13 @@ fn main() {
         drop(runtime);
         let redis = args.redis_registry.then_some(args.redis.clone());
         return presence_memory(devices, redis);
+    }
+    if let Some(chains) = args.refresh_chains {
+        let dir = std::env::temp_dir().join(format!("segue-refresh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        runtime.block_on(reads::refresh_chains(&args, chains, &dir));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
     }
     if args.read_heavy {
         let dir = std::env::temp_dir().join(format!("segue-reads-{}", std::process::id()));
@@ -506,6 +520,10 @@ pub(crate) fn start_hub(
         .env("SEGUE_DEVICE_ACCOUNTS_MAX", "0")
         .env("SEGUE_LOG", "warn")
         .stdout(Stdio::null());
+    // A run that measures the refresh path with its per-session limit on (as deployed).
+    if let Ok(limit) = std::env::var("SEGUE_BENCH_REFRESH_LIMIT") {
+        command.env("SEGUE_RATE_LIMIT_REFRESH_SESSION", limit);
+    }
     if let Some((url, namespace)) = redis {
         command
             .env("REDIS_URL", url)

@@ -125,3 +125,86 @@ pub async fn read_heavy(args: &Args, dir: &std::path::Path) {
         }
     }
 }
+
+/// `--refresh-chains N`: N clients each refresh their own login in a chain (every answer's
+/// token is the next request's) for `--seconds`, against one replica on SQLite, with Redis
+/// (the fast path) when `--fast-path` is given. Prints refreshes per second and latency
+/// percentiles.
+pub async fn refresh_chains(args: &Args, chains: usize, dir: &std::path::Path) {
+    let database_url = format!("sqlite://{}", dir.join("segue.db").display());
+    let namespace = format!("segue_refresh_{}", std::process::id());
+    let redis = args
+        .fast_path
+        .then_some((args.redis.as_str(), namespace.as_str()));
+    let hub = start_hub(dir, &database_url, redis, &args.hub_cpus, args.hub_workers);
+    let base = format!("http://127.0.0.1:{}", hub.port);
+    let client = reqwest::Client::new();
+    let mut tokens = Vec::new();
+    for chain in 0..chains {
+        let body: serde_json::Value = client
+            .post(format!("{base}/auth/register"))
+            .json(&json!({"handle": format!("chain{chain}"), "password": "correct horse"}))
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("json");
+        tokens.push(body["refresh_token"].as_str().expect("token").to_owned());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for token in tokens {
+        let (client, base, stop) = (client.clone(), base.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut token = token;
+            let mut samples = Vec::new();
+            let mut failed = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                let answer = client
+                    .post(format!("{base}/auth/refresh"))
+                    .json(&json!({"refresh_token": token}))
+                    .send()
+                    .await;
+                match answer {
+                    Ok(r) if r.status() == 200 => {
+                        let body: serde_json::Value = r.json().await.expect("json");
+                        token = body["refresh_token"].as_str().expect("token").to_owned();
+                        samples.push(started.elapsed());
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (samples, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = Vec::new();
+    let mut failed = 0;
+    for task in tasks {
+        let (mine, lost) = task.await.expect("chain");
+        samples.extend(mine);
+        failed += lost;
+    }
+    samples.sort();
+    let at = |q: f64| {
+        samples
+            .get(((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "refresh chains ({}): {chains} chains for {} s: {} refreshes ({:.0}/s), {failed} failed; p50 {:.2} ms, p99 {:.2} ms",
+        if args.fast_path {
+            "fast path on (Redis)"
+        } else {
+            "store only"
+        },
+        args.seconds,
+        samples.len(),
+        samples.len() as f64 / args.seconds as f64,
+        at(0.50),
+        at(0.99),
+    );
+}

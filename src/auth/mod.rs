@@ -1,6 +1,7 @@
 //! Accounts and tokens: password hashing, signed access tokens, rotating refresh tokens, and
 //! the check that a login session has not been revoked.
 
+pub mod fast_path;
 mod password;
 mod sessions;
 mod tokens;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AppState, AuthenticatedUser};
 use crate::abuse::{ClientIp, Guard, Rule};
+use crate::auth::fast_path::{Known, TokenFacts};
 use crate::auth::{hash_refresh_token, random_token};
 use crate::domain::{Device, DeviceId, DisplayName, Handle, InvalidInput, Password, UserId};
 use crate::error::ApiError;
@@ -173,6 +174,21 @@ async fn issue_refresh(
     Ok(())
 }
 
+/// Tells the fast path about a token the store just issued for `user_id` (or spent).
+async fn remember(state: &AppState, token_hash: &str, user_id: i64, family: &str, spent: bool) {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let ttl_ms = i64::try_from(state.settings.refresh_token_ttl_secs)
+        .unwrap_or(i64::MAX / 1_000)
+        .saturating_mul(1_000);
+    let facts = TokenFacts {
+        user_id,
+        family: family.to_owned(),
+        expires_at_ms: now_ms.saturating_add(ttl_ms),
+        spent,
+    };
+    state.fast_path.remember(token_hash, &facts, now_ms).await;
+}
+
 /// The refresh cookie carrying `token` (an empty one that clears it when `None`).
 fn refresh_cookie(state: &AppState, token: Option<String>) -> Cookie<'static> {
     let clear = token.is_none();
@@ -297,6 +313,14 @@ pub async fn register(
         other => other?,
     };
     tracing::info!(user = user.id, "account registered");
+    remember(
+        &state,
+        &hash_refresh_token(&refresh.token),
+        user.id,
+        &refresh.family,
+        false,
+    )
+    .await;
     // A replica may have cached that the handle was nobody's.
     cache
         .invalidate_twice("profile", vec![user.handle.clone()])
@@ -370,6 +394,14 @@ pub async fn login(
             .scope_boxed()
         })
         .await?;
+    remember(
+        &state,
+        &hash_refresh_token(&refresh.token),
+        user.id,
+        &refresh.family,
+        false,
+    )
+    .await;
     token_response(&state, StatusCode::OK, &user, &device.id, refresh, delivery)
 }
 
@@ -385,7 +417,9 @@ enum RefreshOutcome {
         user: UserId,
         session: String,
     },
-    Revoked,
+    Revoked {
+        session: String,
+    },
     Expired,
     Unknown,
 }
@@ -435,18 +469,15 @@ pub async fn refresh(
         }
         (came_in, asked) => asked.unwrap_or(came_in),
     };
-    if guard.quota(Rule::RefreshSession).is_some() {
-        let known = {
-            let mut pooled = state.store.conn().await?;
-            tokens::find(&mut pooled.conn(), &hash_refresh_token(presented.trim())).await?
-        };
-        if let Some(known) = known {
-            guard
-                .limit(Rule::RefreshSession, &known.family_id, client.0)
-                .await?;
+    let answer = async {
+        let presented = presented.trim();
+        let family = session_of(&state, presented).await?;
+        if let Some(family) = family.filter(|_| guard.quota(Rule::RefreshSession).is_some()) {
+            guard.limit(Rule::RefreshSession, &family, client.0).await?;
         }
-    }
-    match rotate(&state, &realtime, presented.trim(), delivery).await {
+        rotate(&state, &realtime, presented, delivery).await
+    };
+    match answer.await {
         Err(refused) if came_in == RefreshTokenIn::Cookie && refused.status_code() == 401 => {
             let mut response = refused.error_response();
             response
@@ -458,6 +489,57 @@ pub async fn refresh(
     }
 }
 
+/// The session `presented` belongs to, from the fast path (which refuses at once a token of
+/// an ended session, or an expired one) or else, when the session limit needs it, the store
+/// (and the fast path learns it). `None`: unknown here; the store decides.
+async fn session_of(state: &AppState, presented: &str) -> Result<Option<String>, ApiError> {
+    let hash = hash_refresh_token(presented);
+    match state
+        .fast_path
+        .lookup(&hash, chrono::Utc::now().timestamp_millis())
+        .await
+    {
+        Known::Ended => return Err(session_ended()),
+        Known::Expired => return Err(refresh_expired()),
+        Known::Session(facts) => return Ok(Some(facts.family)),
+        Known::Nothing => {}
+    }
+    if state.settings.rate_limit_refresh_session.0.is_none() {
+        return Ok(None);
+    }
+    let known = {
+        let mut pooled = state.store.conn().await?;
+        tokens::find(&mut pooled.conn(), &hash).await?
+    };
+    let Some(known) = known else {
+        return Ok(None);
+    };
+    if known.revoked_at.is_some() {
+        state.fast_path.session_ended(&known.family_id).await;
+    } else {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let facts = TokenFacts {
+            user_id: known.user_id,
+            family: known.family_id.clone(),
+            expires_at_ms: known.expires_at.and_utc().timestamp_millis(),
+            spent: known.spent_at.is_some(),
+        };
+        state.fast_path.remember(&hash, &facts, now_ms).await;
+    }
+    Ok(Some(known.family_id))
+}
+
+fn session_ended() -> ApiError {
+    ApiError::unauthorized("session_revoked", "This login has ended; log in again.")
+}
+
+fn refresh_expired() -> ApiError {
+    ApiError::unauthorized(
+        "refresh_token_expired",
+        "The refresh token has expired; log in again.",
+    )
+}
+
 /// Spends `presented` and answers with the next token pair, or says why not.
 async fn rotate(
     state: &web::Data<AppState>,
@@ -467,6 +549,7 @@ async fn rotate(
 ) -> Result<HttpResponse, ApiError> {
     let presented = presented.to_owned();
     let presented_hash = hash_refresh_token(&presented);
+    let spent_hash = presented_hash.clone();
     let successor = state.keys.successor_of(&presented);
     let grace = TimeDelta::seconds(i64::try_from(state.settings.refresh_grace_secs).unwrap_or(0));
     let mut pooled = state.store.conn().await?;
@@ -501,7 +584,9 @@ async fn rotate(
                     return Ok(RefreshOutcome::Unknown);
                 };
                 if known.revoked_at.is_some() {
-                    return Ok(RefreshOutcome::Revoked);
+                    return Ok(RefreshOutcome::Revoked {
+                        session: known.family_id,
+                    });
                 }
                 let Some(spent_at) = known.spent_at else {
                     return Ok(RefreshOutcome::Expired);
@@ -544,25 +629,29 @@ async fn rotate(
             user,
             device,
             refresh,
-        } => token_response(state, StatusCode::OK, &user, &device, refresh, delivery),
+        } => {
+            // The store has spent the one and stored the other: now the fast path learns it.
+            remember(state, &spent_hash, user.id, &refresh.family, true).await;
+            let next = hash_refresh_token(&refresh.token);
+            remember(state, &next, user.id, &refresh.family, false).await;
+            token_response(state, StatusCode::OK, &user, &device, refresh, delivery)
+        }
         RefreshOutcome::Reused { user, session } => {
             // Only once the revocation is committed: its sockets close and its tokens are
             // refused on every replica.
             state.sessions.mark_revoked(&session).await;
+            state.fast_path.session_ended(&session).await;
             realtime.end_session(user, &session);
             Err(ApiError::unauthorized(
                 "refresh_token_reused",
                 "This refresh token was already used; the session has been ended. Log in again.",
             ))
         }
-        RefreshOutcome::Revoked => Err(ApiError::unauthorized(
-            "session_revoked",
-            "This login has ended; log in again.",
-        )),
-        RefreshOutcome::Expired => Err(ApiError::unauthorized(
-            "refresh_token_expired",
-            "The refresh token has expired; log in again.",
-        )),
+        RefreshOutcome::Revoked { session } => {
+            state.fast_path.session_ended(&session).await;
+            Err(session_ended())
+        }
+        RefreshOutcome::Expired => Err(refresh_expired()),
         RefreshOutcome::Unknown => Err(ApiError::unauthorized(
             "invalid_refresh_token",
             "The refresh token is not valid.",
@@ -599,6 +688,7 @@ pub async fn logout(
     )
     .await?;
     state.sessions.mark_revoked(&caller.session).await;
+    state.fast_path.session_ended(&caller.session).await;
     realtime.end_session(caller.user_id, &caller.session);
     // A web page's refresh cookie goes with its session.
     Ok(HttpResponse::NoContent()

@@ -35,6 +35,8 @@ pub struct AppState {
     pub passwords: Passwords,
     /// Present when `REDIS_URL` is set.
     pub redis: Option<RedisPool>,
+    /// What Redis knows of refresh tokens and ended sessions (nothing without Redis).
+    pub fast_path: crate::auth::fast_path::FastPath,
 }
 
 /// A resource at `paths` whose methods are `allow` (as the `Allow` header lists them); any

@@ -620,3 +620,117 @@ async fn a_web_clients_refresh_token_travels_only_in_an_httponly_cookie(app: Tes
     assert_clears_refresh_cookie(&after);
     assert_eq!(error_code(after, 401).await, "session_revoked");
 }
+
+/// Issue 11, the refresh fast path: the refresh tests again with Redis, where the fast path
+/// answers what it can. Reuse detection, revocation, the grace and the cookie behave exactly
+/// as without it.
+mod with_the_fast_path {
+    use crate::helpers::{Backend, TestApp};
+
+    macro_rules! with_redis {
+        ($($name:ident),* $(,)?) => {
+            $(
+                mod $name {
+                    use super::*;
+
+                    #[actix_web::test]
+                    async fn sqlite() {
+                        super::super::$name(TestApp::spawn_with_redis(Backend::Sqlite).await).await;
+                    }
+
+                    #[actix_web::test]
+                    async fn postgres() {
+                        super::super::$name(TestApp::spawn_with_redis(Backend::Postgres).await)
+                            .await;
+                    }
+                }
+            )*
+        };
+    }
+
+    with_redis!(
+        refresh_rotates_the_pair,
+        reusing_a_spent_refresh_token_revokes_the_family,
+        concurrent_refreshes_with_one_token_all_get_the_same_successor,
+        logout_ends_the_session,
+        a_web_clients_refresh_token_travels_only_in_an_httponly_cookie,
+    );
+}
+
+/// With the fast path, past the grace a spent token is reuse just the same.
+#[actix_web::test]
+async fn with_the_fast_path_a_spent_token_after_the_grace_revokes_the_family() {
+    let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
+        s.refresh_grace_secs = 1;
+        s.redis_url = Some(crate::helpers::redis_url().into());
+        s.redis_namespace = crate::helpers::unique("segue_test");
+    })
+    .await;
+    let account = app.register().await;
+    let rotated: Value = app
+        .refresh_raw(&account.refresh_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let rotated = account_from(&rotated, &account.handle, &account.password);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    assert_eq!(
+        error_code(app.refresh_raw(&account.refresh_token).await, 401).await,
+        "refresh_token_reused"
+    );
+    assert_eq!(
+        error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
+        "session_revoked"
+    );
+    // Refused again from what Redis remembers of the ended session.
+    let hits = r#"segue_cache_hits_total{cache="session_ended"}"#;
+    let before = app.metric(hits).await;
+    assert_eq!(
+        error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
+        "session_revoked"
+    );
+    assert_eq!(app.metric(hits).await, before + 1.0);
+}
+
+/// A Redis restart in the middle loses no session and forgets no reuse: the store answers
+/// what Redis no longer knows.
+#[actix_web::test]
+async fn a_redis_restart_loses_no_session_and_no_reuse() {
+    let mut redis = crate::helpers::PrivateRedis::start();
+    let url = redis.url();
+    let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, move |s| {
+        s.redis_url = Some(url.into());
+        s.redis_namespace = crate::helpers::unique("segue_test");
+        s.rate_limit_refresh_session = segue::ratelimit::Limit(Some("100/m".parse().unwrap()));
+    })
+    .await;
+    let account = app.register().await;
+    let first: Value = app
+        .refresh_raw(&account.refresh_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let first = account_from(&first, &account.handle, &account.password);
+    redis.halt();
+    let second = app.refresh_raw(&first.refresh_token).await;
+    assert_eq!(second.status(), 200, "refreshes go on with Redis away");
+    let second: Value = second.json().await.unwrap();
+    let second = account_from(&second, &account.handle, &account.password);
+    redis.resume();
+    let third = app.refresh_raw(&second.refresh_token).await;
+    assert_eq!(third.status(), 200, "and after it came back empty");
+    let third: Value = third.json().await.unwrap();
+    let third = account_from(&third, &account.handle, &account.password);
+    assert_eq!(probe(&app, &third.access_token).await.status(), 200);
+    // Redis lost what it knew of the first token; the store still knows it was spent.
+    assert_eq!(
+        error_code(app.refresh_raw(&account.refresh_token).await, 401).await,
+        "refresh_token_reused"
+    );
+    assert_eq!(
+        error_code(app.refresh_raw(&third.refresh_token).await, 401).await,
+        "session_revoked"
+    );
+}
