@@ -68,6 +68,10 @@ pub struct Settings {
     /// successor instead of ending the session (a retried or doubled refresh), in seconds;
     /// 0 turns the grace off.
     pub refresh_grace_secs: u64,
+    /// Whether refreshes consult Redis first for what it knows of refresh tokens (the fast
+    /// path; needs `REDIS_URL`). Off by default: on this project's machine it costs more
+    /// round trips than the store queries it saves (docs/benchmarks.md).
+    pub refresh_fast_path: bool,
     /// Largest accepted HTTP request body, in bytes.
     pub max_body_bytes: usize,
     /// Password hashes (register, login) run at once; unset means one per core. Each takes
@@ -185,6 +189,7 @@ impl Default for Settings {
             access_token_ttl_secs: 15 * 60,
             refresh_token_ttl_secs: 30 * 24 * 60 * 60,
             refresh_grace_secs: 30,
+            refresh_fast_path: false,
             max_body_bytes: 1024 * 1024,
             password_hash_threads: None,
             password_hash_wait_ms: 2_000,

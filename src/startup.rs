@@ -221,7 +221,11 @@ impl Application {
         let guard = web::Data::new(guard);
         let cache = web::Data::new(cache);
         let fast_path = crate::auth::fast_path::FastPath::new(
-            cache.get_ref().clone(),
+            if settings.refresh_fast_path {
+                cache.get_ref().clone()
+            } else {
+                CacheAside::new(None, &settings.redis_namespace, metrics.cache())
+            },
             std::time::Duration::from_secs(settings.refresh_token_ttl_secs),
         );
         let state = web::Data::new(AppState {

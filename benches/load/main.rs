@@ -527,6 +527,8 @@ pub(crate) fn start_hub(
     if let Some((url, namespace)) = redis {
         command
             .env("REDIS_URL", url)
+            // Only --refresh-chains refreshes; it measures with the fast path on.
+            .env("SEGUE_REFRESH_FAST_PATH", "true")
             .env("SEGUE_REDIS_NAMESPACE", namespace);
     }
     // Wrapped at once, so every path (including the panic below) kills and reaps it.

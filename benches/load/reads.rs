@@ -136,6 +136,7 @@ pub async fn refresh_chains(args: &Args, chains: usize, dir: &std::path::Path) {
     let redis = args
         .fast_path
         .then_some((args.redis.as_str(), namespace.as_str()));
+
     let hub = start_hub(dir, &database_url, redis, &args.hub_cpus, args.hub_workers);
     let base = format!("http://127.0.0.1:{}", hub.port);
     let client = reqwest::Client::new();

@@ -85,15 +85,20 @@ impl FastPath {
         }
     }
 
-    /// Remembers a token the store just wrote (issued, or spent), until it expires.
-    pub async fn remember(&self, token_hash: &str, facts: &TokenFacts, now_ms: i64) {
-        let left = u64::try_from(facts.expires_at_ms.saturating_sub(now_ms)).unwrap_or(0);
+    /// Remembers tokens the store just wrote (issued, or spent), in one round trip, until
+    /// the latest of them expires (a spent one staying longer is harmless: spent stays spent).
+    pub async fn remember(&self, tokens: &[(String, TokenFacts)], now_ms: i64) {
+        let latest = tokens
+            .iter()
+            .map(|(_, f)| f.expires_at_ms)
+            .max()
+            .unwrap_or(0);
+        let left = u64::try_from(latest.saturating_sub(now_ms)).unwrap_or(0);
         if left == 0 {
             return;
         }
-        let entry = [(token_hash.to_owned(), facts)];
         self.cache
-            .put_many(TOKENS, &entry, Duration::from_millis(left))
+            .put_many(TOKENS, tokens, Duration::from_millis(left))
             .await;
     }
 

@@ -174,19 +174,26 @@ async fn issue_refresh(
     Ok(())
 }
 
-/// Tells the fast path about a token the store just issued for `user_id` (or spent).
-async fn remember(state: &AppState, token_hash: &str, user_id: i64, family: &str, spent: bool) {
+/// Tells the fast path about tokens of `user_id`'s session `family` the store just issued
+/// (`spent: false`) or spent, in one round trip.
+async fn remember(state: &AppState, user_id: i64, family: &str, tokens: &[(&str, bool)]) {
     let now_ms = chrono::Utc::now().timestamp_millis();
     let ttl_ms = i64::try_from(state.settings.refresh_token_ttl_secs)
         .unwrap_or(i64::MAX / 1_000)
         .saturating_mul(1_000);
-    let facts = TokenFacts {
-        user_id,
-        family: family.to_owned(),
-        expires_at_ms: now_ms.saturating_add(ttl_ms),
-        spent,
-    };
-    state.fast_path.remember(token_hash, &facts, now_ms).await;
+    let tokens: Vec<(String, TokenFacts)> = tokens
+        .iter()
+        .map(|(hash, spent)| {
+            let facts = TokenFacts {
+                user_id,
+                family: family.to_owned(),
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+                spent: *spent,
+            };
+            ((*hash).to_owned(), facts)
+        })
+        .collect();
+    state.fast_path.remember(&tokens, now_ms).await;
 }
 
 /// The refresh cookie carrying `token` (an empty one that clears it when `None`).
@@ -313,14 +320,8 @@ pub async fn register(
         other => other?,
     };
     tracing::info!(user = user.id, "account registered");
-    remember(
-        &state,
-        &hash_refresh_token(&refresh.token),
-        user.id,
-        &refresh.family,
-        false,
-    )
-    .await;
+    let issued = hash_refresh_token(&refresh.token);
+    remember(&state, user.id, &refresh.family, &[(&issued, false)]).await;
     // A replica may have cached that the handle was nobody's.
     cache
         .invalidate_twice("profile", vec![user.handle.clone()])
@@ -394,14 +395,8 @@ pub async fn login(
             .scope_boxed()
         })
         .await?;
-    remember(
-        &state,
-        &hash_refresh_token(&refresh.token),
-        user.id,
-        &refresh.family,
-        false,
-    )
-    .await;
+    let issued = hash_refresh_token(&refresh.token);
+    remember(&state, user.id, &refresh.family, &[(&issued, false)]).await;
     token_response(&state, StatusCode::OK, &user, &device.id, refresh, delivery)
 }
 
@@ -524,7 +519,7 @@ async fn session_of(state: &AppState, presented: &str) -> Result<Option<String>,
             expires_at_ms: known.expires_at.and_utc().timestamp_millis(),
             spent: known.spent_at.is_some(),
         };
-        state.fast_path.remember(&hash, &facts, now_ms).await;
+        state.fast_path.remember(&[(hash, facts)], now_ms).await;
     }
     Ok(Some(known.family_id))
 }
@@ -631,9 +626,9 @@ async fn rotate(
             refresh,
         } => {
             // The store has spent the one and stored the other: now the fast path learns it.
-            remember(state, &spent_hash, user.id, &refresh.family, true).await;
             let next = hash_refresh_token(&refresh.token);
-            remember(state, &next, user.id, &refresh.family, false).await;
+            let written = [(spent_hash.as_str(), true), (next.as_str(), false)];
+            remember(state, user.id, &refresh.family, &written).await;
             token_response(state, StatusCode::OK, &user, &device, refresh, delivery)
         }
         RefreshOutcome::Reused { user, session } => {

@@ -627,6 +627,16 @@ async fn a_web_clients_refresh_token_travels_only_in_an_httponly_cookie(app: Tes
 mod with_the_fast_path {
     use crate::helpers::{Backend, TestApp};
 
+    async fn fast(backend: Backend) -> TestApp {
+        TestApp::spawn_tuned(backend, |s| {
+            s.redis_url = Some(crate::helpers::redis_url().into());
+            s.redis_namespace = crate::helpers::unique("segue_test");
+            s.refresh_fast_path = true;
+            s.rate_limit_refresh_session = segue::ratelimit::Limit(Some("1000/m".parse().unwrap()));
+        })
+        .await
+    }
+
     macro_rules! with_redis {
         ($($name:ident),* $(,)?) => {
             $(
@@ -635,13 +645,12 @@ mod with_the_fast_path {
 
                     #[actix_web::test]
                     async fn sqlite() {
-                        super::super::$name(TestApp::spawn_with_redis(Backend::Sqlite).await).await;
+                        super::super::$name(super::fast(Backend::Sqlite).await).await;
                     }
 
                     #[actix_web::test]
                     async fn postgres() {
-                        super::super::$name(TestApp::spawn_with_redis(Backend::Postgres).await)
-                            .await;
+                        super::super::$name(super::fast(Backend::Postgres).await).await;
                     }
                 }
             )*
@@ -664,6 +673,7 @@ async fn with_the_fast_path_a_spent_token_after_the_grace_revokes_the_family() {
         s.refresh_grace_secs = 1;
         s.redis_url = Some(crate::helpers::redis_url().into());
         s.redis_namespace = crate::helpers::unique("segue_test");
+        s.refresh_fast_path = true;
     })
     .await;
     let account = app.register().await;
@@ -702,6 +712,7 @@ async fn a_redis_restart_loses_no_session_and_no_reuse() {
     let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, move |s| {
         s.redis_url = Some(url.into());
         s.redis_namespace = crate::helpers::unique("segue_test");
+        s.refresh_fast_path = true;
         s.rate_limit_refresh_session = segue::ratelimit::Limit(Some("100/m".parse().unwrap()));
     })
     .await;
