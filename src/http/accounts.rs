@@ -291,9 +291,11 @@ pub async fn register(
                     password_hash: &password_hash,
                     created_at: store::now(),
                 };
-                // Written first, then counted (this one included): a write first takes
-                // SQLite's write lock, so concurrent registrations queue instead of failing
-                // to upgrade a read lock ("database is locked").
+                // Registrations from one device take turns (PostgreSQL: a lock per device
+                // key), and each is written first, then counted (this one included): a write
+                // first takes SQLite's write lock, so concurrent registrations queue instead
+                // of failing to upgrade a read lock ("database is locked").
+                conn.lock_keys_for_transaction(&device_keys).await?;
                 let user = users::insert(conn, &new_user).await?;
                 blocks::record_registration(conn, &device_keys, user.user_id()).await?;
                 if device_limit > 0

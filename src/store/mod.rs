@@ -172,6 +172,26 @@ macro_rules! run {
 }
 pub(crate) use run;
 
+impl Conn<'_> {
+    /// Serialises the transactions that name any of `keys` until the one holding them ends:
+    /// PostgreSQL takes a transaction-scoped advisory lock per key (in a fixed order, so two
+    /// cannot deadlock); SQLite needs nothing, as its writers are serialised already.
+    pub async fn lock_keys_for_transaction(&mut self, keys: &[String]) -> Result<(), StoreError> {
+        if let Conn::Postgres(conn) = self {
+            let mut sorted: Vec<&String> = keys.iter().collect();
+            sorted.sort();
+            sorted.dedup();
+            for key in sorted {
+                diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind::<diesel::sql_types::Text, _>(key)
+                    .execute(&mut **conn)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     /// Runs pending migrations, then builds the pool for the configured backend.
     pub async fn connect(settings: &Settings) -> Result<Self, StoreInitError> {
