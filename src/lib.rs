@@ -11,6 +11,9 @@
 //! * [`bus`]: the bus between replicas (in-process or Redis pub/sub).
 //! * [`auth`]: password hashing, access tokens, refresh-token sessions.
 //! * [`domain`]: values parsed once at the edge (`Handle`, `DeviceId`, `TrackId`, …).
+//! * [`abuse`]: who the client is, the rate-limit rules, violations and address blocks.
+//! * [`ratelimit`]: the limiter port (GCRA in process, or in Redis).
+//! * [`cache`]: cache-aside in Redis for hot data several replicas read.
 //! * [`store`]: the system of record, Diesel on PostgreSQL or SQLite.
 //! * [`redis`]: the Redis pool (the bus and hot store once configured).
 //! * [`tcp`]: the TCP stream under every connection, which a socket closed for not reading
