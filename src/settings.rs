@@ -139,8 +139,8 @@ pub struct Settings {
     pub rate_limit_account: Limit,
     /// Requests per client address without a valid access token.
     pub rate_limit_anonymous_ip: Limit,
-    /// Now-playing reports per device over REST (a socket's reports count against its
-    /// message budget).
+    /// Now-playing reports per device (REST: shared by every replica; sockets: counted on
+    /// the replica that holds them).
     pub rate_limit_ingest_device: Limit,
     /// Socket upgrades per client address.
     pub rate_limit_socket_ip: Limit,

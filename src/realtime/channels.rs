@@ -39,6 +39,8 @@ pub struct ChannelContext<'a> {
     pub presence: &'a Addr<Presence>,
     pub registry: &'a AnyRegistry,
     pub store: &'a Store,
+    /// The per-device budget of now-playing reports, when limited.
+    pub ingest: Option<&'a (crate::ratelimit::MemoryLimiter, crate::ratelimit::Quota)>,
 }
 
 fn refuse(reason: &str) -> Reply {
@@ -227,6 +229,12 @@ fn devices_event(
                 Ok(input) => input,
                 Err(reply) => return reply,
             };
+            if let Some((limiter, quota)) = ctx.ingest {
+                let device = format!("{user}/{}", ctx.device.as_str());
+                if !limiter.check("ingest_device", *quota, &device).allowed {
+                    return refuse("rate limited");
+                }
+            }
             match input.parse() {
                 Ok(report) => {
                     ctx.presence.do_send(Playing {

@@ -76,6 +76,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The blocked client addresses: a socket from one is closed at its next message.
     pub blocks: crate::abuse::Blocks,
+    /// Now-playing reports per device over sockets (`SEGUE_RATE_LIMIT_INGEST_DEVICE`),
+    /// counted on this replica, where the device's sockets usually all are.
+    pub ingest: Option<(crate::ratelimit::MemoryLimiter, crate::ratelimit::Quota)>,
 }
 
 /// A topic this socket has joined.
@@ -407,6 +410,7 @@ impl Connection {
             presence: &self.shared.presence,
             registry: &self.shared.registry,
             store: &self.shared.store,
+            ingest: self.shared.ingest.as_ref(),
         }
     }
 

@@ -120,6 +120,20 @@ impl Realtime {
             token_grace: Duration::from_secs(settings.ws_token_grace_secs),
             messages: settings.rate_limit_socket_messages.0,
         };
+        let ingest = settings
+            .rate_limit_ingest_device
+            .0
+            .map(|quota| (crate::ratelimit::MemoryLimiter::default(), quota));
+        if let Some((limiter, _)) = ingest.clone() {
+            // Only devices heard from lately stay in it.
+            actix::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    limiter.sweep();
+                }
+            });
+        }
         let shared = Arc::new(Shared {
             hub: hub.clone(),
             queues: queues.clone(),
@@ -127,6 +141,7 @@ impl Realtime {
             registry: registry.clone(),
             store,
             blocks,
+            ingest: ingest.clone(),
             limits,
             metrics,
         });

@@ -835,3 +835,32 @@ async fn a_blocked_addresss_open_socket_is_closed_at_its_next_message() {
         .await;
     assert_eq!(bystander.reply_to(&reference).await[4]["status"], "ok");
 }
+
+/// Now-playing reports over a socket count against the device's ingest budget too.
+#[actix_web::test]
+async fn socket_now_playing_reports_are_limited_per_device() {
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.rate_limit_ingest_device = limit("2/m");
+    })
+    .await;
+    let account = app.register().await;
+    let mut socket = crate::phoenix::connect(&app, &account.access_token).await;
+    let topic = format!("devices:{}", account.id);
+    let join_ref = socket.join_ok(&topic).await;
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let reference = socket
+            .push(
+                Some(&join_ref),
+                &topic,
+                "now_playing",
+                json!({"track_id": format!("t{i}"), "progress_ms": 0, "is_playing": true}),
+            )
+            .await;
+        statuses.push(socket.reply_to(&reference).await[4].clone());
+    }
+    assert_eq!(statuses[0]["status"], "ok");
+    assert_eq!(statuses[1]["status"], "ok");
+    assert_eq!(statuses[2]["status"], "error");
+    assert_eq!(statuses[2]["response"]["reason"], "rate limited");
+}
