@@ -4,10 +4,10 @@
 //! is refused without one.
 //!
 //! The store stays the truth. Every change is written there first and to Redis after, so what
-//! Redis says can only lag behind the store, never lead it: an ended session stays ended and a
-//! spent token stays spent. Redis therefore decides only refusals it can prove (the session
-//! ended, the token expired); anything else, a miss included, goes to the store, which also
-//! does every rotation. A Redis that restarts empty loses nothing but speed.
+//! Redis says can only lag behind the store, never lead it: an ended session stays ended.
+//! Redis therefore decides only the refusal it can prove (the session ended); anything else,
+//! a miss or a lagging spent flag included, goes to the store, which also does every rotation.
+//! A Redis that restarts empty loses nothing but speed.
 
 use std::time::Duration;
 
@@ -34,8 +34,6 @@ pub enum Known {
     Session(TokenFacts),
     /// Its session ended (logout, reuse): refused.
     Ended,
-    /// The token expired: refused.
-    Expired,
 }
 
 /// The fast path over the replica's cache-aside (a no-op without Redis).
@@ -58,7 +56,7 @@ impl FastPath {
     }
 
     /// What Redis knows of the token with hash `token_hash`.
-    pub async fn lookup(&self, token_hash: &str, now_ms: i64) -> Known {
+    pub async fn lookup(&self, token_hash: &str) -> Known {
         let Some(Some(facts)) = self
             .cache
             .get_many::<TokenFacts>(TOKENS, &[token_hash.to_owned()])
@@ -74,12 +72,11 @@ impl FastPath {
             .pop()
             .flatten()
             .unwrap_or(false);
+        // Expiry is not decided here: the spent flag may lag (a rotation whose write to
+        // Redis failed), and presenting a spent token, expired or not, may be reuse, which
+        // only the store can tell.
         if ended {
             Known::Ended
-        } else if !facts.spent && facts.expires_at_ms <= now_ms {
-            // (A spent token is the store's to judge even when expired: presenting it may be
-            // reuse, which ends its session.)
-            Known::Expired
         } else {
             Known::Session(facts)
         }

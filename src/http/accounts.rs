@@ -491,13 +491,8 @@ pub async fn refresh(
 /// (and the fast path learns it). `None`: unknown here; the store decides.
 async fn session_of(state: &AppState, presented: &str) -> Result<Option<String>, ApiError> {
     let hash = hash_refresh_token(presented);
-    match state
-        .fast_path
-        .lookup(&hash, chrono::Utc::now().timestamp_millis())
-        .await
-    {
+    match state.fast_path.lookup(&hash).await {
         Known::Ended => return Err(session_ended()),
-        Known::Expired => return Err(refresh_expired()),
         Known::Session(facts) => return Ok(Some(facts.family)),
         Known::Nothing => {}
     }
@@ -557,6 +552,14 @@ async fn rotate(
             async move {
                 let now = store::now();
                 if let Some(spent) = tokens::spend(conn, &presented_hash, now).await? {
+                    // A logout racing an earlier rotation may have revoked the family's
+                    // other tokens but not this one (PostgreSQL's statement snapshot did not
+                    // see it yet): any revoked token ends the family.
+                    if tokens::family_revoked(conn, &spent.family_id).await? {
+                        return Ok(RefreshOutcome::Revoked {
+                            session: spent.family_id,
+                        });
+                    }
                     let (user, device) = owner_of(conn, &spent).await?;
                     issue_refresh(
                         conn,

@@ -745,3 +745,36 @@ async fn a_redis_restart_loses_no_session_and_no_reuse() {
         "session_revoked"
     );
 }
+
+/// From the review: on PostgreSQL a logout racing a rotation could revoke the family's older
+/// tokens but not the successor the rotation was inserting (the revoking statement's snapshot
+/// did not see it), and that successor then rotated for ever. A family with any revoked token
+/// is ended: its unrevoked successor is refused too. (The race's outcome is set up directly.)
+#[actix_web::test]
+async fn a_successor_a_racing_logout_missed_is_refused() {
+    use diesel::{Connection, RunQueryDsl};
+    let app = TestApp::spawn(crate::helpers::Backend::Sqlite).await;
+    let account = app.register().await;
+    let rotated: Value = app
+        .refresh_raw(&account.refresh_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let rotated = account_from(&rotated, &account.handle, &account.password);
+    let segue::settings::DatabaseTarget::Sqlite(path) = app.settings.database().unwrap() else {
+        panic!("SQLite")
+    };
+    let mut db = diesel::SqliteConnection::establish(&path.to_string_lossy()).unwrap();
+    let revoked = diesel::sql_query(
+        "UPDATE refresh_tokens SET revoked_at = CURRENT_TIMESTAMP WHERE token_hash = ?",
+    )
+    .bind::<diesel::sql_types::Text, _>(segue::auth::hash_refresh_token(&account.refresh_token))
+    .execute(&mut db)
+    .unwrap();
+    assert_eq!(revoked, 1, "only the first token, as the race left it");
+    assert_eq!(
+        error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
+        "session_revoked"
+    );
+}
