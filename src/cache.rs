@@ -41,13 +41,20 @@ pub struct CacheMetrics {
 pub struct CacheAside {
     redis: Option<(RedisPool, std::sync::Arc<str>)>,
     metrics: CacheMetrics,
+    /// Until when calls skip Redis, after one failed every try: an outage then costs each
+    /// request nothing instead of the tries' time.
+    skip_until: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How long calls skip Redis after one failed every try.
+const BACK_OFF_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl CacheAside {
     pub fn new(redis: Option<RedisPool>, namespace: &str, metrics: CacheMetrics) -> Self {
         Self {
             redis: redis.map(|pool| (pool, namespace.into())),
             metrics,
+            skip_until: std::sync::Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -63,6 +70,14 @@ impl CacheAside {
         Fut: std::future::Future<Output = Result<T, BoxError>>,
     {
         let (pool, _) = self.redis.as_ref()?;
+        let skipping = {
+            let skip = self.skip_until.lock().unwrap_or_else(|p| p.into_inner());
+            skip.is_some_and(|until| std::time::Instant::now() < until)
+        };
+        if skipping {
+            self.metrics.errors.with_label_values(&[cache]).inc();
+            return None;
+        }
         let mut backoff = BACKOFF;
         for attempt in 1..=ATTEMPTS {
             match tokio::time::timeout(CALL_TIMEOUT, call(pool.clone())).await {
@@ -77,6 +92,8 @@ impl CacheAside {
             }
         }
         self.metrics.errors.with_label_values(&[cache]).inc();
+        *self.skip_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + BACK_OFF_AFTER_FAILURE);
         None
     }
 
