@@ -12,11 +12,11 @@ use actix_web::{HttpMessage, ResponseError, web};
 use super::AppState;
 use crate::abuse::{ClientIp, Guard, Rule, address_key};
 use crate::auth::Identity;
+use crate::ratelimit::{Decision, Quota, headers};
 
 /// The identity of the request's bearer token, verified by the guard.
 #[derive(Clone)]
 pub struct Verified(pub Identity);
-use crate::ratelimit::{Decision, Quota, headers};
 
 /// Paths no limit applies to: probes and the operator's scrape.
 const UNLIMITED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
