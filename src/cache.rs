@@ -2,8 +2,8 @@
 //! public profile behind a handle, catalog tracks a replica has not cached yet): read Redis,
 //! else the store, then keep the answer with a TTL; a write invalidates.
 //!
-//! Redis is a help, never a dependency: each call is bounded ([`CALL_TIMEOUT`]); a transient
-//! error is retried up to [`ATTEMPTS`] times with jittered backoff, after which the store
+//! Redis is a help, never a dependency: each call is bounded (`CALL_TIMEOUT`, 50 ms); a transient
+//! error is retried up to `ATTEMPTS` (3) times with jittered backoff, after which the store
 //! answers alone. Without `REDIS_URL` every read goes to the store.
 
 use std::time::Duration;

@@ -63,7 +63,7 @@ impl RedisLimiter {
     }
 
     /// Counts one attempt of `key` under `rule`'s `quota`, in Redis when it answers within
-    /// [`DECISION_TIMEOUT`], else in process.
+    /// `DECISION_TIMEOUT` (50 ms), else in process.
     pub async fn check(&self, rule: &str, quota: Quota, key: &str) -> Decision {
         self.decide_or_fall_back(rule, quota, key, Mode::Spend)
             .await

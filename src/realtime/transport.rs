@@ -154,7 +154,7 @@ impl Outbox {
     }
 
     /// Sends a close frame after what is queued (when it fits), then lets the socket end; a
-    /// client that has not finished the closing handshake within [`CLOSE_LINGER`] (it may
+    /// client that has not finished the closing handshake within `CLOSE_LINGER` (2 s) (it may
     /// not be reading at all) has its connection aborted.
     pub fn close(&mut self, kind: CloseKind) {
         if self.send(Outbound::Close(kind)).is_err() {

@@ -9,7 +9,7 @@
 //! Backend-specific code is limited to this file (pool set-up, session settings, migrations);
 //! `grep -n Postgres src/store` finds all of it.
 
-mod blocking;
+pub mod blocking;
 pub mod blocks;
 pub mod catalog;
 pub mod devices;

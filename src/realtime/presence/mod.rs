@@ -1,6 +1,6 @@
 //! The presence actor: one per replica.
 //!
-//! * It **owns** the presence of every device with a socket here ([`owned`]): it writes the
+//! * It **owns** the presence of every device with a socket here (`owned.rs`): it writes the
 //!   device's entry to the registry when the first socket of the device connects, keeps the
 //!   entry's expiry ahead while heartbeats come (Phoenix heartbeats and `now_playing`), marks
 //!   the device offline after the TTL without one, and removes it a short delay after its last
@@ -8,9 +8,9 @@
 //!   the user's bus channel, in order, by one writer task. It also notices plays worth keeping
 //!   in `play_history`.
 //! * It **shows** presence to sockets here joined to `devices:{user}` and `friends:{user}`
-//!   ([`views`]): one view per watched user, kept up by the events heard on the user's
+//!   (`views.rs`): one view per watched user, kept up by the events heard on the user's
 //!   channel, from which each viewer gets `presence_state` and then `presence_diff`s.
-//! * It **reads** those views from the registry ([`reads`]): once this replica hears the
+//! * It **reads** those views from the registry (`reads.rs`): once this replica hears the
 //!   user's channel, again when entries reach their expiry (so the devices of a replica that
 //!   died without a word leave every list within the TTL), and after the bus was lost.
 //!
