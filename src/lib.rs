@@ -14,6 +14,7 @@
 //! * [`abuse`]: who the client is, the rate-limit rules, violations and address blocks.
 //! * [`ratelimit`]: the limiter port (GCRA in process, or in Redis).
 //! * [`cache`]: cache-aside in Redis for hot data several replicas read.
+//! * [`jobs`]: background jobs (the port and its in-process implementation so far).
 //! * [`store`]: the system of record, Diesel on PostgreSQL or SQLite.
 //! * [`redis`]: the Redis pool (the bus and hot store once configured).
 //! * [`tcp`]: the TCP stream under every connection, which a socket closed for not reading
@@ -46,6 +47,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod presence;
 pub mod ratelimit;
 pub mod realtime;

@@ -14,6 +14,7 @@ mod catalog;
 mod cluster;
 mod failures;
 mod health;
+mod jobs;
 mod phoenix_js;
 mod presence;
 mod queue;
