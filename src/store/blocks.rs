@@ -107,3 +107,16 @@ pub async fn record_registration(
     }
     Ok(())
 }
+
+/// Forgets registrations older than `cutoff` (outside every device-limit window); returns how
+/// many went.
+pub async fn purge_registrations(
+    conn: &mut Conn<'_>,
+    cutoff: NaiveDateTime,
+) -> Result<usize, StoreError> {
+    Ok(
+        run!(conn, c => diesel::delete(registrations::table.filter(registrations::created_at.lt(cutoff)))
+        .execute(c)
+        .await)?,
+    )
+}

@@ -101,3 +101,25 @@ pub async fn family_revoked(conn: &mut Conn<'_>, family_id: &str) -> Result<bool
         .await)?;
     Ok(revoked > 0)
 }
+
+/// Deletes the sessions whose every refresh token expired before `cutoff`, and returns how
+/// many tokens went. Whole sessions only: a revoked token must outlive its session's last
+/// live one, since any revoked token ends the session.
+pub async fn purge_expired_sessions(
+    conn: &mut Conn<'_>,
+    cutoff: NaiveDateTime,
+) -> Result<usize, StoreError> {
+    let dead: Vec<String> = run!(conn, c => rt::table
+        .group_by(rt::family_id)
+        .having(diesel::dsl::max(rt::expires_at).lt(cutoff))
+        .select(rt::family_id)
+        .load(c)
+        .await)?;
+    let mut deleted = 0;
+    for families in dead.chunks(500) {
+        deleted += run!(conn, c => diesel::delete(rt::table.filter(rt::family_id.eq_any(families)))
+            .execute(c)
+            .await)?;
+    }
+    Ok(deleted)
+}

@@ -240,3 +240,74 @@ async fn a_backlog_is_served_by_priority_weights() {
     assert!((share(1) - 0.3).abs() < 0.05, "default {}", share(1));
     assert!((share(2) - 0.1).abs() < 0.04, "low {}", share(2));
 }
+
+crate::on_both_backends!(the_purges_remove_only_what_nothing_needs_any_more);
+
+/// What the periodic purges will delete: refresh-token sessions whose every token expired
+/// (whole sessions only: a revoked token must outlive its session's live ones), and device
+/// registrations outside every limit window.
+async fn the_purges_remove_only_what_nothing_needs_any_more(app: crate::helpers::TestApp) {
+    use chrono::TimeDelta;
+    use segue::store::{blocks, tokens};
+    let live = app.register().await;
+    let store = segue::store::Store::connect(&app.settings).await.unwrap();
+    let mut pooled = store.conn().await.unwrap();
+    let mut conn = pooled.conn();
+    let now = segue::store::now();
+    let long_ago = now - TimeDelta::days(40);
+    let token = |family: &'static str, hash: &'static str, expires_at| tokens::NewRefreshToken {
+        user_id: live.id,
+        family_id: family,
+        device_id: "d",
+        token_hash: hash,
+        created_at: long_ago,
+        expires_at,
+    };
+    // A session all of whose tokens expired; one with an expired token and a live one.
+    tokens::insert(&mut conn, &token("dead", "h1", now - TimeDelta::days(2)))
+        .await
+        .unwrap();
+    tokens::insert(&mut conn, &token("dead", "h2", now - TimeDelta::days(1)))
+        .await
+        .unwrap();
+    tokens::insert(&mut conn, &token("mixed", "h3", now - TimeDelta::days(2)))
+        .await
+        .unwrap();
+    tokens::insert(&mut conn, &token("mixed", "h4", now + TimeDelta::days(1)))
+        .await
+        .unwrap();
+    let purged = tokens::purge_expired_sessions(&mut conn, now)
+        .await
+        .unwrap();
+    assert_eq!(purged, 2, "the dead session's two tokens");
+    assert!(tokens::find(&mut conn, "h1").await.unwrap().is_none());
+    assert!(
+        tokens::find(&mut conn, "h3").await.unwrap().is_some(),
+        "its session lives"
+    );
+    assert_eq!(
+        app.refresh_raw(&live.refresh_token).await.status(),
+        200,
+        "a live login lives"
+    );
+
+    blocks::record_registration(
+        &mut conn,
+        &["id:old".to_owned()],
+        segue::domain::UserId(live.id),
+    )
+    .await
+    .unwrap();
+    let cutoff = now + TimeDelta::seconds(1);
+    assert_eq!(
+        blocks::purge_registrations(&mut conn, cutoff)
+            .await
+            .unwrap(),
+        1
+    );
+    let since = now - TimeDelta::days(30);
+    let left = blocks::accounts_from_device(&mut conn, &["id:old".to_owned()], since)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
