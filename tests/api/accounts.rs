@@ -429,13 +429,9 @@ async fn concurrent_refreshes_with_one_token_all_get_the_same_successor(app: Tes
     assert_eq!(app.refresh_raw(&successor).await.status(), 200);
 }
 
-/// Past the grace, presenting a spent token is reuse, even when its successor is unspent.
-#[actix_web::test]
-async fn a_spent_token_presented_after_the_grace_revokes_the_family() {
-    let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
-        s.refresh_grace_secs = 1;
-    })
-    .await;
+/// Refreshes once, waits out a 1 s grace, presents the spent token: reuse, which ends the
+/// session, its successor too. Returns that successor.
+async fn spent_after_the_grace_is_reuse(app: &TestApp) -> Account {
     let account = app.register().await;
     let rotated: Value = app
         .refresh_raw(&account.refresh_token)
@@ -453,6 +449,17 @@ async fn a_spent_token_presented_after_the_grace_revokes_the_family() {
         error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
         "session_revoked"
     );
+    rotated
+}
+
+/// Past the grace, presenting a spent token is reuse, even when its successor is unspent.
+#[actix_web::test]
+async fn a_spent_token_presented_after_the_grace_revokes_the_family() {
+    let app = TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
+        s.refresh_grace_secs = 1;
+    })
+    .await;
+    spent_after_the_grace_is_reuse(&app).await;
 }
 
 /// The refresh cookie a response sets (`None` when it sets none).
@@ -676,23 +683,7 @@ async fn with_the_fast_path_a_spent_token_after_the_grace_revokes_the_family() {
         s.refresh_fast_path = true;
     })
     .await;
-    let account = app.register().await;
-    let rotated: Value = app
-        .refresh_raw(&account.refresh_token)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let rotated = account_from(&rotated, &account.handle, &account.password);
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    assert_eq!(
-        error_code(app.refresh_raw(&account.refresh_token).await, 401).await,
-        "refresh_token_reused"
-    );
-    assert_eq!(
-        error_code(app.refresh_raw(&rotated.refresh_token).await, 401).await,
-        "session_revoked"
-    );
+    let rotated = spent_after_the_grace_is_reuse(&app).await;
     // Refused again from what Redis remembers of the ended session.
     let hits = r#"segue_cache_hits_total{cache="session_ended"}"#;
     let before = app.metric(hits).await;
