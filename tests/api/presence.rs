@@ -546,6 +546,25 @@ async fn patch_preferences(app: &TestApp, account: &Account, body: Value) -> req
     app.patch_preferences(account, &body).await
 }
 
+/// `follower`'s laptop joined to `friends:` on `app`, once it shows `followee`: the socket,
+/// the topic and the list.
+async fn friends_seeing(
+    app: &TestApp,
+    follower: &Account,
+    followee: &Account,
+) -> (PhxClient, String, PresenceList) {
+    let topic = format!("friends:{}", follower.id);
+    let mut laptop = device_socket(app, follower, "bob-laptop").await;
+    join(&mut laptop, &topic).await;
+    let mut list = PresenceList::default();
+    let key = followee.id.to_string();
+    until(&mut laptop, &topic, &mut list, |l| {
+        l.keys.contains_key(&key)
+    })
+    .await;
+    (laptop, topic, list)
+}
+
 /// Reports `track` playing from `socket` (joined to `topic` with `join_ref`); the reply is ok.
 async fn report(socket: &mut PhxClient, join_ref: &str, topic: &str, track: &str) {
     let pushed = socket
@@ -1264,15 +1283,8 @@ async fn nothing_played_after_sharing_is_turned_off_reaches_a_follower() {
     let alice_topic = format!("devices:{}", alice.id);
     let mut alice_phone = device_socket(app, &alice, "alice-phone").await;
     let alice_ref = join(&mut alice_phone, &alice_topic).await;
-    let bob_topic = format!("friends:{}", bob.id);
-    let mut bob_laptop = device_socket(app, &bob, "bob-laptop").await;
-    join(&mut bob_laptop, &bob_topic).await;
-    let mut list = PresenceList::default();
+    let (mut bob_laptop, bob_topic, mut list) = friends_seeing(app, &bob, &alice).await;
     let alice_key = alice.id.to_string();
-    until(&mut bob_laptop, &bob_topic, &mut list, |l| {
-        l.keys.contains_key(&alice_key)
-    })
-    .await;
     for round in 0..30 {
         let off = patch_preferences(app, &alice, json!({"share_listening": false})).await;
         assert_eq!(off.status(), 200);
@@ -1340,15 +1352,8 @@ async fn a_sharing_change_made_while_the_bus_was_lost_reaches_followers_after_it
     assert_eq!(followed.status(), 201);
     let mut alice_phone = device_socket(a, &alice, "alice-phone").await;
     join(&mut alice_phone, &format!("devices:{}", alice.id)).await;
-    let bob_topic = format!("friends:{}", bob.id);
-    let mut bob_laptop = device_socket(b, &bob, "bob-laptop").await;
-    join(&mut bob_laptop, &bob_topic).await;
-    let mut list = PresenceList::default();
+    let (mut bob_laptop, bob_topic, mut list) = friends_seeing(b, &bob, &alice).await;
     let alice_key = alice.id.to_string();
-    until(&mut bob_laptop, &bob_topic, &mut list, |l| {
-        l.keys.contains_key(&alice_key)
-    })
-    .await;
 
     redis.halt();
     let started = Instant::now();

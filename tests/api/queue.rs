@@ -422,14 +422,17 @@ async fn entry_ids_survive_a_snapshot_replace(app: TestApp) {
     );
 }
 
-async fn auto_advance_comes_from_preferences(app: TestApp) {
-    let account = app.register().await;
-    let prefs: Value = app
-        .get_with_token("/preferences/", &account.access_token)
+async fn preferences(app: &TestApp, account: &Account) -> Value {
+    app.get_with_token("/preferences/", &account.access_token)
         .await
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn auto_advance_comes_from_preferences(app: TestApp) {
+    let account = app.register().await;
+    let prefs: Value = preferences(&app, &account).await;
     assert_eq!(prefs["auto_advance"], true);
     let patched = app
         .patch_preferences(&account, &json!({"auto_advance": false, "theme": "dark"}))
@@ -439,12 +442,7 @@ async fn auto_advance_comes_from_preferences(app: TestApp) {
     state["auto_advance"] = json!(true);
     let body: Value = put(&app, &account, state, None).await.json().await.unwrap();
     assert_eq!(body["state"]["auto_advance"], false);
-    let prefs: Value = app
-        .get_with_token("/preferences/", &account.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let prefs: Value = preferences(&app, &account).await;
     assert_eq!(
         prefs,
         json!({"auto_advance": false, "share_listening": true, "theme": "dark"})
@@ -459,23 +457,13 @@ async fn auto_advance_comes_from_preferences(app: TestApp) {
         let refused = app.patch_preferences(&account, &bad).await;
         assert_eq!(error_code(refused, 422).await, "invalid_input", "{bad}");
     }
-    let after: Value = app
-        .get_with_token("/preferences/", &account.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let after: Value = preferences(&app, &account).await;
     assert_eq!(after, prefs);
     let off = app
         .patch_preferences(&account, &json!({"share_listening": false}))
         .await;
     assert_eq!(off.status(), 200);
-    let prefs: Value = app
-        .get_with_token("/preferences/", &account.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let prefs: Value = preferences(&app, &account).await;
     assert_eq!(
         prefs,
         json!({"auto_advance": false, "share_listening": false, "theme": "dark"})

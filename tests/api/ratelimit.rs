@@ -525,6 +525,10 @@ async fn the_operator_blocks_and_lifts_addresses() {
             .json(&body);
         async move { request.send().await.unwrap() }
     };
+    let remove = |path: &'static str| {
+        let request = app.client.delete(app.url(path)).bearer_auth(OPERATOR);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
     let not_operator = add(
         json!({"address": "192.0.2.1"}),
         "not-the-operator-token-at-all-no-no",
@@ -586,24 +590,10 @@ async fn the_operator_blocks_and_lifts_addresses() {
         .await
         .unwrap();
     assert_eq!(probe.status(), 200);
-    let removed = app
-        .client
-        .delete(app.url("/admin/blocks/192.0.2.1"))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(removed.status(), 204);
+    assert_eq!(remove("/admin/blocks/192.0.2.1").await, 204);
     assert_eq!(from("192.0.2.1").await, 404);
     // The /64 as the list shows it can be lifted too.
-    let removed = app
-        .client
-        .delete(app.url("/admin/blocks/2001:db8:0:1::%2F64"))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(removed.status(), 204);
+    assert_eq!(remove("/admin/blocks/2001:db8:0:1::%2F64").await, 204);
     assert_eq!(from("2001:db8:0:1:ffff::9").await, 404);
 }
 
