@@ -2,16 +2,17 @@
 //! Nothing survives the process: a crash or restart loses waiting and delayed jobs (the
 //! hub says so once at start-up). Without `REDIS_URL` this is the embedded default.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use super::{
-    DeadJob, EnqueueError, Failure, Handlers, JobSettings, Kind, Options, Priority, fetch_order,
+    DeadJob, EnqueueError, Failure, Handlers, IDEMPOTENCY_TTL, JobMetrics, JobSettings, Options,
+    Priority, QueueStatus, Status, fetch_order,
 };
 
 /// One job as it waits.
@@ -48,18 +49,24 @@ struct State {
     queues: Queues,
     /// Due time (and id, for a total order) → job.
     delayed: BTreeMap<(Instant, u64), Entry>,
-    idempotency: HashSet<String>,
+    /// Idempotency key → until when it is remembered.
+    idempotency: HashMap<String, Instant>,
     dead: Vec<DeadJob>,
     next_id: u64,
+    /// Jobs running now.
+    running: usize,
     closed: bool,
 }
 
 struct Inner {
     state: Mutex<State>,
     wake: Notify,
+    /// Told whenever a job finishes (for a draining shutdown).
+    finished: Notify,
     permits: Arc<Semaphore>,
     handlers: Handlers,
     settings: JobSettings,
+    metrics: JobMetrics,
 }
 
 /// The in-process jobs: cheap to clone.
@@ -70,13 +77,15 @@ pub struct MemoryJobs {
 
 impl MemoryJobs {
     /// Starts the dispatcher on the current runtime.
-    pub fn start(handlers: Handlers, settings: JobSettings) -> Self {
+    pub fn start(handlers: Handlers, settings: JobSettings, metrics: JobMetrics) -> Self {
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            finished: Notify::new(),
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             handlers,
             settings,
+            metrics,
         });
         tokio::spawn(dispatch(inner.clone()));
         Self { inner }
@@ -86,19 +95,9 @@ impl MemoryJobs {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Enqueues a job of `kind`; `Ok(None)` when its idempotency key was used already.
-    pub fn enqueue<P: Serialize>(
-        &self,
-        kind: &Kind<P>,
-        payload: &P,
-        options: Options,
-    ) -> Result<Option<u64>, EnqueueError> {
-        let payload = serde_json::to_value(payload)?;
-        self.enqueue_value(kind.name(), payload, options)
-    }
-
-    /// Enqueues a job as raw JSON (the operator's retry of a dead job; tests).
-    pub fn enqueue_value(
+    /// Enqueues a job (its kind checked by [`super::Jobs::enqueue_value`]); `Ok(None)` when
+    /// its idempotency key was used already.
+    pub(super) fn enqueue_value(
         &self,
         kind: &str,
         payload: Value,
@@ -108,11 +107,21 @@ impl MemoryJobs {
         if state.closed {
             return Err(EnqueueError::Closed);
         }
-        if let Some(key) = &options.idempotency_key
-            && !state.idempotency.insert(key.clone())
-        {
-            return Ok(None);
+        if let Some(key) = &options.idempotency_key {
+            let now = Instant::now();
+            if state.idempotency.get(key).is_some_and(|until| *until > now) {
+                return Ok(None);
+            }
+            if state.idempotency.len() >= 1024 && state.idempotency.len().is_power_of_two() {
+                state.idempotency.retain(|_, until| *until > now);
+            }
+            state.idempotency.insert(key.clone(), now + IDEMPOTENCY_TTL);
         }
+        self.inner
+            .metrics
+            .enqueued
+            .with_label_values(&[self.inner.handlers.label(kind)])
+            .inc();
         state.next_id += 1;
         let entry = Entry {
             id: state.next_id,
@@ -138,24 +147,73 @@ impl MemoryJobs {
         self.state().dead.clone()
     }
 
-    /// Jobs waiting now (critical, default, low) and delayed (for status and tests).
-    pub fn waiting(&self) -> ([usize; 3], usize) {
-        let state = self.state();
-        let queues = &state.queues;
-        (
-            [
-                queues.critical.len(),
-                queues.default.len(),
-                queues.low.len(),
-            ],
-            state.delayed.len(),
-        )
+    /// Puts dead job `id` back in its queue with its attempts reset.
+    pub fn retry_dead(&self, id: u64) -> bool {
+        let mut state = self.state();
+        let Some(at) = state.dead.iter().position(|d| d.id == id) else {
+            return false;
+        };
+        let dead = state.dead.remove(at);
+        let entry = Entry {
+            id: dead.id,
+            kind: dead.kind,
+            payload: dead.payload,
+            priority: dead.priority,
+            attempts: 0,
+        };
+        state.queues.of(entry.priority).push_back(entry);
+        drop(state);
+        self.inner.wake.notify_one();
+        true
     }
 
-    /// Stops taking jobs; those running finish.
-    pub fn close(&self) {
+    pub fn drop_dead(&self, id: u64) -> bool {
+        let mut state = self.state();
+        let before = state.dead.len();
+        state.dead.retain(|d| d.id != id);
+        state.dead.len() < before
+    }
+
+    /// Counts per queue. In process, the one replica is the scheduler's leader.
+    pub fn status(&self) -> Status {
+        let mut state = self.state();
+        let running = state.running as u64;
+        let queues = Priority::ALL
+            .into_iter()
+            .map(|priority| QueueStatus {
+                priority,
+                waiting: state.queues.of(priority).len() as u64,
+                // Running jobs are not told apart by queue here: they are all counted on
+                // the default one.
+                in_flight: if priority == Priority::Default { running } else { 0 },
+            })
+            .collect();
+        Status {
+            backend: "memory",
+            queues,
+            delayed: state.delayed.len() as u64,
+            dead: state.dead.len() as u64,
+            leader: Some("this process".to_owned()),
+        }
+    }
+
+    /// Stops taking jobs and waits up to `deadline` for those running; what was waiting is
+    /// lost with the process.
+    pub async fn shutdown(&self, deadline: Duration) {
         self.state().closed = true;
         self.inner.wake.notify_one();
+        let drained = async {
+            loop {
+                let finished = self.inner.finished.notified();
+                if self.state().running == 0 {
+                    return;
+                }
+                finished.await;
+            }
+        };
+        if tokio::time::timeout(deadline, drained).await.is_err() {
+            tracing::warn!(running = self.state().running, "jobs still running at the drain deadline");
+        }
     }
 }
 
@@ -182,6 +240,9 @@ async fn dispatch(inner: Arc<Inner>) {
             let next = fetch_order()
                 .into_iter()
                 .find_map(|p| state.queues.of(p).pop_front());
+            if next.is_some() {
+                state.running += 1;
+            }
             let sleep_until = state.delayed.keys().next().map(|(due, _)| *due);
             (next, sleep_until)
         };
@@ -200,15 +261,14 @@ async fn dispatch(inner: Arc<Inner>) {
         };
         let inner = inner.clone();
         tokio::spawn(async move {
-            let outcome = match inner.handlers.get(&entry.kind) {
-                Some(handler) => handler(entry.payload.clone()).await,
-                None => Err(Failure::Permanent(format!(
-                    "no handler for {:?}",
-                    entry.kind
-                ))),
-            };
+            let outcome = inner
+                .handlers
+                .run(&inner.metrics, entry.id, &entry.kind, entry.attempts, entry.payload.clone())
+                .await;
             settle(&inner, entry, outcome);
+            inner.state.lock().unwrap_or_else(|p| p.into_inner()).running -= 1;
             drop(permit);
+            inner.finished.notify_waiters();
             inner.wake.notify_one();
         });
     }
@@ -217,9 +277,14 @@ async fn dispatch(inner: Arc<Inner>) {
 /// After a run: done, tried again later, or dead.
 fn settle(inner: &Inner, mut entry: Entry, outcome: Result<(), Failure>) {
     entry.attempts += 1;
+    let label = inner.handlers.label(&entry.kind).to_owned();
     let error = match outcome {
-        Ok(()) => return,
+        Ok(()) => {
+            inner.metrics.succeeded.with_label_values(&[&label]).inc();
+            return;
+        }
         Err(Failure::Retry(error)) if entry.attempts < inner.settings.max_attempts => {
+            inner.metrics.retried.with_label_values(&[&label]).inc();
             let due = Instant::now() + inner.settings.backoff(entry.attempts);
             tracing::debug!(job = entry.id, kind = entry.kind, attempt = entry.attempts, %error, "job failed; retrying");
             let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -228,11 +293,13 @@ fn settle(inner: &Inner, mut entry: Entry, outcome: Result<(), Failure>) {
         }
         Err(Failure::Retry(error) | Failure::Permanent(error)) => error,
     };
+    inner.metrics.dead.with_label_values(&[&label]).inc();
     tracing::warn!(job = entry.id, kind = entry.kind, attempts = entry.attempts, %error, "job dead-lettered");
     let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
     state.dead.push(DeadJob {
         id: entry.id,
         kind: entry.kind,
+        priority: entry.priority,
         payload: entry.payload,
         attempts: entry.attempts,
         error,

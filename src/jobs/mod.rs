@@ -1,10 +1,14 @@
-//! Background jobs (issue 12, first part): a port with typed job kinds, priorities with
-//! weighted choice, retries with capped exponential backoff and full jitter, dead letters,
-//! idempotency keys and not-before times; the in-process implementation ([`MemoryJobs`]).
-//! The Redis Streams implementation (durable, shared by replicas) and the scheduler follow
-//! the recipe in `shared/design/JOBS.md`.
+//! Background jobs: a port with typed job kinds, priorities with weighted choice, retries
+//! with capped exponential backoff and full jitter, dead letters, idempotency keys and
+//! not-before times, and two implementations behind [`Jobs`]: in process ([`MemoryJobs`], the
+//! embedded default, not durable) and on Redis Streams ([`RedisJobs`], durable and shared by
+//! every replica). [`scheduler`] runs periodic jobs once per period across replicas.
+//! `docs/jobs.md` has the guarantees; `shared/design/JOBS.md` the Redis recipe.
 
 mod memory;
+mod metrics;
+mod redis;
+pub mod scheduler;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -16,9 +20,12 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use self::memory::MemoryJobs;
+pub use self::metrics::JobMetrics;
+pub use self::redis::{RedisJobs, RedisJobSettings};
 
 /// How soon a job should run, relative to others waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Priority {
     Critical,
     Default,
@@ -44,7 +51,23 @@ impl Priority {
             Self::Low => "low",
         }
     }
+
+    /// Its place in [`Priority::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::Critical => 0,
+            Self::Default => 1,
+            Self::Low => 2,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
 }
+
+/// How long an idempotency key is remembered: longer than any period a scheduled job uses.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(8 * 86_400);
 
 /// A kind of job whose payload is a `P`: enqueueing takes exactly that type.
 pub struct Kind<P> {
@@ -53,7 +76,10 @@ pub struct Kind<P> {
 }
 
 impl<P> Kind<P> {
+    /// A kind named `name`: letters, digits, `_`, `.` and `-` only (the Redis queues keep the
+    /// name in a delimited record).
     pub const fn new(name: &'static str) -> Self {
+        assert!(valid_kind(name), "a job kind is named with [A-Za-z0-9_.-] only");
         Self {
             name,
             _payload: PhantomData,
@@ -63,6 +89,34 @@ impl<P> Kind<P> {
     pub fn name(&self) -> &'static str {
         self.name
     }
+}
+
+/// Whether `name` may name a job kind.
+pub const fn valid_kind(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() > 100 {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if !(b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-') {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// One run of a job, as its handler gets it.
+#[derive(Debug, Clone)]
+pub struct Job<P> {
+    /// The job's id: the same on every run of it (a retry, a reclaimed run), so an effect
+    /// keyed by it happens once however often the job runs.
+    pub id: u64,
+    /// Runs before this one (0 on the first).
+    pub attempt: u32,
+    pub payload: P,
 }
 
 /// Why a run failed, and whether another try may succeed.
@@ -127,12 +181,43 @@ impl JobSettings {
 pub struct DeadJob {
     pub id: u64,
     pub kind: String,
+    pub priority: Priority,
     pub payload: Value,
     pub attempts: u32,
     pub error: String,
 }
 
-type Handler = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
+/// One queue's counts, for `segue jobs status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueStatus {
+    pub priority: Priority,
+    /// Enqueued, not yet taken by a worker.
+    pub waiting: u64,
+    /// Taken by a worker and not yet done (running, or held by a replica that died, until
+    /// it is reclaimed).
+    pub in_flight: u64,
+}
+
+/// What the jobs are doing, for `segue jobs status` and `GET /admin/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub backend: &'static str,
+    pub queues: Vec<QueueStatus>,
+    /// Waiting for a not-before time or a retry's backoff.
+    pub delayed: u64,
+    pub dead: u64,
+    /// The scheduler's current leader (a replica name), if any holds the lease.
+    pub leader: Option<String>,
+}
+
+/// Reading or changing the queues failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("the job queues in Redis could not be reached: {0}")]
+    Redis(#[from] ::redis::RedisError),
+}
+
+type Handler = Arc<dyn Fn(u64, u32, Value) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
 
 /// What runs each kind of job.
 #[derive(Clone, Default)]
@@ -150,26 +235,64 @@ impl Handlers {
     pub fn on<P, F, Fut>(mut self, kind: &Kind<P>, handler: F) -> Self
     where
         P: DeserializeOwned + Send + 'static,
-        F: Fn(P) -> Fut + Send + Sync + 'static,
+        F: Fn(Job<P>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<(), Failure>> + Send + 'static,
     {
         let handler = Arc::new(handler);
         self.by_kind.insert(
             kind.name,
-            Arc::new(move |payload: Value| {
+            Arc::new(move |id, attempt, payload: Value| {
                 let handler = handler.clone();
                 Box::pin(async move {
                     let payload: P = serde_json::from_value(payload)
                         .map_err(|e| Failure::Permanent(format!("unreadable payload: {e}")))?;
-                    handler(payload).await
+                    handler(Job {
+                        id,
+                        attempt,
+                        payload,
+                    })
+                    .await
                 }) as BoxFuture<'static, Result<(), Failure>>
             }),
         );
         self
     }
 
-    fn get(&self, kind: &str) -> Option<Handler> {
-        self.by_kind.get(kind).cloned()
+    /// The metric label of `kind`: its own name when a handler takes it, else `unknown` (a
+    /// queue in Redis may hold any name).
+    fn label<'a>(&'a self, kind: &'a str) -> &'a str {
+        match self.by_kind.get_key_value(kind) {
+            Some((name, _)) => name,
+            None => "unknown",
+        }
+    }
+
+    /// Runs one job, counted and timed: its handler's outcome, a permanent failure when no handler takes its
+    /// kind, a retryable one when the handler panicked. The run's span carries the job's
+    /// id, kind and attempt.
+    async fn run(
+        &self,
+        metrics: &JobMetrics,
+        id: u64,
+        kind: &str,
+        attempt: u32,
+        payload: Value,
+    ) -> Result<(), Failure> {
+        use futures_util::FutureExt;
+        use tracing::Instrument;
+        let label = self.label(kind);
+        metrics.started.with_label_values(&[label]).inc();
+        let Some(handler) = self.by_kind.get(kind).cloned() else {
+            return Err(Failure::Permanent(format!("no handler for {kind:?}")));
+        };
+        let span = tracing::info_span!("job", id, kind, attempt);
+        let timer = metrics.duration.with_label_values(&[label]).start_timer();
+        let outcome = std::panic::AssertUnwindSafe(handler(id, attempt, payload).instrument(span))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(Failure::Retry("the handler panicked".into())));
+        timer.observe_duration();
+        outcome
     }
 }
 
@@ -180,6 +303,95 @@ pub enum EnqueueError {
     Encode(#[from] serde_json::Error),
     #[error("the job queue is shut down")]
     Closed,
+    #[error("{0:?} cannot name a job kind: [A-Za-z0-9_.-] only")]
+    Kind(String),
+    #[error("the job queue in Redis could not take the job: {0}")]
+    Unavailable(#[from] ::redis::RedisError),
+}
+
+/// The jobs of this replica: in process or on Redis Streams. Cheap to clone.
+#[derive(Clone)]
+pub enum Jobs {
+    Memory(MemoryJobs),
+    Redis(RedisJobs),
+}
+
+impl Jobs {
+    /// Enqueues a job of `kind`; `Ok(None)` when its idempotency key was used already.
+    pub async fn enqueue<P: Serialize>(
+        &self,
+        kind: &Kind<P>,
+        payload: &P,
+        options: Options,
+    ) -> Result<Option<u64>, EnqueueError> {
+        let payload = serde_json::to_value(payload)?;
+        self.enqueue_value(kind.name(), payload, options).await
+    }
+
+    /// Enqueues a job as raw JSON (tests, and a kind known only by name).
+    pub async fn enqueue_value(
+        &self,
+        kind: &str,
+        payload: Value,
+        options: Options,
+    ) -> Result<Option<u64>, EnqueueError> {
+        if !valid_kind(kind) {
+            return Err(EnqueueError::Kind(kind.to_owned()));
+        }
+        match self {
+            Self::Memory(jobs) => jobs.enqueue_value(kind, payload, options),
+            Self::Redis(jobs) => jobs.enqueue_value(kind, payload, options).await,
+        }
+    }
+
+    pub async fn status(&self) -> Result<Status, JobsError> {
+        match self {
+            Self::Memory(jobs) => Ok(jobs.status()),
+            Self::Redis(jobs) => jobs.status().await,
+        }
+    }
+
+    /// The dead letters, oldest first (at most `limit`).
+    pub async fn dead(&self, limit: usize) -> Result<Vec<DeadJob>, JobsError> {
+        match self {
+            Self::Memory(jobs) => Ok(jobs.dead().into_iter().take(limit).collect()),
+            Self::Redis(jobs) => jobs.dead(limit).await,
+        }
+    }
+
+    /// Puts dead job `id` back in its queue for a fresh set of attempts; false when no dead
+    /// job has that id.
+    pub async fn retry_dead(&self, id: u64) -> Result<bool, JobsError> {
+        match self {
+            Self::Memory(jobs) => Ok(jobs.retry_dead(id)),
+            Self::Redis(jobs) => jobs.retry_dead(id).await,
+        }
+    }
+
+    /// Deletes dead job `id`; false when no dead job has that id.
+    pub async fn drop_dead(&self, id: u64) -> Result<bool, JobsError> {
+        match self {
+            Self::Memory(jobs) => Ok(jobs.drop_dead(id)),
+            Self::Redis(jobs) => jobs.drop_dead(id).await,
+        }
+    }
+
+    /// Stops taking jobs and waits up to `deadline` for those running to finish. On Redis,
+    /// jobs still running then, and those taken but not started, stay pending and are
+    /// reclaimed by another replica after the visibility timeout.
+    pub async fn shutdown(&self, deadline: Duration) {
+        match self {
+            Self::Memory(jobs) => jobs.shutdown(deadline).await,
+            Self::Redis(jobs) => jobs.shutdown(deadline).await,
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Memory(_) => "memory",
+            Self::Redis(_) => "redis",
+        }
+    }
 }
 
 /// The order in which busy queues are tried for one fetch, as Asynq picks it: each priority

@@ -670,6 +670,8 @@ impl Drop for PrivatePostgres {
 pub struct PrivateRedis {
     child: Option<Child>,
     pub port: u16,
+    /// With an append-only file here, the data survives a restart.
+    aof_dir: Option<PathBuf>,
 }
 
 impl PrivateRedis {
@@ -677,6 +679,19 @@ impl PrivateRedis {
         let mut this = Self {
             child: None,
             port: free_port(),
+            aof_dir: None,
+        };
+        this.resume();
+        this
+    }
+
+    /// A server that keeps an append-only file (`appendfsync always`), as a deployment whose
+    /// job streams must survive a restart does (`everysec` there).
+    pub fn start_durable() -> Self {
+        let mut this = Self {
+            child: None,
+            port: free_port(),
+            aof_dir: Some(temp_dir("redis-aof")),
         };
         this.resume();
         this
@@ -688,17 +703,32 @@ impl PrivateRedis {
 
     /// Starts (or restarts) the server on the same port and waits until it answers.
     pub fn resume(&mut self) {
+        let mut args: Vec<String> = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
+        match &self.aof_dir {
+            Some(dir) => args.extend(
+                [
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--dir",
+                    &dir.display().to_string(),
+                ]
+                .map(String::from),
+            ),
+            None => args.extend(["--appendonly", "no"].map(String::from)),
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -725,6 +755,9 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.halt();
+        if let Some(dir) = &self.aof_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

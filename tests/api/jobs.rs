@@ -1,13 +1,18 @@
-//! Background jobs: the port's acceptance suite (issue 12). It runs on the in-process
-//! implementation now; the Redis Streams one will run the same cases.
+//! Background jobs: the port's acceptance suite, run on both implementations (in process
+//! and Redis Streams), then what only the Redis one does (leases, reclaims, outages).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use segue::jobs::{Failure, Handlers, JobSettings, Kind, MemoryJobs, Options, Priority};
+use segue::jobs::{
+    Failure, Handlers, Job, JobMetrics, JobSettings, Jobs, Kind, MemoryJobs, Options, Priority,
+    RedisJobSettings, RedisJobs,
+};
 use serde::{Deserialize, Serialize};
+
+use crate::helpers::{PrivateRedis, redis_url, unique};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Work {
@@ -25,26 +30,114 @@ fn settings() -> JobSettings {
     }
 }
 
-/// Waits until `done` holds (or fails after 5 s).
+/// Short timings, so that reclaims and promotions happen within a test.
+fn timing() -> RedisJobSettings {
+    RedisJobSettings {
+        visibility: Duration::from_millis(800),
+        sweep_every: Duration::from_millis(200),
+        promote_every: Duration::from_millis(20),
+    }
+}
+
+fn metrics() -> JobMetrics {
+    JobMetrics::register(&prometheus::Registry::new()).unwrap()
+}
+
+/// Where the suite runs.
+#[derive(Clone, Copy)]
+pub enum On {
+    Memory,
+    Redis,
+}
+
+/// A consumer on the Redis queues under `namespace` (several share them by using one).
+fn redis_consumer(url: &str, namespace: &str, handlers: Handlers, settings: JobSettings) -> RedisJobs {
+    RedisJobs::start(
+        redis::Client::open(url).unwrap(),
+        namespace,
+        unique("consumer"),
+        handlers,
+        settings,
+        timing(),
+        metrics(),
+    )
+    .unwrap()
+}
+
+fn start(on: On, handlers: Handlers, settings: JobSettings) -> Jobs {
+    match on {
+        On::Memory => Jobs::Memory(MemoryJobs::start(handlers, settings, metrics())),
+        On::Redis => Jobs::Redis(redis_consumer(&redis_url(), &unique("jobs"), handlers, settings)),
+    }
+}
+
+/// Generates one test per implementation from `async fn name(on: On)`.
+macro_rules! on_both_queues {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[actix_web::test]
+                async fn in_process() {
+                    super::$name(super::On::Memory).await;
+                }
+
+                #[actix_web::test]
+                async fn redis() {
+                    super::$name(super::On::Redis).await;
+                }
+            }
+        )*
+    };
+}
+
+/// Waits until `done` holds (or fails after 10 s).
 async fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !done() {
         assert!(Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-#[actix_web::test]
-async fn a_job_runs_and_a_failing_one_is_retried_with_backoff_then_dead_lettered() {
+async fn dead_soon(jobs: &Jobs, count: usize) -> Vec<segue::jobs::DeadJob> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dead = jobs.dead(100).await.unwrap();
+        if dead.len() >= count {
+            return dead;
+        }
+        assert!(Instant::now() < deadline, "never {count} dead: {dead:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+on_both_queues!(
+    a_job_runs_and_a_failing_one_is_retried_with_backoff_then_dead_lettered,
+    an_unreadable_payload_or_unknown_kind_goes_straight_to_dead_letters,
+    an_idempotency_key_runs_a_job_once_and_not_before_is_kept,
+    no_more_than_the_concurrency_run_at_once,
+    a_backlog_is_served_by_priority_weights,
+    a_dead_job_is_retried_or_dropped_by_id,
+);
+
+async fn a_job_runs_and_a_failing_one_is_retried_with_backoff_then_dead_lettered(on: On) {
     let ran = Arc::new(AtomicU32::new(0));
     let tries = Arc::new(AtomicU32::new(0));
-    let (r, t) = (ran.clone(), tries.clone());
-    let handlers = Handlers::new().on(&WORK, move |work: Work| {
-        let (ran, tries) = (r.clone(), t.clone());
+    let attempts_seen = Arc::new(Mutex::new(Vec::new()));
+    let (r, t, a) = (ran.clone(), tries.clone(), attempts_seen.clone());
+    let handlers = Handlers::new().on(&WORK, move |job: Job<Work>| {
+        let (ran, tries, seen) = (r.clone(), t.clone(), a.clone());
         async move {
-            match work.n {
+            match job.payload.n {
                 // Fails twice, then succeeds.
-                1 if tries.fetch_add(1, Ordering::SeqCst) < 2 => Err(Failure::Retry("busy".into())),
+                1 => {
+                    seen.lock().unwrap().push((job.id, job.attempt));
+                    if tries.fetch_add(1, Ordering::SeqCst) < 2 {
+                        return Err(Failure::Retry("busy".into()));
+                    }
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
                 // Never succeeds.
                 2 => Err(Failure::Retry("always".into())),
                 3 => Err(Failure::Permanent("bad".into())),
@@ -55,33 +148,36 @@ async fn a_job_runs_and_a_failing_one_is_retried_with_backoff_then_dead_lettered
             }
         }
     });
-    let jobs = MemoryJobs::start(handlers, settings());
+    let jobs = start(on, handlers, settings());
     jobs.enqueue(&WORK, &Work { n: 0 }, Options::default())
+        .await
         .unwrap();
     until("the plain job ran", || ran.load(Ordering::SeqCst) == 1).await;
     let started = Instant::now();
-    jobs.enqueue(&WORK, &Work { n: 1 }, Options::default())
+    let id = jobs
+        .enqueue(&WORK, &Work { n: 1 }, Options::default())
+        .await
+        .unwrap()
         .unwrap();
-    until("the flaky job succeeded", || {
-        ran.load(Ordering::SeqCst) == 2
-    })
-    .await;
+    until("the flaky job succeeded", || ran.load(Ordering::SeqCst) == 2).await;
     assert_eq!(
-        tries.load(Ordering::SeqCst),
-        3,
-        "two failures, then the run that worked"
+        *attempts_seen.lock().unwrap(),
+        vec![(id, 0), (id, 1), (id, 2)],
+        "two failures, then the run that worked, all of one job"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "backoff is capped at 100 ms"
+        started.elapsed() < Duration::from_secs(2),
+        "backoff is capped at 100 ms: {:?}",
+        started.elapsed()
     );
     jobs.enqueue(&WORK, &Work { n: 2 }, Options::default())
+        .await
         .unwrap();
     jobs.enqueue(&WORK, &Work { n: 3 }, Options::default())
+        .await
         .unwrap();
-    until("both dead", || jobs.dead().len() == 2).await;
-    let dead: HashMap<String, (u32, String)> = jobs
-        .dead()
+    let dead: HashMap<String, (u32, String)> = dead_soon(&jobs, 2)
+        .await
         .into_iter()
         .map(|d| (d.payload.to_string(), (d.attempts, d.error)))
         .collect();
@@ -95,63 +191,69 @@ async fn a_job_runs_and_a_failing_one_is_retried_with_backoff_then_dead_lettered
         (1, "bad".to_owned()),
         "a permanent failure at once"
     );
+    let status = jobs.status().await.unwrap();
+    assert_eq!(status.dead, 2);
+    assert_eq!(status.delayed, 0);
+    assert!(status.queues.iter().all(|q| q.waiting == 0), "{status:?}");
 }
 
-#[actix_web::test]
-async fn an_unreadable_payload_or_unknown_kind_goes_straight_to_dead_letters() {
+async fn an_unreadable_payload_or_unknown_kind_goes_straight_to_dead_letters(on: On) {
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
-    let handlers = Handlers::new().on(&WORK, move |_: Work| {
+    let handlers = Handlers::new().on(&WORK, move |_: Job<Work>| {
         c.fetch_add(1, Ordering::SeqCst);
         async { Ok(()) }
     });
-    let jobs = MemoryJobs::start(handlers, settings());
+    let jobs = start(on, handlers, settings());
     jobs.enqueue_value(
         "work",
         serde_json::json!({"n": "not a number"}),
         Options::default(),
     )
+    .await
     .unwrap();
     jobs.enqueue_value(
         "nobody-handles-this",
         serde_json::json!({}),
         Options::default(),
     )
+    .await
     .unwrap();
-    until("both dead", || jobs.dead().len() == 2).await;
+    let dead = dead_soon(&jobs, 2).await;
+    assert!(dead.iter().all(|d| d.attempts == 1), "{dead:?}");
     assert!(
-        jobs.dead().iter().all(|d| d.attempts == 1),
-        "{:?}",
-        jobs.dead()
+        dead.iter().any(|d| d.error.contains("unreadable payload")),
+        "{dead:?}"
     );
-    assert!(
-        jobs.dead()[0].error.contains("unreadable payload"),
-        "{:?}",
-        jobs.dead()
-    );
+    assert!(dead.iter().any(|d| d.error.contains("no handler")), "{dead:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let refused = jobs
+        .enqueue_value("no|pipes", serde_json::json!({}), Options::default())
+        .await;
+    assert!(matches!(refused, Err(segue::jobs::EnqueueError::Kind(_))), "{refused:?}");
 }
 
-#[actix_web::test]
-async fn an_idempotency_key_runs_a_job_once_and_not_before_is_kept() {
+async fn an_idempotency_key_runs_a_job_once_and_not_before_is_kept(on: On) {
     let runs = Arc::new(Mutex::new(Vec::new()));
     let r = runs.clone();
-    let handlers = Handlers::new().on(&WORK, move |work: Work| {
-        r.lock().unwrap().push((work.n, Instant::now()));
+    let handlers = Handlers::new().on(&WORK, move |job: Job<Work>| {
+        r.lock().unwrap().push((job.payload.n, Instant::now()));
         async { Ok(()) }
     });
-    let jobs = MemoryJobs::start(handlers, settings());
+    let jobs = start(on, handlers, settings());
     let keyed = || Options {
         idempotency_key: Some("purge:2026-12-02".into()),
         ..Options::default()
     };
     assert!(
         jobs.enqueue(&WORK, &Work { n: 1 }, keyed())
+            .await
             .unwrap()
             .is_some()
     );
     assert!(
         jobs.enqueue(&WORK, &Work { n: 1 }, keyed())
+            .await
             .unwrap()
             .is_none(),
         "taken once"
@@ -161,7 +263,8 @@ async fn an_idempotency_key_runs_a_job_once_and_not_before_is_kept() {
         delay: Some(Duration::from_millis(300)),
         ..Options::default()
     };
-    jobs.enqueue(&WORK, &Work { n: 2 }, later).unwrap();
+    jobs.enqueue(&WORK, &Work { n: 2 }, later).await.unwrap();
+    assert_eq!(jobs.status().await.unwrap().delayed, 1);
     until("the delayed job ran", || runs.lock().unwrap().len() == 2).await;
     let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.iter().filter(|(n, _)| *n == 1).count(), 1);
@@ -172,13 +275,12 @@ async fn an_idempotency_key_runs_a_job_once_and_not_before_is_kept() {
     );
 }
 
-#[actix_web::test]
-async fn no_more_than_the_concurrency_run_at_once() {
+async fn no_more_than_the_concurrency_run_at_once(on: On) {
     let running = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let (r, m, d) = (running.clone(), most.clone(), done.clone());
-    let handlers = Handlers::new().on(&WORK, move |_: Work| {
+    let handlers = Handlers::new().on(&WORK, move |_: Job<Work>| {
         let (running, most, done) = (r.clone(), m.clone(), d.clone());
         async move {
             let now = running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -189,12 +291,13 @@ async fn no_more_than_the_concurrency_run_at_once() {
             Ok(())
         }
     });
-    let jobs = MemoryJobs::start(handlers, settings());
-    for n in 0..20 {
+    let jobs = start(on, handlers, settings());
+    for n in 0..40 {
         jobs.enqueue(&WORK, &Work { n }, Options::default())
+            .await
             .unwrap();
     }
-    until("all ran", || done.load(Ordering::SeqCst) == 20).await;
+    until("all ran", || done.load(Ordering::SeqCst) == 40).await;
     assert_eq!(
         most.load(Ordering::SeqCst),
         4,
@@ -203,42 +306,91 @@ async fn no_more_than_the_concurrency_run_at_once() {
 }
 
 /// Under a backlog in every queue, busy queues get about 60 / 30 / 10 % of the runs.
-#[actix_web::test]
-async fn a_backlog_is_served_by_priority_weights() {
+async fn a_backlog_is_served_by_priority_weights(on: On) {
     let order = Arc::new(Mutex::new(Vec::new()));
-    let o = order.clone();
-    let handlers = Handlers::new().on(&WORK, move |work: Work| {
-        o.lock().unwrap().push(work.n);
-        async { Ok(()) }
+    // The first job taken waits here until the whole backlog is in.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (o, g) = (order.clone(), gate.clone());
+    let handlers = Handlers::new().on(&WORK, move |job: Job<Work>| {
+        let (order, gate) = (o.clone(), g.clone());
+        async move {
+            if job.payload.n == 9 {
+                let _ = gate.acquire().await;
+            } else {
+                order.lock().unwrap().push(job.payload.n);
+            }
+            Ok(())
+        }
     });
-    let jobs = MemoryJobs::start(
+    let jobs = start(
+        on,
         handlers,
         JobSettings {
             concurrency: 1,
             ..settings()
         },
     );
-    // Enqueued without yielding: on this single-threaded runtime the dispatcher runs only
-    // once the whole backlog is in.
+    jobs.enqueue(&WORK, &Work { n: 9 }, Options::default())
+        .await
+        .unwrap();
     for (n, priority) in [
         (0, Priority::Critical),
         (1, Priority::Default),
         (2, Priority::Low),
     ] {
-        for _ in 0..2_000 {
+        for _ in 0..2_500 {
             let options = Options {
                 priority: Some(priority),
                 ..Options::default()
             };
-            jobs.enqueue(&WORK, &Work { n }, options).unwrap();
+            jobs.enqueue(&WORK, &Work { n }, options).await.unwrap();
         }
     }
-    until("1,000 ran", || order.lock().unwrap().len() >= 1_000).await;
-    let first: Vec<u32> = order.lock().unwrap().iter().take(1_000).copied().collect();
-    let share = |n| first.iter().filter(|m| **m == n).count() as f64 / 1_000.0;
+    gate.add_permits(1);
+    // 2,000 draws: the bounds below are over four standard deviations wide.
+    until("2,000 ran", || order.lock().unwrap().len() >= 2_000).await;
+    let first: Vec<u32> = order.lock().unwrap().iter().take(2_000).copied().collect();
+    let share = |n| first.iter().filter(|m| **m == n).count() as f64 / 2_000.0;
     assert!((share(0) - 0.6).abs() < 0.05, "critical {}", share(0));
     assert!((share(1) - 0.3).abs() < 0.05, "default {}", share(1));
     assert!((share(2) - 0.1).abs() < 0.04, "low {}", share(2));
+}
+
+async fn a_dead_job_is_retried_or_dropped_by_id(on: On) {
+    let fixed = Arc::new(AtomicU32::new(0));
+    let ran = Arc::new(AtomicU32::new(0));
+    let (f, r) = (fixed.clone(), ran.clone());
+    let handlers = Handlers::new().on(&WORK, move |_: Job<Work>| {
+        let (fixed, ran) = (f.clone(), r.clone());
+        async move {
+            if fixed.load(Ordering::SeqCst) == 0 {
+                return Err(Failure::Permanent("not yet".into()));
+            }
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let jobs = start(on, handlers, settings());
+    let high = Options {
+        priority: Some(Priority::Critical),
+        ..Options::default()
+    };
+    let first = jobs.enqueue(&WORK, &Work { n: 1 }, high).await.unwrap().unwrap();
+    let second = jobs
+        .enqueue(&WORK, &Work { n: 2 }, Options::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let dead = dead_soon(&jobs, 2).await;
+    assert_eq!(dead.iter().find(|d| d.id == first).unwrap().priority, Priority::Critical);
+    fixed.store(1, Ordering::SeqCst);
+    assert!(jobs.retry_dead(first).await.unwrap());
+    assert!(!jobs.retry_dead(first).await.unwrap(), "moved once");
+    until("the retried job ran", || ran.load(Ordering::SeqCst) == 1).await;
+    assert!(jobs.drop_dead(second).await.unwrap());
+    assert!(!jobs.drop_dead(second).await.unwrap());
+    assert!(!jobs.retry_dead(424_242).await.unwrap(), "no such job");
+    assert!(jobs.dead(100).await.unwrap().is_empty());
 }
 
 crate::on_both_backends!(the_purges_remove_only_what_nothing_needs_any_more);
