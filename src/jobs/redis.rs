@@ -11,7 +11,7 @@
 //! departed consumers, refreshes the depth gauges).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -185,6 +185,8 @@ struct Inner {
     reclaimed: Mutex<VecDeque<Entry>>,
     running: AtomicUsize,
     finished: Notify,
+    /// Set once a shutdown's drain is over: jobs finishing later are not acknowledged.
+    drained: AtomicBool,
     acks: mpsc::UnboundedSender<Ack>,
     stop: watch::Sender<bool>,
 }
@@ -243,6 +245,7 @@ impl RedisJobs {
             reclaimed: Mutex::new(VecDeque::new()),
             running: AtomicUsize::new(0),
             finished: Notify::new(),
+            drained: AtomicBool::new(false),
             acks,
             stop,
         });
@@ -418,6 +421,7 @@ impl RedisJobs {
                 "jobs still running at the drain deadline: they stay pending and are reclaimed"
             );
         }
+        inner.drained.store(true, Ordering::SeqCst);
         // Whatever finished is acknowledged before the process goes.
         let acker = self.acker.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(acker) = acker {
@@ -532,7 +536,7 @@ async fn fetch(inner: Arc<Inner>) {
             reclaimed.drain(..n).collect()
         };
         if entries.is_empty() {
-            match read(&inner, permits.len()).await {
+            match read(&inner, &mut permits).await {
                 Ok(read) => entries = read,
                 Err(error) => {
                     if error.code() == Some("NOGROUP") {
@@ -561,9 +565,12 @@ async fn fetch(inner: Arc<Inner>) {
     }
 }
 
-/// Non-blocking reads of up to `count` new entries from the queues in weighted order (the
-/// first that has any wins); when all are empty, one blocking read across the three.
-async fn read(inner: &Inner, count: usize) -> Result<Vec<Entry>, RedisError> {
+/// Non-blocking reads of up to one entry per permit from the queues in weighted order (the
+/// first that has any wins); when all are empty, one blocking read across the three, holding
+/// one permit only (so that the sweeper can start what it reclaims meanwhile) and asking each
+/// stream for one entry.
+async fn read(inner: &Inner, permits: &mut Vec<OwnedSemaphorePermit>) -> Result<Vec<Entry>, RedisError> {
+    let count = permits.len();
     let mut conn = inner.commands.clone();
     for priority in fetch_order() {
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
@@ -583,8 +590,7 @@ async fn read(inner: &Inner, count: usize) -> Result<Vec<Entry>, RedisError> {
             return Ok(entries);
         }
     }
-    // Each stream may give `count`: ask each for a share, so that at most `count` + 2 come.
-    let per_stream = count.div_ceil(3).max(1);
+    permits.truncate(1);
     let mut blocking = inner.blocking.clone();
     let mut stop = inner.stop.subscribe();
     let read = redis::cmd("XREADGROUP")
@@ -592,7 +598,7 @@ async fn read(inner: &Inner, count: usize) -> Result<Vec<Entry>, RedisError> {
         .arg(GROUP)
         .arg(&inner.consumer)
         .arg("COUNT")
-        .arg(per_stream)
+        .arg(1)
         .arg("BLOCK")
         .arg(BLOCK.as_millis() as u64)
         .arg("STREAMS")
@@ -707,12 +713,15 @@ async fn acknowledge(inner: Arc<Inner>, mut acks: mpsc::UnboundedReceiver<Ack>) 
     let mut batch: Vec<Ack> = Vec::new();
     loop {
         if batch.is_empty() {
-            match tokio::time::timeout(Duration::from_millis(100), acks.recv()).await {
+            let poll = if stopped(&inner) { 10 } else { 100 };
+            match tokio::time::timeout(Duration::from_millis(poll), acks.recv()).await {
                 Ok(Some(ack)) => batch.push(ack),
                 Ok(None) => return,
                 Err(_) => {
-                    // Stopping, and nothing left that could still finish.
-                    if stopped(&inner) && inner.running.load(Ordering::SeqCst) == 0 && acks.is_empty() {
+                    // Stopping, and nothing left that could still finish in time.
+                    let settled = inner.running.load(Ordering::SeqCst) == 0
+                        || inner.drained.load(Ordering::SeqCst);
+                    if stopped(&inner) && settled && acks.is_empty() {
                         return;
                     }
                     continue;
@@ -811,9 +820,9 @@ async fn promote(inner: Arc<Inner>) {
     }
 }
 
-/// Takes over idle entries of every queue (up to a batch per queue); they wait for permits
-/// in `reclaimed`.
-async fn reclaim(inner: &Inner) -> Result<usize, RedisError> {
+/// Takes over idle entries of every queue (up to a batch per queue) and starts them, or
+/// leaves them in `reclaimed` for the fetcher when no permit is free.
+async fn reclaim(inner: &Arc<Inner>) -> Result<usize, RedisError> {
     let mut taken = 0;
     for priority in Priority::ALL {
         let (_cursor, claimed): (String, Vec<(String, HashMap<String, String>)>) = inner
@@ -841,11 +850,17 @@ async fn reclaim(inner: &Inner) -> Result<usize, RedisError> {
         };
         taken += entries.len();
         held_insert(inner, &entries);
-        inner
-            .reclaimed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(entries);
+        for entry in entries {
+            // Started at once while permits are free; else the fetcher starts it next.
+            match inner.permits.clone().try_acquire_owned() {
+                Ok(permit) => start(inner, entry, permit),
+                Err(_) => inner
+                    .reclaimed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(entry),
+            }
+        }
     }
     if taken > 0 {
         inner.metrics.reclaimed.inc_by(taken as u64);

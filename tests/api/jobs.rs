@@ -393,6 +393,184 @@ async fn a_dead_job_is_retried_or_dropped_by_id(on: On) {
     assert!(jobs.dead(100).await.unwrap().is_empty());
 }
 
+/// Runs of each job id, and a handler that records them; `n == 1` never finishes (a job
+/// whose replica hangs or dies), `n == 2` takes 2.5 s.
+fn recording() -> (Arc<Mutex<Vec<u64>>>, Handlers) {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let r = runs.clone();
+    let handlers = Handlers::new().on(&WORK, move |job: Job<Work>| {
+        let runs = r.clone();
+        async move {
+            match job.payload.n {
+                1 => std::future::pending::<()>().await,
+                2 => tokio::time::sleep(Duration::from_millis(2_500)).await,
+                _ => {}
+            }
+            runs.lock().unwrap().push(job.id);
+            Ok(())
+        }
+    });
+    (runs, handlers)
+}
+
+/// A handler that runs nothing, on a consumer that only reclaims what others dropped.
+fn recording_consumer(namespace: &str, settings: JobSettings) -> (Arc<Mutex<Vec<u64>>>, RedisJobs) {
+    let (runs, handlers) = recording();
+    (runs, redis_consumer(&redis_url(), namespace, handlers, settings))
+}
+
+#[actix_web::test]
+async fn a_long_job_keeps_its_lease_and_runs_once_among_two_replicas() {
+    let namespace = unique("jobs");
+    let (runs_a, a) = recording_consumer(&namespace, settings());
+    let (runs_b, b) = recording_consumer(&namespace, settings());
+    let jobs = Jobs::Redis(a.clone());
+    // 2.5 s of work against a visibility timeout of 0.8 s: only renewals keep it leased.
+    let id = jobs.enqueue(&WORK, &Work { n: 2 }, Options::default()).await.unwrap().unwrap();
+    until("it ran", || runs_a.lock().unwrap().len() + runs_b.lock().unwrap().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let all: Vec<u64> = [runs_a.lock().unwrap().clone(), runs_b.lock().unwrap().clone()].concat();
+    assert_eq!(all, vec![id], "once, never reclaimed while its replica renewed the lease");
+    let status = jobs.status().await.unwrap();
+    assert!(status.queues.iter().all(|q| q.in_flight == 0 && q.waiting == 0), "{status:?}");
+    drop(b);
+}
+
+#[actix_web::test]
+async fn the_entries_of_a_stopped_replica_are_reclaimed_after_the_visibility_timeout() {
+    let namespace = unique("jobs");
+    let (_, a) = recording_consumer(&namespace, settings());
+    let id = Jobs::Redis(a.clone())
+        .enqueue(&WORK, &Work { n: 1 }, Options::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let held = Instant::now();
+    loop {
+        let status = Jobs::Redis(a.clone()).status().await.unwrap();
+        if status.queues[1].in_flight == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The replica stops renewing (as one killed would) while its job hangs.
+    Jobs::Redis(a.clone()).shutdown(Duration::ZERO).await;
+    let (runs, handlers) = recording();
+    // On the second replica the job no longer hangs.
+    let b = redis_consumer(
+        &redis_url(),
+        &namespace,
+        Handlers::new().on(&WORK, {
+            let runs = runs.clone();
+            move |job: Job<Work>| {
+                runs.lock().unwrap().push(job.id);
+                async { Ok(()) }
+            }
+        }),
+        settings(),
+    );
+    drop(handlers);
+    until("reclaimed and run", || runs.lock().unwrap().len() == 1).await;
+    let waited = held.elapsed();
+    assert_eq!(*runs.lock().unwrap(), vec![id]);
+    assert!(waited >= timing().visibility, "not before the visibility timeout: {waited:?}");
+    assert!(
+        waited < timing().visibility + timing().sweep_every * 3 + Duration::from_millis(500),
+        "within the timeout and a sweep: {waited:?}"
+    );
+    let status = Jobs::Redis(b).status().await.unwrap();
+    assert!(status.queues.iter().all(|q| q.in_flight == 0), "{status:?}");
+}
+
+#[actix_web::test]
+async fn an_entry_that_keeps_killing_its_replica_goes_to_the_dead_letters() {
+    let namespace = unique("jobs");
+    let once = JobSettings {
+        max_attempts: 1,
+        ..settings()
+    };
+    let (_, a) = recording_consumer(&namespace, once);
+    let id = Jobs::Redis(a.clone())
+        .enqueue(&WORK, &Work { n: 1 }, Options::default())
+        .await
+        .unwrap()
+        .unwrap();
+    until("taken", || true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Jobs::Redis(a.clone()).shutdown(Duration::ZERO).await;
+    let (runs, b) = recording_consumer(&namespace, once);
+    let dead = dead_soon(&Jobs::Redis(b), 1).await;
+    assert_eq!(dead[0].id, id);
+    assert!(dead[0].error.contains("stopped while running it 1 times"), "{dead:?}");
+    assert!(runs.lock().unwrap().is_empty(), "not run a second time");
+}
+
+#[actix_web::test]
+async fn with_redis_gone_enqueue_fails_at_once_with_a_clear_error() {
+    let port = crate::helpers::free_port();
+    let (_, handlers) = recording();
+    let jobs = Jobs::Redis(redis_consumer(
+        &format!("redis://127.0.0.1:{port}"),
+        &unique("jobs"),
+        handlers,
+        settings(),
+    ));
+    let asked = Instant::now();
+    let refused = jobs.enqueue(&WORK, &Work { n: 0 }, Options::default()).await;
+    assert!(asked.elapsed() < Duration::from_secs(3), "{:?}", asked.elapsed());
+    let error = refused.unwrap_err();
+    assert!(matches!(error, segue::jobs::EnqueueError::Unavailable(_)), "{error:?}");
+    assert!(error.to_string().contains("Redis could not take the job"), "{error}");
+}
+
+#[actix_web::test]
+async fn waiting_jobs_survive_a_redis_restart_with_aof_and_the_workers_reconnect() {
+    let mut redis = PrivateRedis::start_durable();
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (r, g) = (ran.clone(), gate.clone());
+    let handlers = Handlers::new().on(&WORK, move |job: Job<Work>| {
+        let (ran, gate) = (r.clone(), g.clone());
+        async move {
+            // Held until Redis is back, so that the rest wait in the queues meanwhile.
+            let _ = gate.acquire().await;
+            ran.lock().unwrap().push(job.id);
+            Ok(())
+        }
+    });
+    let jobs = Jobs::Redis(redis_consumer(
+        &redis.url(),
+        &unique("jobs"),
+        handlers,
+        JobSettings {
+            concurrency: 1,
+            ..settings()
+        },
+    ));
+    let mut ids = Vec::new();
+    for n in 0..50 {
+        ids.push(jobs.enqueue(&WORK, &Work { n: 10 + n }, Options::default()).await.unwrap().unwrap());
+    }
+    let later = Options {
+        delay: Some(Duration::from_millis(500)),
+        ..Options::default()
+    };
+    for n in 0..10 {
+        ids.push(jobs.enqueue(&WORK, &Work { n: 100 + n }, later.clone()).await.unwrap().unwrap());
+    }
+    redis.halt();
+    redis.resume();
+    gate.add_permits(1_000);
+    until("every job ran", || ran.lock().unwrap().len() >= ids.len()).await;
+    let mut seen = ran.lock().unwrap().clone();
+    seen.sort_unstable();
+    seen.dedup();
+    ids.sort_unstable();
+    assert_eq!(seen, ids, "none lost");
+    let status = jobs.status().await.unwrap();
+    assert!(status.queues.iter().all(|q| q.waiting == 0 && q.in_flight == 0), "{status:?}");
+}
+
 crate::on_both_backends!(the_purges_remove_only_what_nothing_needs_any_more);
 
 /// What the periodic purges will delete: refresh-token sessions whose every token expired
