@@ -57,3 +57,4 @@ pub mod startup;
 pub mod store;
 pub mod tcp;
 pub mod telemetry;
+pub mod upkeep;

@@ -1,7 +1,9 @@
 //! The `segue` binary: settings, logs, then the application until a signal stops it.
 //! `segue seed-demo` instead loads the demo catalog into the configured store;
 //! `segue blocks list | add ADDRESS [--ttl SECS] | remove ADDRESS` lists and changes the
-//! blocked client addresses in the store (running replicas pick changes up within 2 s).
+//! blocked client addresses in the store (running replicas pick changes up within 2 s);
+//! `segue jobs status | dead list | dead retry ID | dead drop ID` reads the job queues in
+//! Redis and handles their dead letters.
 
 use std::process::ExitCode;
 
@@ -23,9 +25,10 @@ fn main() -> ExitCode {
         None | Some("serve") => {}
         Some("seed-demo") => return seed_demo(settings),
         Some("blocks") => return blocks(settings, std::env::args().skip(2).collect()),
+        Some("jobs") => return jobs(settings, std::env::args().skip(2).collect()),
         Some(other) => {
             eprintln!(
-                "segue: unknown command {other:?}; commands: serve (the default), seed-demo, blocks"
+                "segue: unknown command {other:?}; commands: serve (the default), seed-demo, blocks, jobs"
             );
             return ExitCode::from(2);
         }
@@ -152,6 +155,110 @@ fn blocks(settings: Settings, args: Vec<String>) -> ExitCode {
                     format!("{address} was not blocked")
                 })
             }
+        }
+    });
+    match outcome {
+        Ok(said) => {
+            println!("segue: {said}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("segue: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const JOBS_USAGE: &str = "usage: segue jobs status | dead list | dead retry ID | dead drop ID";
+
+/// What `segue jobs` was asked to do.
+enum JobsCommand {
+    Status,
+    DeadList,
+    Retry(u64),
+    Drop(u64),
+}
+
+fn parse_jobs(args: &[String]) -> Result<JobsCommand, String> {
+    let id = |raw: &str| {
+        raw.parse::<u64>()
+            .map_err(|_| format!("{raw:?} is not a job id (a whole number)"))
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["status"] => Ok(JobsCommand::Status),
+        ["dead", "list"] => Ok(JobsCommand::DeadList),
+        ["dead", "retry", raw] => Ok(JobsCommand::Retry(id(raw)?)),
+        ["dead", "drop", raw] => Ok(JobsCommand::Drop(id(raw)?)),
+        _ => Err(JOBS_USAGE.to_owned()),
+    }
+}
+
+/// `segue jobs …`: the job queues in Redis, as every replica sees them.
+fn jobs(settings: Settings, args: Vec<String>) -> ExitCode {
+    use secrecy::ExposeSecret;
+    use segue::jobs::{JobMetrics, Jobs, RedisJobs};
+    let command = match parse_jobs(&args) {
+        Ok(command) => command,
+        Err(problem) => {
+            eprintln!("segue: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(url) = settings.redis_url.clone() else {
+        eprintln!(
+            "segue: without REDIS_URL each hub runs its jobs in its own process; ask that hub: \
+             GET /admin/jobs with the operator token"
+        );
+        return ExitCode::from(2);
+    };
+    let outcome: Result<String, String> = actix_web::rt::System::new().block_on(async move {
+        let client = redis::Client::open(url.expose_secret()).map_err(|e| chain(&e))?;
+        let metrics = JobMetrics::register(&prometheus::Registry::new()).map_err(|e| chain(&e))?;
+        let jobs = Jobs::Redis(
+            RedisJobs::client(client, &settings.redis_namespace, metrics).map_err(|e| chain(&e))?,
+        );
+        match command {
+            JobsCommand::Status => {
+                let status = jobs.status().await.map_err(|e| chain(&e))?;
+                for queue in &status.queues {
+                    println!(
+                        "{:<9} waiting {:>8}   in flight {:>6}",
+                        queue.priority.name(),
+                        queue.waiting,
+                        queue.in_flight
+                    );
+                }
+                println!("delayed {}", status.delayed);
+                println!("dead {}", status.dead);
+                Ok(format!(
+                    "scheduler leader: {}",
+                    status.leader.as_deref().unwrap_or("none")
+                ))
+            }
+            JobsCommand::DeadList => {
+                let dead = jobs.dead(10_000).await.map_err(|e| chain(&e))?;
+                for job in &dead {
+                    println!(
+                        "{}\t{}\t{}\tattempts {}\t{}\t{}",
+                        job.id,
+                        job.kind,
+                        job.priority.name(),
+                        job.attempts,
+                        job.error,
+                        job.payload
+                    );
+                }
+                Ok(format!("{} dead", dead.len()))
+            }
+            JobsCommand::Retry(id) => match jobs.retry_dead(id).await.map_err(|e| chain(&e))? {
+                true => Ok(format!("job {id} is back in its queue")),
+                false => Err(format!("no dead job has id {id}")),
+            },
+            JobsCommand::Drop(id) => match jobs.drop_dead(id).await.map_err(|e| chain(&e))? {
+                true => Ok(format!("dead job {id} dropped")),
+                false => Err(format!("no dead job has id {id}")),
+            },
         }
     });
     match outcome {

@@ -57,9 +57,12 @@ pub struct Settings {
     /// HMAC key for access tokens. Every replica of one deployment needs the same key; when
     /// unset, a key is generated once and kept in `$data_dir/token.key`.
     pub jwt_secret: Option<SecretString>,
-    /// The operator's bearer token: when set, `GET /metrics` answers only to it. At least 32
-    /// bytes.
+    /// The operator's bearer token: the `/admin/` routes answer only to it (and are not
+    /// there, 404, while it is unset), and when set `GET /metrics` answers only to it too.
+    /// At least 32 bytes.
     pub operator_token: Option<SecretString>,
+    /// Another name for `operator_token` (`SEGUE_ADMIN_TOKEN`); set either, or both alike.
+    pub admin_token: Option<SecretString>,
     /// Lifetime of an access token, in seconds.
     pub access_token_ttl_secs: u64,
     /// Lifetime of a refresh token, in seconds.
@@ -156,6 +159,30 @@ pub struct Settings {
     pub device_accounts_max: u32,
     /// The window of `device_accounts_max`, in days.
     pub device_accounts_days: u32,
+    /// Background jobs run at once on this replica.
+    pub jobs_concurrency: usize,
+    /// Runs of a failing job before it goes to the dead letters.
+    pub jobs_max_attempts: u32,
+    /// The first retry waits up to this long; each further one up to twice as long as the
+    /// one before (full jitter), at most `jobs_backoff_cap_ms`, in milliseconds.
+    pub jobs_backoff_base_ms: u64,
+    pub jobs_backoff_cap_ms: u64,
+    /// A job held by a replica that stopped renewing its lease (it died or hung) is run
+    /// elsewhere after this long, in milliseconds (Redis only).
+    pub jobs_visibility_ms: u64,
+    /// How often replicas look for such jobs, in milliseconds (Redis only).
+    pub jobs_sweep_ms: u64,
+    /// On SIGTERM, how long jobs running may take to finish before the process exits (the
+    /// rest are reclaimed by another replica), in seconds.
+    pub jobs_drain_secs: u64,
+    /// How long the scheduler's leader holds its lease unless renewed; a dead leader's
+    /// successor takes over within it, in milliseconds (Redis only).
+    pub scheduler_lease_ms: u64,
+    /// When the store's upkeep (expired sessions, old device registrations, lapsed address
+    /// blocks, old plays) runs: an interval (`90s`, `15m`, `6h`) or `daily HH:MM` in UTC.
+    pub upkeep_schedule: String,
+    /// Plays older than this many days are deleted by the upkeep; 0 keeps them forever.
+    pub play_history_days: u32,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -186,6 +213,7 @@ impl Default for Settings {
             s3_secret_access_key: None,
             jwt_secret: None,
             operator_token: None,
+            admin_token: None,
             access_token_ttl_secs: 15 * 60,
             refresh_token_ttl_secs: 30 * 24 * 60 * 60,
             refresh_grace_secs: 30,
@@ -225,6 +253,16 @@ impl Default for Settings {
             ip_block_secs: 15 * 60,
             device_accounts_max: 3,
             device_accounts_days: 30,
+            jobs_concurrency: 10,
+            jobs_max_attempts: 10,
+            jobs_backoff_base_ms: 1_000,
+            jobs_backoff_cap_ms: 600_000,
+            jobs_visibility_ms: 30_000,
+            jobs_sweep_ms: 5_000,
+            jobs_drain_secs: 10,
+            scheduler_lease_ms: 10_000,
+            upkeep_schedule: "daily 04:00".into(),
+            play_history_days: 365,
             log_format: LogFormat::Text,
             log: "info".into(),
         }
@@ -333,14 +371,68 @@ impl Settings {
                 "must be at least 32 bytes long",
             ));
         }
-        if let Some(token) = &self.operator_token
-            && token.expose_secret().len() < 32
+        for (name, token) in [
+            ("SEGUE_OPERATOR_TOKEN", &self.operator_token),
+            ("SEGUE_ADMIN_TOKEN", &self.admin_token),
+        ] {
+            if let Some(token) = token
+                && token.expose_secret().len() < 32
+            {
+                return Err(SettingsError::new(name, "must be at least 32 bytes long"));
+            }
+        }
+        if let (Some(operator), Some(admin)) = (&self.operator_token, &self.admin_token)
+            && operator.expose_secret() != admin.expose_secret()
         {
             return Err(SettingsError::new(
-                "SEGUE_OPERATOR_TOKEN",
-                "must be at least 32 bytes long",
+                "SEGUE_ADMIN_TOKEN",
+                "names the operator token too, and differs from SEGUE_OPERATOR_TOKEN: set one",
             ));
         }
+        if !(1..=1_000).contains(&self.jobs_concurrency) {
+            return Err(SettingsError::new(
+                "SEGUE_JOBS_CONCURRENCY",
+                "must be between 1 and 1000",
+            ));
+        }
+        if !(1..=100).contains(&self.jobs_max_attempts) {
+            return Err(SettingsError::new(
+                "SEGUE_JOBS_MAX_ATTEMPTS",
+                "must be between 1 and 100",
+            ));
+        }
+        if self.jobs_backoff_base_ms == 0 || self.jobs_backoff_cap_ms < self.jobs_backoff_base_ms {
+            return Err(SettingsError::new(
+                "SEGUE_JOBS_BACKOFF_CAP_MS",
+                "must be at least SEGUE_JOBS_BACKOFF_BASE_MS, which must be above zero",
+            ));
+        }
+        if !(200..=86_400_000).contains(&self.jobs_visibility_ms) {
+            return Err(SettingsError::new(
+                "SEGUE_JOBS_VISIBILITY_MS",
+                "must be between 200 (0.2 s) and 86400000 (a day)",
+            ));
+        }
+        if self.jobs_sweep_ms == 0 || self.jobs_sweep_ms > self.jobs_visibility_ms {
+            return Err(SettingsError::new(
+                "SEGUE_JOBS_SWEEP_MS",
+                "must be above zero and at most SEGUE_JOBS_VISIBILITY_MS",
+            ));
+        }
+        if self.jobs_drain_secs > 3_600 {
+            return Err(SettingsError::new(
+                "SEGUE_JOBS_DRAIN_SECS",
+                "must be at most 3600 (an hour)",
+            ));
+        }
+        if !(1_000..=600_000).contains(&self.scheduler_lease_ms) {
+            return Err(SettingsError::new(
+                "SEGUE_SCHEDULER_LEASE_MS",
+                "must be between 1000 (a second) and 600000 (ten minutes)",
+            ));
+        }
+        crate::jobs::scheduler::Every::parse(&self.upkeep_schedule)
+            .map_err(|e| SettingsError::new("SEGUE_UPKEEP_SCHEDULE", e.to_string()))?;
         let positive = [
             ("SEGUE_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
             ("SEGUE_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),
@@ -433,6 +525,21 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The operator's token, by either of its names.
+    pub fn operator_token(&self) -> Option<&SecretString> {
+        self.operator_token.as_ref().or(self.admin_token.as_ref())
+    }
+
+    /// How jobs retry and how many run at once.
+    pub fn job_settings(&self) -> crate::jobs::JobSettings {
+        crate::jobs::JobSettings {
+            concurrency: self.jobs_concurrency,
+            max_attempts: self.jobs_max_attempts,
+            backoff_base: Duration::from_millis(self.jobs_backoff_base_ms),
+            backoff_cap: Duration::from_millis(self.jobs_backoff_cap_ms),
+        }
     }
 
     /// The address to listen on.

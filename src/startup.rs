@@ -18,6 +18,8 @@ use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
 use crate::cache::CacheAside;
 use crate::error;
 use crate::http::{self, AppState};
+use crate::jobs::scheduler::{LeaseSettings, Scheduler};
+use crate::jobs::{Jobs, MemoryJobs, RedisJobSettings, RedisJobs};
 use crate::presence::{AnyRegistry, RedisRegistry};
 use crate::ratelimit::{Limiter, MemoryLimiter, RedisLimiter};
 use crate::realtime::{Realtime, Stores};
@@ -103,6 +105,53 @@ fn security_headers() -> DefaultHeaders {
 pub struct Application {
     port: u16,
     server: Server,
+    jobs: Jobs,
+    scheduler: Scheduler,
+    /// How long jobs running at a shutdown may take to finish.
+    drain: std::time::Duration,
+}
+
+/// This replica's background jobs: on Redis Streams when `REDIS_URL` is set, else in
+/// process (said once, with what that loses).
+fn start_jobs(
+    settings: &Arc<Settings>,
+    store: &Store,
+    replica: &ReplicaId,
+    metrics: &Metrics,
+) -> Result<Jobs, StartupError> {
+    let handlers = crate::upkeep::handlers(store.clone(), settings.clone());
+    let job_settings = settings.job_settings();
+    Ok(match &settings.redis_url {
+        Some(url) => {
+            let client = ::redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
+            let timing = RedisJobSettings {
+                visibility: std::time::Duration::from_millis(settings.jobs_visibility_ms),
+                sweep_every: std::time::Duration::from_millis(settings.jobs_sweep_ms),
+                ..RedisJobSettings::default()
+            };
+            Jobs::Redis(RedisJobs::start(
+                client,
+                &settings.redis_namespace,
+                replica.to_string(),
+                handlers,
+                job_settings,
+                timing,
+                metrics.jobs.clone(),
+            )?)
+        }
+        None => {
+            tracing::warn!(
+                "background jobs run in this process (no REDIS_URL): a crash or restart loses \
+                 every job waiting, delayed or running; set REDIS_URL for durable jobs shared \
+                 by every replica"
+            );
+            Jobs::Memory(MemoryJobs::start(
+                handlers,
+                job_settings,
+                metrics.jobs.clone(),
+            ))
+        }
+    })
 }
 
 impl Application {
@@ -128,6 +177,18 @@ impl Application {
             .transpose()?;
         let metrics = Metrics::new()?;
         let replica = ReplicaId::generate();
+        let settings = Arc::new(settings);
+        let jobs = start_jobs(&settings, &store, &replica, &metrics)?;
+        let scheduler = Scheduler::start(
+            jobs.clone(),
+            crate::upkeep::periodic(&settings),
+            replica.to_string(),
+            LeaseSettings {
+                ttl: std::time::Duration::from_millis(settings.scheduler_lease_ms),
+            },
+            metrics.jobs.clone(),
+        );
+        let drain = std::time::Duration::from_secs(settings.jobs_drain_secs);
         let bus = match (&settings.redis_url, &redis) {
             (Some(url), Some(pool)) => {
                 let client = ::redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
@@ -182,7 +243,7 @@ impl Application {
                 source,
             })?
             .port();
-        tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, "segue starting");
+        tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, jobs = jobs.backend(), "segue starting");
 
         let max_body = settings.max_body_bytes;
         let origins = settings.origins();
@@ -196,7 +257,6 @@ impl Application {
             std::time::Duration::from_millis(settings.password_hash_wait_ms),
         )
         .map_err(StartupError::Hashing)?;
-        let settings = Arc::new(settings);
         let limiter = match &redis {
             Some(pool) => Limiter::Redis(RedisLimiter::new(
                 pool.clone(),
@@ -238,6 +298,7 @@ impl Application {
             fast_path,
         });
         let metrics = http::metrics_data(metrics);
+        let jobs_data = web::Data::new(jobs.clone());
         let app = move || {
             App::new()
                 .wrap(security_headers())
@@ -251,6 +312,7 @@ impl Application {
                 .app_data(metrics.clone())
                 .app_data(realtime.clone())
                 .app_data(queues.clone())
+                .app_data(jobs_data.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(max_body)
@@ -267,7 +329,11 @@ impl Application {
         // actix-web's `HttpServer`, assembled from its parts so that every connection runs
         // over an `AbortableStream`: a socket closed for not reading must give its TCP
         // connection back at once, which nothing above the stream can make the dispatcher do.
-        let mut server = Server::build().shutdown_timeout(SHUTDOWN_GRACE_SECS);
+        // Signals are handled in `run_until_stopped`, so that jobs stop being fetched the
+        // moment one arrives.
+        let mut server = Server::build()
+            .shutdown_timeout(SHUTDOWN_GRACE_SECS)
+            .disable_signals();
         if let Some(workers) = workers {
             server = server.workers(workers);
         }
@@ -303,7 +369,13 @@ impl Application {
                 source,
             })?
             .run();
-        Ok(Self { port, server })
+        Ok(Self {
+            port,
+            server,
+            jobs,
+            scheduler,
+            drain,
+        })
     }
 
     /// The port actually bound (useful when the settings asked for port 0).
@@ -316,8 +388,58 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until SIGTERM/SIGINT (graceful) or [`ServerHandle::stop`].
+    /// Serves until SIGTERM/SIGINT or [`ServerHandle::stop`]. Either way the stop is
+    /// graceful: the scheduler gives up its lease, jobs stop being fetched and those running
+    /// get `jobs_drain_secs` to finish (on Redis the rest are reclaimed by another replica),
+    /// while requests in flight get their own grace.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let Self {
+            server,
+            jobs,
+            scheduler,
+            drain,
+            ..
+        } = self;
+        let handle = server.handle();
+        let mut server = std::pin::pin!(server);
+        let served = tokio::select! {
+            served = &mut server => Some(served),
+            () = stop_signal() => None,
+        };
+        tracing::info!("segue stopping");
+        let stop_jobs = async {
+            scheduler.stop().await;
+            jobs.shutdown(drain).await;
+        };
+        match served {
+            Some(served) => {
+                stop_jobs.await;
+                served
+            }
+            None => {
+                let (_, _, served) = tokio::join!(handle.stop(true), stop_jobs, server);
+                served
+            }
+        }
+    }
+}
+
+/// The first SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::error!(%error, "cannot listen for signals; stop the hub by killing it");
+            std::future::pending::<()>().await;
+        }
     }
 }

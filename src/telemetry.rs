@@ -73,6 +73,8 @@ pub struct Metrics {
     pub cache_misses: IntCounterVec,
     /// Cache-aside calls that failed every try, by cache (the store answered alone).
     pub cache_errors: IntCounterVec,
+    /// The background jobs' counts, run times, depths, reclaims and leader changes.
+    pub jobs: crate::jobs::JobMetrics,
 }
 
 impl Metrics {
@@ -131,7 +133,9 @@ impl Metrics {
             registry.register(Box::new(counter.clone()))?;
             Ok(counter)
         };
+        let jobs = crate::jobs::JobMetrics::register(&registry)?;
         Ok(Self {
+            jobs,
             ws_open: gauge("ws_open", "Open WebSockets")?,
             ws_frames_in: counter("ws_frames_in_total", "Text frames received")?,
             ws_frames_out: counter("ws_frames_out_total", "Frames queued for sockets")?,

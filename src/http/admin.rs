@@ -1,4 +1,5 @@
-//! The operator's endpoints under `/admin/` (operator token only): the blocked addresses.
+//! The operator's endpoints under `/admin/` (operator token only; without one configured
+//! they answer 404): the blocked addresses, and the background jobs.
 
 use std::time::Duration;
 
@@ -11,7 +12,9 @@ use super::extract::require_operator;
 use crate::abuse::{Guard, address_key};
 use crate::domain::InvalidInput;
 use crate::error::ApiError;
+use crate::jobs::{Jobs, Options};
 use crate::store::blocks;
+use crate::store::jobs as store_jobs;
 
 /// Longest block an operator may set: 30 days.
 pub const MAX_BLOCK_SECS: u64 = 30 * 86_400;
@@ -98,4 +101,135 @@ pub async fn remove_block(
     let address = parse_address(&path.into_inner())?;
     guard.unblock(&address).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// The job queues could not be read or changed: 503, naming the part.
+fn jobs_unavailable(error: impl std::error::Error + Send + Sync + 'static) -> ApiError {
+    ApiError::Unavailable {
+        part: "the job queues",
+        source: Box::new(error),
+    }
+}
+
+/// Dead letters listed by `GET /admin/jobs`.
+const DEAD_LISTED: usize = 100;
+
+/// `GET /admin/jobs` → per queue waiting and in flight, delayed, dead (the first 100 listed
+/// with their last error), the scheduler's leader and this replica's name, and the upkeep's
+/// latest runs.
+pub async fn jobs_status(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    jobs: web::Data<Jobs>,
+    realtime: web::Data<crate::realtime::Realtime>,
+) -> Result<HttpResponse, ApiError> {
+    require_operator(&req, &state)?;
+    let status = jobs.status().await.map_err(jobs_unavailable)?;
+    let dead = jobs.dead(DEAD_LISTED).await.map_err(jobs_unavailable)?;
+    let mut pooled = state.store.conn().await?;
+    let runs = store_jobs::recent_runs(&mut pooled.conn(), crate::upkeep::UPKEEP_JOB, 10).await?;
+    let runs: Vec<_> = runs
+        .iter()
+        .map(|run| {
+            json!({
+                "tick": run.tick,
+                "job_id": run.job_id,
+                "epoch": run.epoch,
+                "ran_at": run.ran_at.and_utc().to_rfc3339(),
+                "removed": run.removed,
+                "doubled": run.doubled,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "backend": status.backend,
+        "queues": status.queues,
+        "delayed": status.delayed,
+        "dead": status.dead,
+        "leader": status.leader,
+        "replica": realtime.replica.to_string(),
+        "dead_jobs": dead,
+        "periodic": [{
+            "job": crate::upkeep::UPKEEP_JOB,
+            "schedule": state.settings.upkeep_schedule,
+            "recent_runs": runs,
+        }],
+    })))
+}
+
+/// `POST /admin/jobs/dead/{id}/retry` → 200 `{retried: id}`, back in its queue with fresh
+/// attempts; 404 `no_such_job` when no dead job has that id.
+pub async fn retry_dead_job(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    jobs: web::Data<Jobs>,
+    path: web::Path<u64>,
+) -> Result<HttpResponse, ApiError> {
+    require_operator(&req, &state)?;
+    let id = path.into_inner();
+    if !jobs.retry_dead(id).await.map_err(jobs_unavailable)? {
+        return Err(no_such_job(id));
+    }
+    Ok(HttpResponse::Ok().json(json!({ "retried": id })))
+}
+
+/// `DELETE /admin/jobs/dead/{id}` → 204; 404 `no_such_job` when no dead job has that id.
+pub async fn drop_dead_job(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    jobs: web::Data<Jobs>,
+    path: web::Path<u64>,
+) -> Result<HttpResponse, ApiError> {
+    require_operator(&req, &state)?;
+    let id = path.into_inner();
+    if !jobs.drop_dead(id).await.map_err(jobs_unavailable)? {
+        return Err(no_such_job(id));
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+fn no_such_job(id: u64) -> ApiError {
+    ApiError::not_found("no_such_job", format!("No dead job has id {id}."))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProbes {
+    count: u32,
+    #[serde(default)]
+    work_ms: u64,
+}
+
+/// Most probes one request enqueues.
+pub const MAX_PROBES: u32 = 10_000;
+
+/// `POST /admin/jobs/probes` `{count, work_ms?}` → 202 `{ids}`: `count` probe jobs, each
+/// waiting `work_ms` then recording its id in the store's `job_probes` (an end-to-end check
+/// of the workers; the crash tests count these rows).
+pub async fn enqueue_probes(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    jobs: web::Data<Jobs>,
+    body: web::Json<NewProbes>,
+) -> Result<HttpResponse, ApiError> {
+    require_operator(&req, &state)?;
+    if !(1..=MAX_PROBES).contains(&body.count) {
+        return Err(InvalidInput::new("count", "must be 1 to 10000").into());
+    }
+    let most = u64::try_from(crate::upkeep::MAX_PROBE_WORK.as_millis()).unwrap_or(u64::MAX);
+    if body.work_ms > most {
+        return Err(InvalidInput::new("work_ms", "must be at most 60000 (a minute)").into());
+    }
+    let probe = crate::upkeep::Probe {
+        work_ms: body.work_ms,
+    };
+    let mut ids = Vec::with_capacity(body.count as usize);
+    for _ in 0..body.count {
+        let id = jobs
+            .enqueue(&crate::upkeep::PROBE, &probe, Options::default())
+            .await
+            .map_err(jobs_unavailable)?;
+        ids.extend(id);
+    }
+    Ok(HttpResponse::Accepted().json(json!({ "ids": ids })))
 }

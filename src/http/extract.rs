@@ -67,11 +67,12 @@ impl FromRequest for AuthenticatedUser {
 pub fn require_operator(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     use secrecy::ExposeSecret;
     use sha2::{Digest, Sha256};
-    let Some(expected) = &state.settings.operator_token else {
+    // Without an operator token the operator's routes are not there at all.
+    let Some(expected) = state.settings.operator_token() else {
         return Err(ApiError::client(
-            actix_web::http::StatusCode::FORBIDDEN,
-            "operator_only",
-            "Only the operator may do this, and no operator token is configured.",
+            actix_web::http::StatusCode::NOT_FOUND,
+            "not_found",
+            "No such route.",
         ));
     };
     let presented = bearer_token(req)?;

@@ -56,7 +56,7 @@ pub async fn metrics(
     state: web::Data<AppState>,
     metrics: web::Data<Metrics>,
 ) -> Result<HttpResponse, ApiError> {
-    if state.settings.operator_token.is_some() {
+    if state.settings.operator_token().is_some() {
         super::extract::require_operator(&req, &state)?;
     }
     let body = metrics.render().map_err(ApiError::internal)?;

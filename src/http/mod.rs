@@ -112,6 +112,21 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             resource(&["/admin/blocks/{address}"], "DELETE")
                 .route(web::delete().to(admin::remove_block)),
+        )
+        .service(
+            resource(&["/admin/jobs", "/admin/jobs/"], "GET")
+                .route(web::get().to(admin::jobs_status)),
+        )
+        .service(
+            resource(&["/admin/jobs/dead/{id}/retry"], "POST")
+                .route(web::post().to(admin::retry_dead_job)),
+        )
+        .service(
+            resource(&["/admin/jobs/dead/{id}"], "DELETE")
+                .route(web::delete().to(admin::drop_dead_job)),
+        )
+        .service(
+            resource(&["/admin/jobs/probes"], "POST").route(web::post().to(admin::enqueue_probes)),
         );
 }
 

@@ -185,7 +185,11 @@ impl MemoryJobs {
                 waiting: state.queues.of(priority).len() as u64,
                 // Running jobs are not told apart by queue here: they are all counted on
                 // the default one.
-                in_flight: if priority == Priority::Default { running } else { 0 },
+                in_flight: if priority == Priority::Default {
+                    running
+                } else {
+                    0
+                },
             })
             .collect();
         Status {
@@ -212,7 +216,10 @@ impl MemoryJobs {
             }
         };
         if tokio::time::timeout(deadline, drained).await.is_err() {
-            tracing::warn!(running = self.state().running, "jobs still running at the drain deadline");
+            tracing::warn!(
+                running = self.state().running,
+                "jobs still running at the drain deadline"
+            );
         }
     }
 }
@@ -263,10 +270,20 @@ async fn dispatch(inner: Arc<Inner>) {
         tokio::spawn(async move {
             let outcome = inner
                 .handlers
-                .run(&inner.metrics, entry.id, &entry.kind, entry.attempts, entry.payload.clone())
+                .run(
+                    &inner.metrics,
+                    entry.id,
+                    &entry.kind,
+                    entry.attempts,
+                    entry.payload.clone(),
+                )
                 .await;
             settle(&inner, entry, outcome);
-            inner.state.lock().unwrap_or_else(|p| p.into_inner()).running -= 1;
+            inner
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .running -= 1;
             drop(permit);
             inner.finished.notify_waiters();
             inner.wake.notify_one();

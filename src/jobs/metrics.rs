@@ -1,7 +1,9 @@
 //! The jobs' Prometheus metrics: counts by kind, run time, queue depth, reclaims, leader
 //! changes.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 use super::Status;
 
@@ -60,7 +62,10 @@ impl JobMetrics {
             enqueued: by_kind("jobs_enqueued_total", "Jobs enqueued")?,
             started: by_kind("jobs_started_total", "Job runs started")?,
             succeeded: by_kind("jobs_succeeded_total", "Job runs that succeeded")?,
-            retried: by_kind("jobs_retried_total", "Job runs that failed and will be retried")?,
+            retried: by_kind(
+                "jobs_retried_total",
+                "Job runs that failed and will be retried",
+            )?,
             dead: by_kind("jobs_dead_total", "Jobs moved to the dead letters")?,
             duration,
             depth,
@@ -72,11 +77,19 @@ impl JobMetrics {
     pub fn observe(&self, status: &Status) {
         for queue in &status.queues {
             let name = queue.priority.name();
-            self.depth.with_label_values(&[name, "waiting"]).set(gauge(queue.waiting));
-            self.depth.with_label_values(&[name, "in_flight"]).set(gauge(queue.in_flight));
+            self.depth
+                .with_label_values(&[name, "waiting"])
+                .set(gauge(queue.waiting));
+            self.depth
+                .with_label_values(&[name, "in_flight"])
+                .set(gauge(queue.in_flight));
         }
-        self.depth.with_label_values(&["all", "delayed"]).set(gauge(status.delayed));
-        self.depth.with_label_values(&["all", "dead"]).set(gauge(status.dead));
+        self.depth
+            .with_label_values(&["all", "delayed"])
+            .set(gauge(status.delayed));
+        self.depth
+            .with_label_values(&["all", "dead"])
+            .set(gauge(status.dead));
     }
 }
 

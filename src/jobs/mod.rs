@@ -21,10 +21,12 @@ use serde_json::Value;
 
 pub use self::memory::MemoryJobs;
 pub use self::metrics::JobMetrics;
-pub use self::redis::{RedisJobs, RedisJobSettings};
+pub use self::redis::{RedisJobSettings, RedisJobs};
 
 /// How soon a job should run, relative to others waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Critical,
@@ -79,7 +81,10 @@ impl<P> Kind<P> {
     /// A kind named `name`: letters, digits, `_`, `.` and `-` only (the Redis queues keep the
     /// name in a delimited record).
     pub const fn new(name: &'static str) -> Self {
-        assert!(valid_kind(name), "a job kind is named with [A-Za-z0-9_.-] only");
+        assert!(
+            valid_kind(name),
+            "a job kind is named with [A-Za-z0-9_.-] only"
+        );
         Self {
             name,
             _payload: PhantomData,
@@ -93,17 +98,15 @@ impl<P> Kind<P> {
 
 /// Whether `name` may name a job kind.
 pub const fn valid_kind(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes.len() > 100 {
+    let mut rest = name.as_bytes();
+    if rest.is_empty() || rest.len() > 100 {
         return false;
     }
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if !(b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-') {
+    while let [b, tail @ ..] = rest {
+        if !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'.' || *b == b'-') {
             return false;
         }
-        i += 1;
+        rest = tail;
     }
     true
 }
@@ -217,7 +220,8 @@ pub enum JobsError {
     Redis(#[from] ::redis::RedisError),
 }
 
-type Handler = Arc<dyn Fn(u64, u32, Value) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
+type Handler =
+    Arc<dyn Fn(u64, u32, Value) -> BoxFuture<'static, Result<(), Failure>> + Send + Sync>;
 
 /// What runs each kind of job.
 #[derive(Clone, Default)]

@@ -22,8 +22,8 @@ use serde_json::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::{
-    DeadJob, EnqueueError, Failure, Handlers, IDEMPOTENCY_TTL, JobMetrics, JobSettings,
-    JobsError, Options, Priority, QueueStatus, Status, fetch_order,
+    DeadJob, EnqueueError, Failure, Handlers, IDEMPOTENCY_TTL, JobMetrics, JobSettings, JobsError,
+    Options, Priority, QueueStatus, Status, fetch_order,
 };
 
 /// The consumer group every replica reads through.
@@ -92,9 +92,7 @@ impl Keys {
     }
 
     pub fn queue(&self, priority: Priority) -> &str {
-        self.queues
-            .get(priority.index())
-            .map_or("", String::as_str)
+        self.queues.get(priority.index()).map_or("", String::as_str)
     }
 
     pub fn idempotency(&self, key: &str) -> String {
@@ -158,6 +156,9 @@ impl Scripts {
     }
 }
 
+/// What the reclaim script answers: the next cursor, and the entries taken over (id, fields).
+type Claimed = (String, Vec<(String, HashMap<String, String>)>);
+
 /// A finished entry waiting to be acknowledged.
 struct Ack {
     priority: Priority,
@@ -212,6 +213,47 @@ impl RedisJobs {
         timing: RedisJobSettings,
         metrics: JobMetrics,
     ) -> Result<Self, RedisError> {
+        let (jobs, acks) = Self::build(
+            client, namespace, consumer, handlers, settings, timing, metrics,
+        )?;
+        let inner = &jobs.inner;
+        tokio::spawn(fetch(inner.clone()));
+        tokio::spawn(keep_leases(inner.clone()));
+        tokio::spawn(promote(inner.clone()));
+        tokio::spawn(sweep(inner.clone()));
+        let acker = tokio::spawn(acknowledge(inner.clone(), acks));
+        *jobs.acker.lock().unwrap_or_else(|p| p.into_inner()) = Some(acker);
+        Ok(jobs)
+    }
+
+    /// The queues without workers: to enqueue, read their status and handle dead letters
+    /// (`segue jobs`).
+    pub fn client(
+        client: redis::Client,
+        namespace: &str,
+        metrics: JobMetrics,
+    ) -> Result<Self, RedisError> {
+        let (jobs, _) = Self::build(
+            client,
+            namespace,
+            String::new(),
+            Handlers::new(),
+            JobSettings::default(),
+            RedisJobSettings::default(),
+            metrics,
+        )?;
+        Ok(jobs)
+    }
+
+    fn build(
+        client: redis::Client,
+        namespace: &str,
+        consumer: String,
+        handlers: Handlers,
+        settings: JobSettings,
+        timing: RedisJobSettings,
+        metrics: JobMetrics,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), RedisError> {
         let commands = ConnectionManager::new_lazy_with_config(
             client.clone(),
             ConnectionManagerConfig::new()
@@ -249,15 +291,11 @@ impl RedisJobs {
             acks,
             stop,
         });
-        tokio::spawn(fetch(inner.clone()));
-        tokio::spawn(keep_leases(inner.clone()));
-        tokio::spawn(promote(inner.clone()));
-        tokio::spawn(sweep(inner.clone()));
-        let acker = tokio::spawn(acknowledge(inner.clone(), acks_rx));
-        Ok(Self {
+        let jobs = Self {
             inner,
-            acker: Arc::new(Mutex::new(Some(acker))),
-        })
+            acker: Arc::new(Mutex::new(None)),
+        };
+        Ok((jobs, acks_rx))
     }
 
     pub fn keys(&self) -> &Keys {
@@ -280,7 +318,10 @@ impl RedisJobs {
         }
         let keys = &self.inner.keys;
         let priority = options.priority.unwrap_or(Priority::Default);
-        let idempotency = options.idempotency_key.as_deref().map(|k| keys.idempotency(k));
+        let idempotency = options
+            .idempotency_key
+            .as_deref()
+            .map(|k| keys.idempotency(k));
         let delay_ms = options
             .delay
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -508,7 +549,14 @@ async fn fetch(inner: Arc<Inner>) {
             match ensure_groups(&inner).await {
                 Ok(()) => groups_ready = true,
                 Err(error) => {
-                    if pause_after_error(&inner, "creating the consumer group", &error, Duration::from_secs(1)).await {
+                    if pause_after_error(
+                        &inner,
+                        "creating the consumer group",
+                        &error,
+                        Duration::from_secs(1),
+                    )
+                    .await
+                    {
                         continue;
                     }
                     return;
@@ -544,7 +592,9 @@ async fn fetch(inner: Arc<Inner>) {
                         groups_ready = false;
                     }
                     drop(permits);
-                    if pause_after_error(&inner, "reading jobs", &error, Duration::from_millis(500)).await {
+                    if pause_after_error(&inner, "reading jobs", &error, Duration::from_millis(500))
+                        .await
+                    {
                         continue;
                     }
                     return;
@@ -569,7 +619,10 @@ async fn fetch(inner: Arc<Inner>) {
 /// first that has any wins); when all are empty, one blocking read across the three, holding
 /// one permit only (so that the sweeper can start what it reclaims meanwhile) and asking each
 /// stream for one entry.
-async fn read(inner: &Inner, permits: &mut Vec<OwnedSemaphorePermit>) -> Result<Vec<Entry>, RedisError> {
+async fn read(
+    inner: &Inner,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) -> Result<Vec<Entry>, RedisError> {
     let count = permits.len();
     let mut conn = inner.commands.clone();
     for priority in fetch_order() {
@@ -640,7 +693,13 @@ fn start(inner: &Arc<Inner>, entry: Entry, permit: OwnedSemaphorePermit) {
             Ok(payload) => {
                 inner
                     .handlers
-                    .run(&inner.metrics, entry.id, &entry.kind, entry.attempt, payload)
+                    .run(
+                        &inner.metrics,
+                        entry.id,
+                        &entry.kind,
+                        entry.attempt,
+                        payload,
+                    )
                     .await
             }
             Err(e) => Err(Failure::Permanent(format!("unreadable payload: {e}"))),
@@ -670,7 +729,10 @@ async fn settle(inner: &Inner, entry: &Entry, outcome: Result<(), Failure>) {
             inner.metrics.retried.with_label_values(&[label]).inc();
             let backoff = inner.settings.backoff(runs);
             tracing::debug!(job = entry.id, kind = entry.kind, attempt = runs, %error, "job failed; retrying");
-            (error, i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX))
+            (
+                error,
+                i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX),
+            )
         }
         Err(Failure::Retry(error) | Failure::Permanent(error)) => {
             inner.metrics.dead.with_label_values(&[label]).inc();
@@ -700,7 +762,9 @@ async fn settle(inner: &Inner, entry: &Entry, outcome: Result<(), Failure>) {
             .await;
         match settled {
             Ok(_) => return,
-            Err(error) => tracing::warn!(%error, job = entry.id, "jobs: settling a failed run failed"),
+            Err(error) => {
+                tracing::warn!(%error, job = entry.id, "jobs: settling a failed run failed")
+            }
         }
     }
     // Left pending: reclaimed after the visibility timeout and run again.
@@ -825,7 +889,7 @@ async fn promote(inner: Arc<Inner>) {
 async fn reclaim(inner: &Arc<Inner>) -> Result<usize, RedisError> {
     let mut taken = 0;
     for priority in Priority::ALL {
-        let (_cursor, claimed): (String, Vec<(String, HashMap<String, String>)>) = inner
+        let (_cursor, claimed): Claimed = inner
             .scripts
             .reclaim
             .key(inner.keys.queue(priority))
@@ -879,11 +943,15 @@ async fn sweep(inner: Arc<Inner>) {
         }
         // While reclaimed entries still wait for permits, taking more would only hold them
         // from other replicas.
-        let waiting = inner.reclaimed.lock().unwrap_or_else(|p| p.into_inner()).len();
-        if waiting < inner.settings.concurrency * 4 {
-            if let Err(error) = reclaim(&inner).await {
-                tracing::debug!(%error, "jobs: reclaiming failed");
-            }
+        let waiting = inner
+            .reclaimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        if waiting < inner.settings.concurrency * 4
+            && let Err(error) = reclaim(&inner).await
+        {
+            tracing::debug!(%error, "jobs: reclaiming failed");
         }
         let forgot: Result<u32, RedisError> = inner
             .scripts

@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Jobs, JobMetrics, Kind, Options, Priority, RedisJobs};
+use super::{JobMetrics, Jobs, Kind, Options, Priority, RedisJobs};
 
 /// Ticks a new leader enqueues at most to catch up on ones missed while nobody led.
 const MAX_CATCH_UP: i64 = 10;
@@ -73,7 +73,9 @@ impl Every {
         if count == 0 {
             return Err(bad());
         }
-        Ok(Self::interval(Duration::from_secs(count.saturating_mul(unit_secs))))
+        Ok(Self::interval(Duration::from_secs(
+            count.saturating_mul(unit_secs),
+        )))
     }
 
     /// The tick `now_ms` (Unix milliseconds) falls in.
@@ -185,7 +187,8 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Where the lease and the last ticks live.
+/// Where the lease and the last ticks live (one per scheduler: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Lease {
     /// In process: always the leader, ticks remembered here.
     Local { last: HashMap<&'static str, i64> },
@@ -235,7 +238,10 @@ impl Lease {
     }
 
     /// Takes the lease if nobody holds it: its epoch, or `None`.
-    async fn acquire(&mut self, settings: &LeaseSettings) -> Result<Option<u64>, redis::RedisError> {
+    async fn acquire(
+        &mut self,
+        settings: &LeaseSettings,
+    ) -> Result<Option<u64>, redis::RedisError> {
         match self {
             Self::Local { .. } => Ok(Some(1)),
             Self::Redis {
@@ -303,14 +309,22 @@ impl Lease {
         match self {
             Self::Local { last } => Ok(last.get(job).copied()),
             Self::Redis { conn, keys, .. } => {
-                redis::cmd("GET").arg(keys.tick(job)).query_async(conn).await
+                redis::cmd("GET")
+                    .arg(keys.tick(job))
+                    .query_async(conn)
+                    .await
             }
         }
     }
 
     /// Records `tick` of `job` as enqueued, unless a newer leader (epoch) took over: false
     /// then.
-    async fn advance(&mut self, job: &'static str, tick: i64, epoch: u64) -> Result<bool, redis::RedisError> {
+    async fn advance(
+        &mut self,
+        job: &'static str,
+        tick: i64,
+        epoch: u64,
+    ) -> Result<bool, redis::RedisError> {
         match self {
             Self::Local { last } => {
                 last.insert(job, tick);
@@ -375,7 +389,11 @@ async fn lead(
                 Some((epoch, _)) => match lease.renew(&settings).await {
                     Ok(true) => leading = Some((epoch, asked + settings.ttl - settings.margin())),
                     Ok(false) => {
-                        tracing::warn!(replica, epoch, "scheduler: the lease was lost; stepping down");
+                        tracing::warn!(
+                            replica,
+                            epoch,
+                            "scheduler: the lease was lost; stepping down"
+                        );
                         leading = None;
                     }
                     Err(error) => {
@@ -424,12 +442,20 @@ async fn enqueue_due(
     let first = match last {
         Some(last) if last >= current => return Ok(()),
         Some(last) => (last + 1).max(current - MAX_CATCH_UP + 1),
-        None => current,
+        // Never scheduled before: as cron does, the first run is at the next tick, not now.
+        None => {
+            lease.advance(job.name, current, epoch).await?;
+            return Ok(());
+        }
     };
     if let Some(last) = last
         && first > last + 1
     {
-        tracing::warn!(job = job.name, skipped = first - last - 1, "scheduler: ticks nobody enqueued are skipped");
+        tracing::warn!(
+            job = job.name,
+            skipped = first - last - 1,
+            "scheduler: ticks nobody enqueued are skipped"
+        );
     }
     for tick in first..=current {
         let payload = serde_json::to_value(Tick { tick, epoch })?;
@@ -438,7 +464,9 @@ async fn enqueue_due(
             idempotency_key: Some(format!("tick:{}:{tick}", job.name)),
             delay: None,
         };
-        let enqueued = jobs.enqueue_value(job.kind, payload as Value, options).await?;
+        let enqueued = jobs
+            .enqueue_value(job.kind, payload as Value, options)
+            .await?;
         tracing::debug!(job = job.name, tick, ?enqueued, "scheduler: tick enqueued");
         if !lease.advance(job.name, tick, epoch).await? {
             return Err("a newer leader took over".into());
@@ -453,13 +481,32 @@ mod tests {
 
     #[test]
     fn schedules_parse_as_intervals_or_daily_times() {
-        assert_eq!(Every::parse("90s"), Ok(Every::interval(Duration::from_secs(90))));
-        assert_eq!(Every::parse("15m"), Ok(Every::interval(Duration::from_secs(900))));
-        assert_eq!(Every::parse(" 6h "), Ok(Every::interval(Duration::from_secs(21_600))));
+        assert_eq!(
+            Every::parse("90s"),
+            Ok(Every::interval(Duration::from_secs(90)))
+        );
+        assert_eq!(
+            Every::parse("15m"),
+            Ok(Every::interval(Duration::from_secs(900)))
+        );
+        assert_eq!(
+            Every::parse(" 6h "),
+            Ok(Every::interval(Duration::from_secs(21_600)))
+        );
         let daily = Every::parse("daily 04:30").unwrap();
         assert_eq!(daily.period, Duration::from_secs(86_400));
         assert_eq!(daily.offset, Duration::from_secs(4 * 3600 + 30 * 60));
-        for bad in ["", "0s", "5", "5d", "s", "daily 24:00", "daily 4", "daily xx:10", "-5s"] {
+        for bad in [
+            "",
+            "0s",
+            "5",
+            "5d",
+            "s",
+            "daily 24:00",
+            "daily 4",
+            "daily xx:10",
+            "-5s",
+        ] {
             assert!(Every::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -471,10 +518,22 @@ mod tests {
         let four = 4 * 3_600_000;
         // 2026-12-02 03:59:59.999 UTC belongs to the day before's tick; 04:00 starts a new one.
         let midnight = 20_424 * day;
-        assert_eq!(daily.tick_at(midnight + four - 1), daily.tick_at(midnight + four) - 1);
-        assert_eq!(daily.tick_at(midnight + four), daily.tick_at(midnight + four + day - 1));
-        assert_eq!(daily.until_next(midnight + four - 1_000), Duration::from_secs(1));
+        assert_eq!(
+            daily.tick_at(midnight + four - 1),
+            daily.tick_at(midnight + four) - 1
+        );
+        assert_eq!(
+            daily.tick_at(midnight + four),
+            daily.tick_at(midnight + four + day - 1)
+        );
+        assert_eq!(
+            daily.until_next(midnight + four - 1_000),
+            Duration::from_secs(1)
+        );
         let minute = Every::parse("1m").unwrap();
-        assert_eq!(minute.until_next(60_000 * 7 + 59_000), Duration::from_secs(1));
+        assert_eq!(
+            minute.until_next(60_000 * 7 + 59_000),
+            Duration::from_secs(1)
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod blocks;
 pub mod catalog;
 pub mod devices;
 pub mod follows;
+pub mod jobs;
 pub mod plays;
 pub mod preferences;
 pub mod queue;

@@ -48,3 +48,15 @@ pub async fn recent(
         .load(c)
         .await)?)
 }
+
+/// Deletes plays from before `cutoff`; returns how many went.
+pub async fn purge_before(
+    conn: &mut Conn<'_>,
+    cutoff: chrono::NaiveDateTime,
+) -> Result<usize, StoreError> {
+    Ok(
+        run!(conn, c => diesel::delete(ph::table.filter(ph::played_at.lt(cutoff)))
+        .execute(c)
+        .await)?,
+    )
+}

@@ -95,6 +95,26 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    periodic_runs (job, tick) {
+        job -> Text,
+        tick -> BigInt,
+        job_id -> BigInt,
+        epoch -> BigInt,
+        ran_at -> Timestamp,
+        removed -> BigInt,
+        doubled -> Integer,
+    }
+}
+
+diesel::table! {
+    job_probes (job_id) {
+        job_id -> BigInt,
+        runs -> Integer,
+        finished_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(refresh_tokens -> users (user_id));
 diesel::joinable!(devices -> users (user_id));
 diesel::joinable!(tracks -> artists (artist_id));

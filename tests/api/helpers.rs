@@ -492,6 +492,15 @@ pub async fn fresh_postgres_database() -> (String, String) {
     })
 }
 
+/// Drops the named test database when it goes out of scope.
+pub struct DatabaseGuard(pub String);
+
+impl Drop for DatabaseGuard {
+    fn drop(&mut self) {
+        drop_database_blocking(self.0.clone());
+    }
+}
+
 /// `admin_url` with its database name replaced.
 pub fn with_database(admin_url: &str, name: &str) -> String {
     let base = admin_url

@@ -51,7 +51,12 @@ pub enum On {
 }
 
 /// A consumer on the Redis queues under `namespace` (several share them by using one).
-fn redis_consumer(url: &str, namespace: &str, handlers: Handlers, settings: JobSettings) -> RedisJobs {
+fn redis_consumer(
+    url: &str,
+    namespace: &str,
+    handlers: Handlers,
+    settings: JobSettings,
+) -> RedisJobs {
     RedisJobs::start(
         redis::Client::open(url).unwrap(),
         namespace,
@@ -67,7 +72,12 @@ fn redis_consumer(url: &str, namespace: &str, handlers: Handlers, settings: JobS
 fn start(on: On, handlers: Handlers, settings: JobSettings) -> Jobs {
     match on {
         On::Memory => Jobs::Memory(MemoryJobs::start(handlers, settings, metrics())),
-        On::Redis => Jobs::Redis(redis_consumer(&redis_url(), &unique("jobs"), handlers, settings)),
+        On::Redis => Jobs::Redis(redis_consumer(
+            &redis_url(),
+            &unique("jobs"),
+            handlers,
+            settings,
+        )),
     }
 }
 
@@ -159,7 +169,10 @@ async fn a_job_runs_and_a_failing_one_is_retried_with_backoff_then_dead_lettered
         .await
         .unwrap()
         .unwrap();
-    until("the flaky job succeeded", || ran.load(Ordering::SeqCst) == 2).await;
+    until("the flaky job succeeded", || {
+        ran.load(Ordering::SeqCst) == 2
+    })
+    .await;
     assert_eq!(
         *attempts_seen.lock().unwrap(),
         vec![(id, 0), (id, 1), (id, 2)],
@@ -225,12 +238,18 @@ async fn an_unreadable_payload_or_unknown_kind_goes_straight_to_dead_letters(on:
         dead.iter().any(|d| d.error.contains("unreadable payload")),
         "{dead:?}"
     );
-    assert!(dead.iter().any(|d| d.error.contains("no handler")), "{dead:?}");
+    assert!(
+        dead.iter().any(|d| d.error.contains("no handler")),
+        "{dead:?}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     let refused = jobs
         .enqueue_value("no|pipes", serde_json::json!({}), Options::default())
         .await;
-    assert!(matches!(refused, Err(segue::jobs::EnqueueError::Kind(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(segue::jobs::EnqueueError::Kind(_))),
+        "{refused:?}"
+    );
 }
 
 async fn an_idempotency_key_runs_a_job_once_and_not_before_is_kept(on: On) {
@@ -375,14 +394,21 @@ async fn a_dead_job_is_retried_or_dropped_by_id(on: On) {
         priority: Some(Priority::Critical),
         ..Options::default()
     };
-    let first = jobs.enqueue(&WORK, &Work { n: 1 }, high).await.unwrap().unwrap();
+    let first = jobs
+        .enqueue(&WORK, &Work { n: 1 }, high)
+        .await
+        .unwrap()
+        .unwrap();
     let second = jobs
         .enqueue(&WORK, &Work { n: 2 }, Options::default())
         .await
         .unwrap()
         .unwrap();
     let dead = dead_soon(&jobs, 2).await;
-    assert_eq!(dead.iter().find(|d| d.id == first).unwrap().priority, Priority::Critical);
+    assert_eq!(
+        dead.iter().find(|d| d.id == first).unwrap().priority,
+        Priority::Critical
+    );
     fixed.store(1, Ordering::SeqCst);
     assert!(jobs.retry_dead(first).await.unwrap());
     assert!(!jobs.retry_dead(first).await.unwrap(), "moved once");
@@ -416,7 +442,10 @@ fn recording() -> (Arc<Mutex<Vec<u64>>>, Handlers) {
 /// A handler that runs nothing, on a consumer that only reclaims what others dropped.
 fn recording_consumer(namespace: &str, settings: JobSettings) -> (Arc<Mutex<Vec<u64>>>, RedisJobs) {
     let (runs, handlers) = recording();
-    (runs, redis_consumer(&redis_url(), namespace, handlers, settings))
+    (
+        runs,
+        redis_consumer(&redis_url(), namespace, handlers, settings),
+    )
 }
 
 #[actix_web::test]
@@ -426,13 +455,34 @@ async fn a_long_job_keeps_its_lease_and_runs_once_among_two_replicas() {
     let (runs_b, b) = recording_consumer(&namespace, settings());
     let jobs = Jobs::Redis(a.clone());
     // 2.5 s of work against a visibility timeout of 0.8 s: only renewals keep it leased.
-    let id = jobs.enqueue(&WORK, &Work { n: 2 }, Options::default()).await.unwrap().unwrap();
-    until("it ran", || runs_a.lock().unwrap().len() + runs_b.lock().unwrap().len() == 1).await;
+    let id = jobs
+        .enqueue(&WORK, &Work { n: 2 }, Options::default())
+        .await
+        .unwrap()
+        .unwrap();
+    until("it ran", || {
+        runs_a.lock().unwrap().len() + runs_b.lock().unwrap().len() == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let all: Vec<u64> = [runs_a.lock().unwrap().clone(), runs_b.lock().unwrap().clone()].concat();
-    assert_eq!(all, vec![id], "once, never reclaimed while its replica renewed the lease");
+    let all: Vec<u64> = [
+        runs_a.lock().unwrap().clone(),
+        runs_b.lock().unwrap().clone(),
+    ]
+    .concat();
+    assert_eq!(
+        all,
+        vec![id],
+        "once, never reclaimed while its replica renewed the lease"
+    );
     let status = jobs.status().await.unwrap();
-    assert!(status.queues.iter().all(|q| q.in_flight == 0 && q.waiting == 0), "{status:?}");
+    assert!(
+        status
+            .queues
+            .iter()
+            .all(|q| q.in_flight == 0 && q.waiting == 0),
+        "{status:?}"
+    );
     drop(b);
 }
 
@@ -473,7 +523,10 @@ async fn the_entries_of_a_stopped_replica_are_reclaimed_after_the_visibility_tim
     until("reclaimed and run", || runs.lock().unwrap().len() == 1).await;
     let waited = held.elapsed();
     assert_eq!(*runs.lock().unwrap(), vec![id]);
-    assert!(waited >= timing().visibility, "not before the visibility timeout: {waited:?}");
+    assert!(
+        waited >= timing().visibility,
+        "not before the visibility timeout: {waited:?}"
+    );
     assert!(
         waited < timing().visibility + timing().sweep_every * 3 + Duration::from_millis(500),
         "within the timeout and a sweep: {waited:?}"
@@ -501,7 +554,10 @@ async fn an_entry_that_keeps_killing_its_replica_goes_to_the_dead_letters() {
     let (runs, b) = recording_consumer(&namespace, once);
     let dead = dead_soon(&Jobs::Redis(b), 1).await;
     assert_eq!(dead[0].id, id);
-    assert!(dead[0].error.contains("stopped while running it 1 times"), "{dead:?}");
+    assert!(
+        dead[0].error.contains("stopped while running it 1 times"),
+        "{dead:?}"
+    );
     assert!(runs.lock().unwrap().is_empty(), "not run a second time");
 }
 
@@ -516,11 +572,23 @@ async fn with_redis_gone_enqueue_fails_at_once_with_a_clear_error() {
         settings(),
     ));
     let asked = Instant::now();
-    let refused = jobs.enqueue(&WORK, &Work { n: 0 }, Options::default()).await;
-    assert!(asked.elapsed() < Duration::from_secs(3), "{:?}", asked.elapsed());
+    let refused = jobs
+        .enqueue(&WORK, &Work { n: 0 }, Options::default())
+        .await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
     let error = refused.unwrap_err();
-    assert!(matches!(error, segue::jobs::EnqueueError::Unavailable(_)), "{error:?}");
-    assert!(error.to_string().contains("Redis could not take the job"), "{error}");
+    assert!(
+        matches!(error, segue::jobs::EnqueueError::Unavailable(_)),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("Redis could not take the job"),
+        "{error}"
+    );
 }
 
 #[actix_web::test]
@@ -549,14 +617,24 @@ async fn waiting_jobs_survive_a_redis_restart_with_aof_and_the_workers_reconnect
     ));
     let mut ids = Vec::new();
     for n in 0..50 {
-        ids.push(jobs.enqueue(&WORK, &Work { n: 10 + n }, Options::default()).await.unwrap().unwrap());
+        ids.push(
+            jobs.enqueue(&WORK, &Work { n: 10 + n }, Options::default())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let later = Options {
         delay: Some(Duration::from_millis(500)),
         ..Options::default()
     };
     for n in 0..10 {
-        ids.push(jobs.enqueue(&WORK, &Work { n: 100 + n }, later.clone()).await.unwrap().unwrap());
+        ids.push(
+            jobs.enqueue(&WORK, &Work { n: 100 + n }, later.clone())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     redis.halt();
     redis.resume();
@@ -568,7 +646,13 @@ async fn waiting_jobs_survive_a_redis_restart_with_aof_and_the_workers_reconnect
     ids.sort_unstable();
     assert_eq!(seen, ids, "none lost");
     let status = jobs.status().await.unwrap();
-    assert!(status.queues.iter().all(|q| q.waiting == 0 && q.in_flight == 0), "{status:?}");
+    assert!(
+        status
+            .queues
+            .iter()
+            .all(|q| q.waiting == 0 && q.in_flight == 0),
+        "{status:?}"
+    );
 }
 
 crate::on_both_backends!(the_purges_remove_only_what_nothing_needs_any_more);

@@ -15,6 +15,7 @@ mod cluster;
 mod failures;
 mod health;
 mod jobs;
+mod jobs_cluster;
 mod phoenix_js;
 mod presence;
 mod queue;

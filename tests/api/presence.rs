@@ -1106,17 +1106,9 @@ mod registry {
 }
 
 /// Drops a test database when the test ends, however it ends.
-struct DatabaseGuard(String);
-
-impl Drop for DatabaseGuard {
-    fn drop(&mut self) {
-        crate::helpers::drop_database_blocking(self.0.clone());
-    }
-}
-
 #[actix_web::test]
 async fn a_replica_killed_with_sigkill_leaves_no_ghost_beyond_the_ttl() {
-    use crate::helpers::{HubProcess, fresh_postgres_database};
+    use crate::helpers::{DatabaseGuard, HubProcess, fresh_postgres_database};
 
     const TTL_SECS: u64 = 2;
     let (name, database) = fresh_postgres_database().await;

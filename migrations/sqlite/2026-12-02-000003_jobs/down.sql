@@ -1,0 +1,2 @@
+DROP TABLE job_probes;
+DROP TABLE periodic_runs;
