@@ -184,6 +184,7 @@ struct Inner {
     held: Mutex<[HashSet<String>; 3]>,
     /// Reclaimed entries waiting for a permit.
     reclaimed: Mutex<VecDeque<Entry>>,
+    reclaimed_ready: Notify,
     running: AtomicUsize,
     finished: Notify,
     /// Set once a shutdown's drain is over: jobs finishing later are not acknowledged.
@@ -221,6 +222,7 @@ impl RedisJobs {
         tokio::spawn(keep_leases(inner.clone()));
         tokio::spawn(promote(inner.clone()));
         tokio::spawn(sweep(inner.clone()));
+        tokio::spawn(run_reclaimed(inner.clone()));
         let acker = tokio::spawn(acknowledge(inner.clone(), acks));
         *jobs.acker.lock().unwrap_or_else(|p| p.into_inner()) = Some(acker);
         Ok(jobs)
@@ -285,6 +287,7 @@ impl RedisJobs {
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             held: Mutex::new(Default::default()),
             reclaimed: Mutex::new(VecDeque::new()),
+            reclaimed_ready: Notify::new(),
             running: AtomicUsize::new(0),
             finished: Notify::new(),
             drained: AtomicBool::new(false),
@@ -577,30 +580,22 @@ async fn fetch(inner: Arc<Inner>) {
                 Err(_) => break,
             }
         }
-        // Reclaimed entries first: they have waited longest.
-        let mut entries: Vec<Entry> = {
-            let mut reclaimed = inner.reclaimed.lock().unwrap_or_else(|p| p.into_inner());
-            let n = permits.len().min(reclaimed.len());
-            reclaimed.drain(..n).collect()
-        };
-        if entries.is_empty() {
-            match read(&inner, &mut permits).await {
-                Ok(read) => entries = read,
-                Err(error) => {
-                    if error.code() == Some("NOGROUP") {
-                        // Redis lost the group (restarted without persistence): make it anew.
-                        groups_ready = false;
-                    }
-                    drop(permits);
-                    if pause_after_error(&inner, "reading jobs", &error, Duration::from_millis(500))
-                        .await
-                    {
-                        continue;
-                    }
-                    return;
+        let entries = match read(&inner, &mut permits).await {
+            Ok(read) => read,
+            Err(error) => {
+                if error.code() == Some("NOGROUP") {
+                    // Redis lost the group (restarted without persistence): make it anew.
+                    groups_ready = false;
                 }
+                drop(permits);
+                if pause_after_error(&inner, "reading jobs", &error, Duration::from_millis(500))
+                    .await
+                {
+                    continue;
+                }
+                return;
             }
-        }
+        };
         for entry in entries {
             let permit = match permits.pop() {
                 Some(permit) => permit,
@@ -617,7 +612,7 @@ async fn fetch(inner: Arc<Inner>) {
 
 /// Non-blocking reads of up to one entry per permit from the queues in weighted order (the
 /// first that has any wins); when all are empty, one blocking read across the three, holding
-/// one permit only (so that the sweeper can start what it reclaims meanwhile) and asking each
+/// one permit only (so that what the sweeper reclaims meanwhile can start) and asking each
 /// stream for one entry.
 async fn read(
     inner: &Inner,
@@ -884,12 +879,12 @@ async fn promote(inner: Arc<Inner>) {
     }
 }
 
-/// Takes over idle entries of every queue (up to a batch per queue) and starts them, or
-/// leaves them in `reclaimed` for the fetcher when no permit is free.
+/// Takes over idle entries of every queue (up to a batch per queue), for
+/// [`run_reclaimed`] to start.
 async fn reclaim(inner: &Arc<Inner>) -> Result<usize, RedisError> {
     let mut taken = 0;
     for priority in Priority::ALL {
-        let (_cursor, claimed): Claimed = inner
+        let reclaimed: Result<Claimed, RedisError> = inner
             .scripts
             .reclaim
             .key(inner.keys.queue(priority))
@@ -901,7 +896,16 @@ async fn reclaim(inner: &Arc<Inner>) -> Result<usize, RedisError> {
             .arg(inner.settings.max_attempts)
             .arg(priority.name())
             .invoke_async(&mut inner.commands.clone())
-            .await?;
+            .await;
+        let (_cursor, claimed) = match reclaimed {
+            Ok(reclaimed) => reclaimed,
+            // No group yet (nothing ever fetched, or Redis lost it): nothing to reclaim.
+            Err(e) if e.code() == Some("NOGROUP") => {
+                ensure_groups(inner).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         // An entry this replica still holds (its lease lapsed while Redis was away) is
         // already running or waiting here: claiming it renewed it, nothing more.
         let entries: Vec<Entry> = {
@@ -914,23 +918,49 @@ async fn reclaim(inner: &Arc<Inner>) -> Result<usize, RedisError> {
         };
         taken += entries.len();
         held_insert(inner, &entries);
-        for entry in entries {
-            // Started at once while permits are free; else the fetcher starts it next.
-            match inner.permits.clone().try_acquire_owned() {
-                Ok(permit) => start(inner, entry, permit),
-                Err(_) => inner
-                    .reclaimed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_back(entry),
-            }
-        }
+        inner
+            .reclaimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(entries);
+        inner.reclaimed_ready.notify_one();
     }
     if taken > 0 {
         inner.metrics.reclaimed.inc_by(taken as u64);
         tracing::info!(taken, "jobs: reclaimed entries a stopped replica held");
     }
     Ok(taken)
+}
+
+/// Starts reclaimed entries as permits free up (competing fairly with the fetcher).
+async fn run_reclaimed(inner: Arc<Inner>) {
+    let mut stop = inner.stop.subscribe();
+    loop {
+        let entry = loop {
+            let ready = inner.reclaimed_ready.notified();
+            let next = inner
+                .reclaimed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            if let Some(entry) = next {
+                break entry;
+            }
+            tokio::select! {
+                () = ready => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        };
+        let permit = tokio::select! {
+            permit = inner.permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            // Left pending: another replica reclaims it.
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        start(&inner, entry, permit);
+    }
 }
 
 /// The sweeper: reclaims, forgets departed consumers, refreshes the depth gauges.
