@@ -43,6 +43,29 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
             ("SEGUE_PRESENCE_LEAVE_DELAY_MS", "600000"),
             "SEGUE_PRESENCE_LEAVE_DELAY_MS",
         ),
+        (
+            ("SEGUE_UPKEEP_SCHEDULE", "whenever"),
+            "SEGUE_UPKEEP_SCHEDULE",
+        ),
+        (
+            ("SEGUE_UPKEEP_SCHEDULE", "daily 25:00"),
+            "SEGUE_UPKEEP_SCHEDULE",
+        ),
+        (("SEGUE_JOBS_CONCURRENCY", "0"), "SEGUE_JOBS_CONCURRENCY"),
+        (
+            ("SEGUE_JOBS_MAX_ATTEMPTS", "many"),
+            "SEGUE_JOBS_MAX_ATTEMPTS",
+        ),
+        (("SEGUE_JOBS_SWEEP_MS", "60000"), "SEGUE_JOBS_SWEEP_MS"),
+        (
+            ("SEGUE_JOBS_VISIBILITY_MS", "10"),
+            "SEGUE_JOBS_VISIBILITY_MS",
+        ),
+        (
+            ("SEGUE_SCHEDULER_LEASE_MS", "100"),
+            "SEGUE_SCHEDULER_LEASE_MS",
+        ),
+        (("SEGUE_ADMIN_TOKEN", "short"), "SEGUE_ADMIN_TOKEN"),
     ];
     for ((key, value), named) in cases {
         let (code, stderr) = run_with(&[(key, value)]);
@@ -50,6 +73,26 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
         assert!(stderr.contains(named), "{key}={value}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "one sentence: {stderr}");
     }
+}
+
+#[test]
+fn the_operator_token_set_twice_must_agree() {
+    let (code, stderr) = run_with(&[
+        (
+            "SEGUE_OPERATOR_TOKEN",
+            "one-operator-token-of-at-least-32-bytes",
+        ),
+        (
+            "SEGUE_ADMIN_TOKEN",
+            "another-operator-token-of-32-bytes-or-more",
+        ),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("SEGUE_ADMIN_TOKEN"), "{stderr}");
+    assert!(
+        !stderr.contains("one-operator-token"),
+        "never printed: {stderr}"
+    );
 }
 
 #[test]
