@@ -88,7 +88,9 @@ impl MemoryJobs {
             metrics,
         });
         tokio::spawn(dispatch(inner.clone()));
-        Self { inner }
+        let jobs = Self { inner };
+        tokio::spawn(observe_depth(jobs.clone()));
+        jobs
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -221,6 +223,17 @@ impl MemoryJobs {
                 "jobs still running at the drain deadline"
             );
         }
+    }
+}
+
+/// Refreshes the depth gauges every 5 s, until the jobs are shut down.
+async fn observe_depth(jobs: MemoryJobs) {
+    loop {
+        if jobs.state().closed {
+            return;
+        }
+        jobs.inner.metrics.observe(&jobs.status());
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

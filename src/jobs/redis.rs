@@ -189,6 +189,8 @@ struct Inner {
     finished: Notify,
     /// Set once a shutdown's drain is over: jobs finishing later are not acknowledged.
     drained: AtomicBool,
+    /// Whether the fetcher's last call to Redis failed (so an outage is logged once).
+    failing: AtomicBool,
     acks: mpsc::UnboundedSender<Ack>,
     stop: watch::Sender<bool>,
 }
@@ -291,6 +293,7 @@ impl RedisJobs {
             running: AtomicUsize::new(0),
             finished: Notify::new(),
             drained: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
             acks,
             stop,
         });
@@ -506,7 +509,12 @@ async fn ensure_groups(inner: &Inner) -> Result<(), RedisError> {
 
 /// Waits before trying Redis again after a failure; false when stopping.
 async fn pause_after_error(inner: &Inner, what: &str, error: &RedisError, pause: Duration) -> bool {
-    tracing::warn!(%error, "jobs: {what} failed; trying again in {pause:?}");
+    // Said once per outage, not twice a second.
+    if inner.failing.swap(true, Ordering::SeqCst) {
+        tracing::debug!(%error, "jobs: {what} failed; trying again in {pause:?}");
+    } else {
+        tracing::warn!(%error, "jobs: {what} failed; trying again every {pause:?}");
+    }
     let mut stop = inner.stop.subscribe();
     tokio::select! {
         () = tokio::time::sleep(pause) => !stopped(inner),
@@ -581,7 +589,12 @@ async fn fetch(inner: Arc<Inner>) {
             }
         }
         let entries = match read(&inner, &mut permits).await {
-            Ok(read) => read,
+            Ok(read) => {
+                if inner.failing.swap(false, Ordering::SeqCst) {
+                    tracing::info!("jobs: Redis answers again");
+                }
+                read
+            }
             Err(error) => {
                 if error.code() == Some("NOGROUP") {
                     // Redis lost the group (restarted without persistence): make it anew.

@@ -1048,3 +1048,72 @@ async fn the_upkeep_runs_on_its_schedule_and_removes_what_expired(
         "a live session lives"
     );
 }
+
+/// With Redis gone, enqueueing through the hub fails at once with a clear 503 while the rest
+/// of the hub serves; when Redis is back, jobs are taken and run again without a restart.
+#[actix_web::test]
+async fn with_redis_gone_the_hub_refuses_jobs_quickly_and_serves_the_rest() {
+    let mut redis = PrivateRedis::start();
+    let url = redis.url();
+    let app = crate::helpers::TestApp::spawn_tuned(crate::helpers::Backend::Sqlite, |s| {
+        s.operator_token = Some(OPERATOR.into());
+        s.redis_url = Some(url.into());
+    })
+    .await;
+    let probe = |count: u32| {
+        app.client
+            .post(app.url("/admin/jobs/probes"))
+            .bearer_auth(OPERATOR)
+            .json(&serde_json::json!({"count": count}))
+            .send()
+    };
+    assert_eq!(probe(1).await.unwrap().status(), 202);
+    redis.halt();
+    let asked = Instant::now();
+    let refused = probe(1).await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        crate::helpers::error_code(refused, 503).await,
+        "unavailable"
+    );
+    assert_eq!(
+        app.register_raw("fran", "correct horse").await.status(),
+        201,
+        "the rest serves"
+    );
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ids: Vec<i64> = loop {
+        let response = probe(2).await.unwrap();
+        if response.status() == 202 {
+            let body: serde_json::Value = response.json().await.unwrap();
+            break body["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_i64().unwrap())
+                .collect();
+        }
+        assert!(Instant::now() < deadline, "enqueueing never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let store = segue::store::Store::connect(&app.settings).await.unwrap();
+    loop {
+        let mut pooled = store.conn().await.unwrap();
+        let runs = segue::store::jobs::probe_runs(&mut pooled.conn(), &ids)
+            .await
+            .unwrap();
+        if runs.len() == ids.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers never came back: {runs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -316,9 +316,11 @@ async fn a_periodic_job_runs_once_per_period_across_a_leader_kill() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The lease lapses at most its TTL (3 s) after the last renewal; the others ask for it
+    // every third of that.
     assert!(
-        took_over <= Duration::from_millis(3_000 + 1_500),
-        "within the lease TTL: {took_over:?}"
+        took_over <= Duration::from_millis(3_000 + 1_000 + 300),
+        "within the lease TTL and one asking interval: {took_over:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.periodic_runs().await.len() < ticks_before + 6 {
