@@ -790,7 +790,7 @@ impl HubProcess {
             .env("SEGUE_BIND", format!("127.0.0.1:{port}"))
             .env("SEGUE_JWT_SECRET", TEST_JWT_SECRET)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(data_dir.join("stderr.log")).expect("log file"))
             .envs(NO_RATE_LIMITS);
         for (key, value) in env {
             command.env(key, value);
@@ -829,6 +829,11 @@ impl HubProcess {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("stderr.log")).unwrap_or_default()
     }
 }
 

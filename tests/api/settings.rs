@@ -142,6 +142,13 @@ async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm(
         hub.data_dir().join("segue.db").exists(),
         "the embedded default is a SQLite file"
     );
+    let log = hub.log();
+    assert!(
+        log.contains("background jobs run in this process")
+            && log.contains("a crash or restart loses"),
+        "the in-process jobs say once what they lose: {log}"
+    );
+    assert_eq!(log.matches("background jobs run in this process").count(), 1);
     // Run from the repository (as `cargo run` is), it serves the web page from ./static.
     let page = client
         .get(format!("{}/", hub.address))
