@@ -116,7 +116,7 @@ pub struct Application {
 fn start_jobs(
     settings: &Arc<Settings>,
     store: &Store,
-    replica: &ReplicaId,
+    replica: &str,
     metrics: &Metrics,
 ) -> Result<Jobs, StartupError> {
     let handlers = crate::upkeep::handlers(store.clone(), settings.clone());
@@ -132,7 +132,7 @@ fn start_jobs(
             Jobs::Redis(RedisJobs::start(
                 client,
                 &settings.redis_namespace,
-                replica.to_string(),
+                replica.to_owned(),
                 handlers,
                 job_settings,
                 timing,
@@ -178,17 +178,7 @@ impl Application {
         let metrics = Metrics::new()?;
         let replica = ReplicaId::generate();
         let settings = Arc::new(settings);
-        let jobs = start_jobs(&settings, &store, &replica, &metrics)?;
-        let scheduler = Scheduler::start(
-            jobs.clone(),
-            crate::upkeep::periodic(&settings),
-            replica.to_string(),
-            LeaseSettings {
-                ttl: std::time::Duration::from_millis(settings.scheduler_lease_ms),
-            },
-            metrics.jobs.clone(),
-        );
-        let drain = std::time::Duration::from_secs(settings.jobs_drain_secs);
+        let job_replica = replica.to_string();
         let bus = match (&settings.redis_url, &redis) {
             (Some(url), Some(pool)) => {
                 let client = ::redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
@@ -243,6 +233,19 @@ impl Application {
                 source,
             })?
             .port();
+        // Workers and the scheduler start once the listener is bound: a hub that fails to
+        // start leaves nothing running.
+        let jobs = start_jobs(&settings, &store, &job_replica, &metrics)?;
+        let scheduler = Scheduler::start(
+            jobs.clone(),
+            crate::upkeep::periodic(&settings),
+            job_replica,
+            LeaseSettings {
+                ttl: std::time::Duration::from_millis(settings.scheduler_lease_ms),
+            },
+            metrics.jobs.clone(),
+        );
+        let drain = std::time::Duration::from_secs(settings.jobs_drain_secs);
         tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, jobs = jobs.backend(), "segue starting");
 
         let max_body = settings.max_body_bytes;

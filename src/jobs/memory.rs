@@ -15,6 +15,9 @@ use super::{
     Priority, QueueStatus, Status, fetch_order,
 };
 
+/// Most dead letters kept in process (the oldest go first).
+const MAX_DEAD: usize = 10_000;
+
 /// One job as it waits.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -53,8 +56,8 @@ struct State {
     idempotency: HashMap<String, Instant>,
     dead: Vec<DeadJob>,
     next_id: u64,
-    /// Jobs running now.
-    running: usize,
+    /// Jobs running now, by priority.
+    running: [usize; 3],
     closed: bool,
 }
 
@@ -179,19 +182,12 @@ impl MemoryJobs {
     /// Counts per queue. In process, the one replica is the scheduler's leader.
     pub fn status(&self) -> Status {
         let mut state = self.state();
-        let running = state.running as u64;
         let queues = Priority::ALL
             .into_iter()
             .map(|priority| QueueStatus {
                 priority,
                 waiting: state.queues.of(priority).len() as u64,
-                // Running jobs are not told apart by queue here: they are all counted on
-                // the default one.
-                in_flight: if priority == Priority::Default {
-                    running
-                } else {
-                    0
-                },
+                in_flight: state.running.get(priority.index()).copied().unwrap_or(0) as u64,
             })
             .collect();
         Status {
@@ -211,7 +207,7 @@ impl MemoryJobs {
         let drained = async {
             loop {
                 let finished = self.inner.finished.notified();
-                if self.state().running == 0 {
+                if self.state().running.iter().sum::<usize>() == 0 {
                     return;
                 }
                 finished.await;
@@ -219,7 +215,7 @@ impl MemoryJobs {
         };
         if tokio::time::timeout(deadline, drained).await.is_err() {
             tracing::warn!(
-                running = self.state().running,
+                running = self.state().running.iter().sum::<usize>(),
                 "jobs still running at the drain deadline"
             );
         }
@@ -260,8 +256,10 @@ async fn dispatch(inner: Arc<Inner>) {
             let next = fetch_order()
                 .into_iter()
                 .find_map(|p| state.queues.of(p).pop_front());
-            if next.is_some() {
-                state.running += 1;
+            if let Some(entry) = &next
+                && let Some(running) = state.running.get_mut(entry.priority.index())
+            {
+                *running += 1;
             }
             let sleep_until = state.delayed.keys().next().map(|(due, _)| *due);
             (next, sleep_until)
@@ -291,12 +289,17 @@ async fn dispatch(inner: Arc<Inner>) {
                     entry.payload.clone(),
                 )
                 .await;
+            let priority = entry.priority.index();
             settle(&inner, entry, outcome);
-            inner
+            if let Some(running) = inner
                 .state
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .running -= 1;
+                .running
+                .get_mut(priority)
+            {
+                *running -= 1;
+            }
             drop(permit);
             inner.finished.notify_waiters();
             inner.wake.notify_one();
@@ -326,6 +329,13 @@ fn settle(inner: &Inner, mut entry: Entry, outcome: Result<(), Failure>) {
     inner.metrics.dead.with_label_values(&[&label]).inc();
     tracing::warn!(job = entry.id, kind = entry.kind, attempts = entry.attempts, %error, "job dead-lettered");
     let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+    if state.dead.len() >= MAX_DEAD {
+        state.dead.remove(0);
+        tracing::warn!(
+            kept = MAX_DEAD,
+            "in-process dead letters full: the oldest is forgotten"
+        );
+    }
     state.dead.push(DeadJob {
         id: entry.id,
         kind: entry.kind,

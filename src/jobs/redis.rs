@@ -10,7 +10,7 @@
 //! entries of replicas that stopped, dead-letters entries that kill their process, forgets
 //! departed consumers, refreshes the depth gauges).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +40,9 @@ const PROMOTE_BATCH: usize = 100;
 
 /// Most entries one reclaim call takes per stream.
 const RECLAIM_BATCH: usize = 100;
+
+/// Most reclaim calls per stream in one sweep (each looks at up to 1,000 pending entries).
+const RECLAIM_CALLS: usize = 10;
 
 /// A consumer holding nothing and silent this long is forgotten.
 const FORGET_CONSUMERS_AFTER: Duration = Duration::from_secs(3600);
@@ -140,6 +143,7 @@ struct Scripts {
     reclaim: redis::Script,
     forget_consumers: redis::Script,
     retry_dead: redis::Script,
+    hand_back: redis::Script,
 }
 
 impl Scripts {
@@ -152,12 +156,14 @@ impl Scripts {
             reclaim: redis::Script::new(include_str!("lua/reclaim.lua")),
             forget_consumers: redis::Script::new(include_str!("lua/forget_consumers.lua")),
             retry_dead: redis::Script::new(include_str!("lua/retry_dead.lua")),
+            hand_back: redis::Script::new(include_str!("lua/hand_back.lua")),
         }
     }
 }
 
-/// What the reclaim script answers: the next cursor, and the entries taken over (id, fields).
-type Claimed = (String, Vec<(String, HashMap<String, String>)>);
+/// What the reclaim script answers: the next cursor, the entries taken over (id, fields), and
+/// the kinds of those it dead-lettered instead.
+type Claimed = (String, Vec<(String, HashMap<String, String>)>, Vec<String>);
 
 /// A finished entry waiting to be acknowledged.
 struct Ack {
@@ -179,9 +185,13 @@ struct Inner {
     timing: RedisJobSettings,
     metrics: JobMetrics,
     permits: Arc<Semaphore>,
-    /// Entries this replica holds (running, or waiting for a permit), by priority: the
-    /// lease keeper renews exactly these.
-    held: Mutex<[HashSet<String>; 3]>,
+    /// Entries this replica holds, by priority, and whether each has started (the rest wait
+    /// for a permit): the lease keeper renews exactly these, a shutdown hands back those not
+    /// started.
+    held: Mutex<[HashMap<String, bool>; 3]>,
+    /// Where each queue's reclaim scan goes on from (`XAUTOCLAIM` looks at a bounded number
+    /// of pending entries per call).
+    cursors: Mutex<[String; 3]>,
     /// Reclaimed entries waiting for a permit.
     reclaimed: Mutex<VecDeque<Entry>>,
     reclaimed_ready: Notify,
@@ -288,6 +298,7 @@ impl RedisJobs {
             metrics,
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             held: Mutex::new(Default::default()),
+            cursors: Mutex::new(["0-0".to_owned(), "0-0".to_owned(), "0-0".to_owned()]),
             reclaimed: Mutex::new(VecDeque::new()),
             reclaimed_ready: Notify::new(),
             running: AtomicUsize::new(0),
@@ -319,9 +330,7 @@ impl RedisJobs {
         payload: Value,
         options: Options,
     ) -> Result<Option<u64>, EnqueueError> {
-        if *self.inner.stop.borrow() {
-            return Err(EnqueueError::Closed);
-        }
+        // Taken even while this replica shuts down: other replicas run it.
         let keys = &self.inner.keys;
         let priority = options.priority.unwrap_or(Priority::Default);
         let idempotency = options
@@ -361,8 +370,11 @@ impl RedisJobs {
         status(&self.inner).await
     }
 
-    /// The dead letters, oldest first, with their entry ids.
-    async fn dead_entries(&self, limit: usize) -> Result<Vec<(String, DeadJob)>, JobsError> {
+    /// The dead letters, oldest first, with their entry ids and payloads as stored.
+    async fn dead_entries(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, String, DeadJob)>, JobsError> {
         let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
             .arg(&self.inner.keys.dead)
             .arg("-")
@@ -380,11 +392,12 @@ impl RedisJobs {
                     id: field("id").parse().unwrap_or(0),
                     kind: field("kind"),
                     priority: Priority::from_name(&field("priority")).unwrap_or(Priority::Default),
-                    payload: serde_json::from_str(&payload).unwrap_or(Value::String(payload)),
+                    payload: serde_json::from_str(&payload)
+                        .unwrap_or_else(|_| Value::String(payload.clone())),
                     attempts: field("attempts").parse().unwrap_or(0),
                     error: field("error"),
                 };
-                (entry_id, dead)
+                (entry_id, payload, dead)
             })
             .collect())
     }
@@ -394,29 +407,25 @@ impl RedisJobs {
             .dead_entries(limit)
             .await?
             .into_iter()
-            .map(|(_, dead)| dead)
+            .map(|(_, _, dead)| dead)
             .collect())
     }
 
     /// The dead letter of job `id`, found by reading the dead stream (which an operator keeps
-    /// short), with its entry id.
-    async fn find_dead(&self, id: u64) -> Result<Option<(String, DeadJob)>, JobsError> {
+    /// short), with its entry id and its payload as stored.
+    async fn find_dead(&self, id: u64) -> Result<Option<(String, String, DeadJob)>, JobsError> {
         Ok(self
             .dead_entries(100_000)
             .await?
             .into_iter()
-            .find(|(_, dead)| dead.id == id))
+            .find(|(_, _, dead)| dead.id == id))
     }
 
     pub(super) async fn retry_dead(&self, id: u64) -> Result<bool, JobsError> {
-        let Some((entry_id, dead)) = self.find_dead(id).await? else {
+        let Some((entry_id, payload, dead)) = self.find_dead(id).await? else {
             return Ok(false);
         };
         let keys = &self.inner.keys;
-        let payload = match &dead.payload {
-            Value::String(raw) => raw.clone(),
-            json => json.to_string(),
-        };
         let moved: u32 = self
             .inner
             .scripts
@@ -433,7 +442,7 @@ impl RedisJobs {
     }
 
     pub(super) async fn drop_dead(&self, id: u64) -> Result<bool, JobsError> {
-        let Some((entry_id, _)) = self.find_dead(id).await? else {
+        let Some((entry_id, _, _)) = self.find_dead(id).await? else {
             return Ok(false);
         };
         let deleted: u32 = redis::cmd("XDEL")
@@ -453,6 +462,7 @@ impl RedisJobs {
     pub(super) async fn shutdown(&self, deadline: Duration) {
         let inner = &self.inner;
         inner.stop.send_replace(true);
+        hand_back(inner).await;
         let drained = async {
             loop {
                 let finished = inner.finished.notified();
@@ -481,8 +491,55 @@ fn stopped(inner: &Inner) -> bool {
     *inner.stop.borrow()
 }
 
-fn held(inner: &Inner) -> std::sync::MutexGuard<'_, [HashSet<String>; 3]> {
+fn held(inner: &Inner) -> std::sync::MutexGuard<'_, [HashMap<String, bool>; 3]> {
     inner.held.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Hands back the entries this replica took but has not started: idle as if their lease had
+/// lapsed (so the next sweep of any replica takes them) and their delivery not counted (they
+/// never ran, so they must not count towards dead-lettering).
+async fn hand_back(inner: &Arc<Inner>) {
+    inner
+        .reclaimed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    let unstarted: Vec<(Priority, Vec<String>)> = {
+        let held = held(inner);
+        Priority::ALL
+            .into_iter()
+            .zip(held.iter())
+            .map(|(p, ids)| {
+                let ids = ids
+                    .iter()
+                    .filter(|(_, started)| !**started)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                (p, ids)
+            })
+            .filter(|(_, ids): &(Priority, Vec<String>)| !ids.is_empty())
+            .collect()
+    };
+    for (priority, ids) in unstarted {
+        let handed: Result<u32, RedisError> = inner
+            .scripts
+            .hand_back
+            .key(inner.keys.queue(priority))
+            .arg(&inner.consumer)
+            .arg(u64::try_from(inner.timing.visibility.as_millis()).unwrap_or(u64::MAX))
+            .arg(&ids)
+            .invoke_async(&mut inner.commands.clone())
+            .await;
+        match handed {
+            Ok(n) => tracing::info!(handed = n, "jobs: handed back entries not started"),
+            Err(error) => {
+                tracing::warn!(%error, "jobs: handing back entries failed; they are reclaimed later")
+            }
+        }
+        if let Some(map) = held(inner).get_mut(priority.index()) {
+            map.retain(|_, started| *started);
+        }
+    }
 }
 
 /// Creates the consumer group on every stream (and the streams), starting from their first
@@ -613,9 +670,13 @@ async fn fetch(inner: Arc<Inner>) {
             let permit = match permits.pop() {
                 Some(permit) => permit,
                 // A blocking read may bring one entry per stream: the extra wait their turn.
-                None => match inner.permits.clone().acquire_owned().await {
-                    Ok(permit) => permit,
-                    Err(_) => return,
+                None => tokio::select! {
+                    permit = inner.permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                    // Left held: the shutdown hands it back.
+                    _ = stop.wait_for(|s| *s) => return,
                 },
             };
             start(&inner, entry, permit);
@@ -679,8 +740,8 @@ async fn read(
 fn held_insert(inner: &Inner, entries: &[Entry]) {
     let mut held = held(inner);
     for entry in entries {
-        if let Some(set) = held.get_mut(entry.priority.index()) {
-            set.insert(entry.entry_id.clone());
+        if let Some(map) = held.get_mut(entry.priority.index()) {
+            map.insert(entry.entry_id.clone(), false);
         }
     }
 }
@@ -691,8 +752,15 @@ fn held_remove(inner: &Inner, entry: &Entry) {
     }
 }
 
-/// Runs one entry on its own task, holding `permit` until it is settled.
+/// Runs one entry on its own task, holding `permit` until it is settled. Once a shutdown
+/// has begun nothing starts: the entry stays held, to be handed back.
 fn start(inner: &Arc<Inner>, entry: Entry, permit: OwnedSemaphorePermit) {
+    if stopped(inner) {
+        return;
+    }
+    if let Some(map) = held(inner).get_mut(entry.priority.index()) {
+        map.insert(entry.entry_id.clone(), true);
+    }
     inner.running.fetch_add(1, Ordering::SeqCst);
     let inner = inner.clone();
     tokio::spawn(async move {
@@ -766,6 +834,7 @@ async fn settle(inner: &Inner, entry: &Entry, outcome: Result<(), Failure>) {
             .arg(backoff_ms)
             .arg(entry.priority.index())
             .arg(entry.priority.name())
+            .arg(&inner.consumer)
             .invoke_async(&mut inner.commands.clone())
             .await;
         match settled {
@@ -830,14 +899,15 @@ async fn acknowledge(inner: Arc<Inner>, mut acks: mpsc::UnboundedReceiver<Ack>) 
     }
 }
 
-/// The lease keeper: every visibility/4, renews the entries this replica holds.
+/// The lease keeper: every visibility/4, renews the entries this replica holds, until a
+/// shutdown's drain is over (jobs draining keep their leases, so nobody else runs them
+/// meanwhile).
 async fn keep_leases(inner: Arc<Inner>) {
     let every = inner.timing.visibility / 4;
-    let mut stop = inner.stop.subscribe();
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        tokio::time::sleep(every).await;
+        if inner.drained.load(Ordering::SeqCst) {
+            return;
         }
         let batches: Vec<(Priority, Vec<String>)> = {
             let held = held(&inner);
@@ -845,7 +915,7 @@ async fn keep_leases(inner: Arc<Inner>) {
                 .into_iter()
                 .zip(held.iter())
                 .filter(|(_, ids)| !ids.is_empty())
-                .map(|(p, ids)| (p, ids.iter().cloned().collect()))
+                .map(|(p, ids)| (p, ids.keys().cloned().collect()))
                 .collect()
         };
         for (priority, ids) in batches {
@@ -897,35 +967,72 @@ async fn promote(inner: Arc<Inner>) {
 async fn reclaim(inner: &Arc<Inner>) -> Result<usize, RedisError> {
     let mut taken = 0;
     for priority in Priority::ALL {
-        let reclaimed: Result<Claimed, RedisError> = inner
-            .scripts
-            .reclaim
-            .key(inner.keys.queue(priority))
-            .key(&inner.keys.dead)
-            .arg(&inner.consumer)
-            .arg(u64::try_from(inner.timing.visibility.as_millis()).unwrap_or(u64::MAX))
-            .arg("0-0")
-            .arg(RECLAIM_BATCH)
-            .arg(inner.settings.max_attempts)
-            .arg(priority.name())
-            .invoke_async(&mut inner.commands.clone())
-            .await;
-        let (_cursor, claimed) = match reclaimed {
-            Ok(reclaimed) => reclaimed,
-            // No group yet (nothing ever fetched, or Redis lost it): nothing to reclaim.
-            Err(e) if e.code() == Some("NOGROUP") => {
-                ensure_groups(inner).await?;
-                continue;
+        let mut claimed = Vec::new();
+        // Scan on from where the last sweep stopped, a few calls at most per sweep: each
+        // call looks at up to ten times the batch, so entries behind a long run of live ones
+        // are reached too.
+        for _ in 0..RECLAIM_CALLS {
+            let cursor = inner
+                .cursors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(priority.index())
+                .cloned()
+                .unwrap_or_else(|| "0-0".to_owned());
+            let reclaimed: Result<Claimed, RedisError> = inner
+                .scripts
+                .reclaim
+                .key(inner.keys.queue(priority))
+                .key(&inner.keys.dead)
+                .arg(&inner.consumer)
+                .arg(u64::try_from(inner.timing.visibility.as_millis()).unwrap_or(u64::MAX))
+                .arg(&cursor)
+                .arg(RECLAIM_BATCH)
+                .arg(inner.settings.max_attempts)
+                .arg(priority.name())
+                .invoke_async(&mut inner.commands.clone())
+                .await;
+            let (next, batch, dead_kinds) = match reclaimed {
+                Ok(reclaimed) => reclaimed,
+                // No group yet (nothing ever fetched, or Redis lost it): nothing to reclaim.
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    ensure_groups(inner).await?;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            for kind in &dead_kinds {
+                inner
+                    .metrics
+                    .dead
+                    .with_label_values(&[inner.handlers.label(kind)])
+                    .inc();
             }
-            Err(e) => return Err(e),
-        };
+            claimed.extend(batch);
+            let wrapped = next == "0-0";
+            if let Some(slot) = inner
+                .cursors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(priority.index())
+            {
+                *slot = next;
+            }
+            if wrapped || claimed.len() >= RECLAIM_BATCH {
+                break;
+            }
+        }
         // An entry this replica still holds (its lease lapsed while Redis was away) is
         // already running or waiting here: claiming it renewed it, nothing more.
         let entries: Vec<Entry> = {
             let held = held(inner);
             claimed
                 .into_iter()
-                .filter(|(id, _)| !held.get(priority.index()).is_some_and(|h| h.contains(id)))
+                .filter(|(id, _)| {
+                    !held
+                        .get(priority.index())
+                        .is_some_and(|h| h.contains_key(id))
+                })
                 .map(|(id, fields)| Entry::from_fields(priority, id, &fields))
                 .collect()
         };

@@ -34,7 +34,9 @@ pub struct Every {
 
 /// A schedule that does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0:?} is not a schedule: write an interval (`90s`, `15m`, `6h`) or `daily HH:MM` (UTC)")]
+#[error(
+    "{0:?} is not a schedule: write an interval from 1s to a week (`90s`, `15m`, `6h`) or `daily HH:MM` (UTC)"
+)]
 pub struct BadSchedule(String);
 
 impl Every {
@@ -70,12 +72,12 @@ impl Every {
             "h" => 3600,
             _ => return Err(bad()),
         };
-        if count == 0 {
+        let secs = count.saturating_mul(unit_secs);
+        // Idempotency keys (8 days) outlive a tick by at least a day only up to a week.
+        if count == 0 || secs > 7 * 86_400 {
             return Err(bad());
         }
-        Ok(Self::interval(Duration::from_secs(
-            count.saturating_mul(unit_secs),
-        )))
+        Ok(Self::interval(Duration::from_secs(secs)))
     }
 
     /// The tick `now_ms` (Unix milliseconds) falls in.
@@ -83,6 +85,12 @@ impl Every {
         let period = i64::try_from(self.period.as_millis()).unwrap_or(i64::MAX);
         let offset = i64::try_from(self.offset.as_millis()).unwrap_or(0);
         (now_ms - offset).div_euclid(period)
+    }
+
+    /// The schedule in one word (`<period ms>+<offset ms>`): ticks of different schedules
+    /// are different numbers, so what is remembered of them is kept apart.
+    pub fn signature(&self) -> String {
+        format!("{}+{}", self.period.as_millis(), self.offset.as_millis())
     }
 
     /// Milliseconds from `now_ms` until the next tick starts.
@@ -191,7 +199,7 @@ fn now_ms() -> i64 {
 #[allow(clippy::large_enum_variant)]
 enum Lease {
     /// In process: always the leader, ticks remembered here.
-    Local { last: HashMap<&'static str, i64> },
+    Local { last: HashMap<String, i64> },
     Redis {
         conn: ConnectionManager,
         keys: super::redis::Keys,
@@ -305,7 +313,7 @@ impl Lease {
     }
 
     /// The last tick of `job` enqueued by any leader.
-    async fn last_tick(&mut self, job: &'static str) -> Result<Option<i64>, redis::RedisError> {
+    async fn last_tick(&mut self, job: &str) -> Result<Option<i64>, redis::RedisError> {
         match self {
             Self::Local { last } => Ok(last.get(job).copied()),
             Self::Redis { conn, keys, .. } => {
@@ -321,13 +329,13 @@ impl Lease {
     /// then.
     async fn advance(
         &mut self,
-        job: &'static str,
+        job: &str,
         tick: i64,
         epoch: u64,
     ) -> Result<bool, redis::RedisError> {
         match self {
             Self::Local { last } => {
-                last.insert(job, tick);
+                last.insert(job.to_owned(), tick);
                 Ok(true)
             }
             Self::Redis {
@@ -424,7 +432,12 @@ async fn lead(
         let wake = next_renewal.min(Instant::now() + next_tick);
         tokio::select! {
             () = tokio::time::sleep_until(wake) => {}
-            _ = stop.changed() => {}
+            changed = stop.changed() => {
+                // The `Scheduler` was dropped without `stop`: stop as well, never spin.
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -438,13 +451,15 @@ async fn enqueue_due(
     epoch: u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let current = job.every.tick_at(now_ms());
-    let last = lease.last_tick(job.name).await?;
+    // Ticks are remembered per schedule: after a schedule change the job starts afresh.
+    let remembered = format!("{}:{}", job.name, job.every.signature());
+    let last = lease.last_tick(&remembered).await?;
     let first = match last {
         Some(last) if last >= current => return Ok(()),
         Some(last) => (last + 1).max(current - MAX_CATCH_UP + 1),
         // Never scheduled before: as cron does, the first run is at the next tick, not now.
         None => {
-            lease.advance(job.name, current, epoch).await?;
+            lease.advance(&remembered, current, epoch).await?;
             return Ok(());
         }
     };
@@ -461,14 +476,14 @@ async fn enqueue_due(
         let payload = serde_json::to_value(Tick { tick, epoch })?;
         let options = Options {
             priority: Some(job.priority),
-            idempotency_key: Some(format!("tick:{}:{tick}", job.name)),
+            idempotency_key: Some(format!("tick:{remembered}:{tick}")),
             delay: None,
         };
         let enqueued = jobs
             .enqueue_value(job.kind, payload as Value, options)
             .await?;
         tracing::debug!(job = job.name, tick, ?enqueued, "scheduler: tick enqueued");
-        if !lease.advance(job.name, tick, epoch).await? {
+        if !lease.advance(&remembered, tick, epoch).await? {
             return Err("a newer leader took over".into());
         }
     }
@@ -499,6 +514,7 @@ mod tests {
         for bad in [
             "",
             "0s",
+            "169h",
             "5",
             "5d",
             "s",

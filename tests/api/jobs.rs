@@ -1117,3 +1117,210 @@ async fn with_redis_gone_the_hub_refuses_jobs_quickly_and_serves_the_rest() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Regression (review of issue 12): the last tick a scheduler enqueued was kept as a bare
+/// number, so after a schedule was lengthened (say `1s` → `3s`) the stored tick of the old
+/// schedule stayed "ahead" for ages and the job never ran again.
+#[actix_web::test]
+async fn a_lengthened_schedule_keeps_running() {
+    use segue::jobs::scheduler::{Every, LeaseSettings, Periodic, Scheduler, Tick};
+    const TICKED: Kind<Tick> = Kind::new("test.ticked");
+    let namespace = unique("jobs_sched");
+    let ticks = Arc::new(Mutex::new(Vec::new()));
+    let t = ticks.clone();
+    let handlers = Handlers::new().on(&TICKED, move |job: Job<Tick>| {
+        t.lock().unwrap().push(job.payload.tick);
+        async { Ok(()) }
+    });
+    let jobs = Jobs::Redis(redis_consumer(
+        &redis_url(),
+        &namespace,
+        handlers,
+        settings(),
+    ));
+    let lease = LeaseSettings {
+        ttl: Duration::from_secs(3),
+    };
+    let every_second = Periodic::new("ticked", Every::parse("1s").unwrap(), &TICKED);
+    let scheduler = Scheduler::start(
+        jobs.clone(),
+        vec![every_second],
+        "a".into(),
+        lease,
+        metrics(),
+    );
+    until("a tick ran on the 1 s schedule", || {
+        !ticks.lock().unwrap().is_empty()
+    })
+    .await;
+    scheduler.stop().await;
+    ticks.lock().unwrap().clear();
+    let every_two = Periodic::new("ticked", Every::parse("2s").unwrap(), &TICKED);
+    let scheduler = Scheduler::start(jobs.clone(), vec![every_two], "b".into(), lease, metrics());
+    // The first tick of a new schedule is its next one (within 2 s), then every 2 s.
+    let deadline = Instant::now() + Duration::from_secs(7);
+    while ticks.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the lengthened schedule never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    scheduler.stop().await;
+}
+
+/// Regression (review of issue 12): each sweep restarted `XAUTOCLAIM` at `0-0`, which looks
+/// at no more than 1,000 pending entries per call; with over 1,000 live entries ahead of them,
+/// a dead replica's entries were never reached.
+#[actix_web::test]
+async fn entries_behind_a_thousand_live_ones_are_reclaimed() {
+    let namespace = unique("jobs_deep");
+    let client = redis::Client::open(redis_url()).unwrap();
+    let outside = Jobs::Redis(RedisJobs::client(client.clone(), &namespace, metrics()).unwrap());
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let queue = format!("{{{namespace}:jobs}}:q:default");
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", &queue, "workers", "0", "MKSTREAM"][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let take = |consumer: &'static str, count: usize| {
+        redis::cmd("XREADGROUP")
+            .arg(
+                &[
+                    "GROUP",
+                    "workers",
+                    consumer,
+                    "COUNT",
+                    &count.to_string(),
+                    "STREAMS",
+                    &queue,
+                    ">",
+                ][..],
+            )
+            .to_owned()
+    };
+    for _ in 0..1_100 {
+        outside
+            .enqueue(&WORK, &Work { n: 0 }, Options::default())
+            .await
+            .unwrap();
+    }
+    let live: redis::streams::StreamReadReply =
+        take("live", 1_100).query_async(&mut conn).await.unwrap();
+    for _ in 0..200 {
+        outside
+            .enqueue(&WORK, &Work { n: 3 }, Options::default())
+            .await
+            .unwrap();
+    }
+    let _: redis::Value = take("dead", 200).query_async(&mut conn).await.unwrap();
+    tokio::time::sleep(timing().visibility + Duration::from_millis(100)).await;
+    // The live consumer renews its 1,100; the dead one's 200 lie idle behind them.
+    let ids: Vec<String> = live.keys[0].ids.iter().map(|id| id.id.clone()).collect();
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&[queue.as_str(), "workers", "live", "0"][..])
+        .arg(&ids)
+        .arg(&["IDLE", "0", "JUSTID"][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let handlers = Handlers::new().on(&WORK, move |_: Job<Work>| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    });
+    let sweeping = RedisJobs::start(
+        client,
+        &namespace,
+        "sweeper".into(),
+        handlers,
+        JobSettings {
+            concurrency: 50,
+            ..settings()
+        },
+        RedisJobSettings {
+            // Swept by hand below.
+            sweep_every: Duration::from_secs(3_600),
+            ..timing()
+        },
+        metrics(),
+    )
+    .unwrap();
+    let mut taken = 0;
+    for _ in 0..3 {
+        taken += sweeping.reclaim_once().await.unwrap();
+    }
+    assert_eq!(
+        taken, 200,
+        "the dead consumer's entries, and none of the live one's"
+    );
+    until("they ran", || ran.load(Ordering::SeqCst) == 200).await;
+}
+
+/// Regression (review of issue 12): leases stopped being renewed the moment a shutdown began,
+/// so a job still draining past the visibility timeout was reclaimed and run a second time
+/// elsewhere while it finished here.
+#[actix_web::test]
+async fn a_job_draining_at_shutdown_keeps_its_lease() {
+    let namespace = unique("jobs");
+    let (runs_a, a) = recording_consumer(&namespace, settings());
+    let id = Jobs::Redis(a.clone())
+        .enqueue(&WORK, &Work { n: 2 }, Options::default())
+        .await
+        .unwrap()
+        .unwrap();
+    loop {
+        if Jobs::Redis(a.clone()).status().await.unwrap().queues[1].in_flight == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (runs_b, _b) = recording_consumer(&namespace, settings());
+    // 2.5 s of work, drained for up to 5 s, against a visibility timeout of 0.8 s.
+    Jobs::Redis(a).shutdown(Duration::from_secs(5)).await;
+    assert_eq!(*runs_a.lock().unwrap(), vec![id], "finished while draining");
+    // A second run (taken over at 0.8 s, 2.5 s long) would have finished by now.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        runs_b.lock().unwrap().is_empty(),
+        "never taken over: {:?}",
+        runs_b.lock().unwrap()
+    );
+}
+
+/// Regression (review of issue 12): a dead job whose payload is a JSON string was put back
+/// with the string's bare text as its payload, no longer JSON, and died again as unreadable.
+#[actix_web::test]
+async fn a_dead_job_with_a_string_payload_is_retried_intact() {
+    const TEXT: Kind<String> = Kind::new("test.text");
+    let fixed = Arc::new(AtomicU32::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (f, s) = (fixed.clone(), seen.clone());
+    let handlers = Handlers::new().on(&TEXT, move |job: Job<String>| {
+        let (fixed, seen) = (f.clone(), s.clone());
+        async move {
+            if fixed.load(Ordering::SeqCst) == 0 {
+                return Err(Failure::Permanent("not yet".into()));
+            }
+            seen.lock().unwrap().push(job.payload);
+            Ok(())
+        }
+    });
+    for on in [On::Memory, On::Redis] {
+        fixed.store(0, Ordering::SeqCst);
+        seen.lock().unwrap().clear();
+        let jobs = start(on, handlers.clone(), settings());
+        let id = jobs
+            .enqueue(&TEXT, &"a | b".to_owned(), Options::default())
+            .await
+            .unwrap()
+            .unwrap();
+        dead_soon(&jobs, 1).await;
+        fixed.store(1, Ordering::SeqCst);
+        assert!(jobs.retry_dead(id).await.unwrap());
+        until("the retried job ran", || !seen.lock().unwrap().is_empty()).await;
+        assert_eq!(*seen.lock().unwrap(), vec!["a | b".to_owned()]);
+    }
+}

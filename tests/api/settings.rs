@@ -148,7 +148,10 @@ async fn the_binary_serves_on_embedded_defaults_and_stops_gracefully_on_sigterm(
             && log.contains("a crash or restart loses"),
         "the in-process jobs say once what they lose: {log}"
     );
-    assert_eq!(log.matches("background jobs run in this process").count(), 1);
+    assert_eq!(
+        log.matches("background jobs run in this process").count(),
+        1
+    );
     // Run from the repository (as `cargo run` is), it serves the web page from ./static.
     let page = client
         .get(format!("{}/", hub.address))

@@ -1,12 +1,14 @@
 -- A failed run: acknowledged and removed from its stream, then either delayed for a retry
--- (due at Redis's TIME + backoff) or appended to the dead letters. Nothing happens when the
--- entry was settled already (another replica reclaimed it and finished first).
+-- (due at Redis's TIME + backoff) or appended to the dead letters. Nothing happens unless
+-- this consumer still holds the entry (another replica that reclaimed it decides).
 -- KEYS: 1 stream, 2 delayed set, 3 dead stream
 -- ARGV: 1 entry id, 2 job id, 3 kind, 4 runs so far, 5 payload, 6 error,
---       7 backoff ms (negative: dead), 8 priority index, 9 priority name
-if redis.call('XACK', KEYS[1], 'workers', ARGV[1]) == 0 then
+--       7 backoff ms (negative: dead), 8 priority index, 9 priority name, 10 consumer
+local held = redis.call('XPENDING', KEYS[1], 'workers', ARGV[1], ARGV[1], 1, ARGV[10])
+if #held == 0 then
   return 0
 end
+redis.call('XACK', KEYS[1], 'workers', ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 local backoff = tonumber(ARGV[7])
 if backoff < 0 then
