@@ -258,7 +258,8 @@ async fn reclaim_sweep(pending: usize) {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let visibility = Duration::from_secs(2);
+    let visibility = Duration::from_secs(5);
+    let taken_at = Instant::now();
     let epoch = Instant::now();
     let (done, _, handlers) = counting(epoch);
     let survivor = RedisJobs::start(
@@ -277,25 +278,27 @@ async fn reclaim_sweep(pending: usize) {
     )
     .unwrap();
     let mut idle = Vec::new();
-    for _ in 0..50 {
+    while idle.len() < 50 && taken_at.elapsed() < visibility / 2 {
         let started = Instant::now();
         assert_eq!(survivor.reclaim_once().await.unwrap(), 0);
         idle.push(started.elapsed());
     }
     idle.sort();
-    tokio::time::sleep(visibility).await;
+    tokio::time::sleep(visibility.saturating_sub(taken_at.elapsed())).await;
     let started = Instant::now();
     let mut sweeps = 0;
     let mut taken = 0;
     while taken < pending {
         let one = Instant::now();
-        taken += survivor.reclaim_once().await.unwrap();
+        let took = survivor.reclaim_once().await.unwrap();
+        taken += took;
         sweeps += 1;
         if sweeps == 1 {
             println!(
-                "redis      reclaim sweep     pending={pending} none idle yet: p50={:>6.0}µs max={:>6.0}µs; first sweep taking over: {:>6.0}µs",
+                "redis      reclaim sweep     pending={pending} none idle yet: p50={:>6.0}µs max={:>6.0}µs (n={}); first sweep taking over {took}: {:>6.0}µs",
                 idle[idle.len() / 2].as_secs_f64() * 1e6,
                 idle.last().unwrap().as_secs_f64() * 1e6,
+                idle.len(),
                 one.elapsed().as_secs_f64() * 1e6,
             );
         }
