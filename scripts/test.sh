@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every Segue test on this machine, setting up what is missing first: on a fresh Debian
 # machine it installs PostgreSQL, Redis, Node.js and Chromium with apt-get, starts the servers
-# when they are stopped, installs the npm packages the client and browser tests use, then runs
-# clippy and the whole test suite. Safe to run again and again.
+# when they are stopped, installs the npm packages the client and browser tests use and the
+# S3-compatible test server (s3s-fs), then runs clippy and the whole test suite. Safe to run
+# again and again.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -- accounts     # extra arguments go to `cargo test`
@@ -70,6 +71,16 @@ if [ ! -f tests/node/node_modules/.segue-installed ] || [ tests/node/package.jso
   log "installing the npm packages for the client and browser tests"
   (cd tests/node && npm install --no-package-lock --no-audit --no-fund --silent)
   touch tests/node/node_modules/.segue-installed
+fi
+
+# The S3-compatible server the object-store tests start per test (s3s-fs, pinned: newer
+# releases need a newer rustc), built once into a tools folder outside the checkout so fresh
+# clones reuse it.
+export SEGUE_TOOLS_DIR="${SEGUE_TOOLS_DIR:-$HOME/.cache/segue-tools}"
+export SEGUE_S3S_FS="$SEGUE_TOOLS_DIR/bin/s3s-fs"
+if [ ! -x "$SEGUE_S3S_FS" ]; then
+  log "installing s3s-fs 0.14.1 into $SEGUE_TOOLS_DIR (once)"
+  cargo install s3s-fs --version 0.14.1 --features binary --locked --root "$SEGUE_TOOLS_DIR" --quiet
 fi
 
 log "clippy"

@@ -41,6 +41,7 @@
 
 pub mod abuse;
 pub mod auth;
+pub mod blobs;
 pub mod bus;
 pub mod cache;
 pub mod demo;

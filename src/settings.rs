@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::ratelimit::{Limit, Quota};
 
 /// Settings read from the environment without the `SEGUE_` prefix, by their usual names.
-const UNPREFIXED: [&str; 7] = [
+const UNPREFIXED: [&str; 8] = [
     "DATABASE_URL",
     "REDIS_URL",
     "S3_ENDPOINT",
@@ -23,6 +23,7 @@ const UNPREFIXED: [&str; 7] = [
     "S3_REGION",
     "S3_ACCESS_KEY_ID",
     "S3_SECRET_ACCESS_KEY",
+    "S3_PUBLIC_BASE_URL",
 ];
 
 /// Everything the hub can be told at start-up. Field `foo_bar` is set by `SEGUE_FOO_BAR`
@@ -54,6 +55,9 @@ pub struct Settings {
     pub s3_access_key_id: Option<String>,
     /// S3 secret access key.
     pub s3_secret_access_key: Option<SecretString>,
+    /// A CDN or public bucket URL in front of the bucket: object URLs are `<base>/<key>`
+    /// instead of presigned.
+    pub s3_public_base_url: Option<String>,
     /// HMAC key for access tokens. Every replica of one deployment needs the same key; when
     /// unset, a key is generated once and kept in `$data_dir/token.key`.
     pub jwt_secret: Option<SecretString>,
@@ -211,6 +215,7 @@ impl Default for Settings {
             s3_region: "us-east-1".into(),
             s3_access_key_id: None,
             s3_secret_access_key: None,
+            s3_public_base_url: None,
             jwt_secret: None,
             operator_token: None,
             admin_token: None,
@@ -371,6 +376,9 @@ impl Settings {
                 "must be at least 32 bytes long",
             ));
         }
+        if self.s3_bucket.is_some() {
+            self.s3_settings()?;
+        }
         for (name, token) in [
             ("SEGUE_OPERATOR_TOKEN", &self.operator_token),
             ("SEGUE_ADMIN_TOKEN", &self.admin_token),
@@ -525,6 +533,63 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The bucket's settings, when `S3_BUCKET` is set: then the key pair is required, and
+    /// URLs must be `http(s)://`.
+    pub fn s3_settings(&self) -> Result<Option<crate::blobs::S3Settings>, SettingsError> {
+        let Some(bucket) = &self.s3_bucket else {
+            return Ok(None);
+        };
+        let url_ok = |url: &str| url.starts_with("http://") || url.starts_with("https://");
+        if let Some(endpoint) = &self.s3_endpoint
+            && !url_ok(endpoint)
+        {
+            return Err(SettingsError::new(
+                "S3_ENDPOINT",
+                "must start with http:// or https://",
+            ));
+        }
+        if let Some(base) = &self.s3_public_base_url
+            && !url_ok(base)
+        {
+            return Err(SettingsError::new(
+                "S3_PUBLIC_BASE_URL",
+                "must start with http:// or https://",
+            ));
+        }
+        if bucket.is_empty() || bucket.len() > 63 {
+            return Err(SettingsError::new(
+                "S3_BUCKET",
+                "must be 1 to 63 characters",
+            ));
+        }
+        let (Some(access_key_id), Some(secret_access_key)) =
+            (&self.s3_access_key_id, &self.s3_secret_access_key)
+        else {
+            return Err(SettingsError::new(
+                "S3_ACCESS_KEY_ID",
+                "S3_BUCKET is set: S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY are needed too",
+            ));
+        };
+        Ok(Some(crate::blobs::S3Settings {
+            endpoint: self.s3_endpoint.clone(),
+            bucket: bucket.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: access_key_id.clone(),
+            secret_access_key: secret_access_key.clone(),
+            public_base_url: self.s3_public_base_url.clone(),
+        }))
+    }
+
+    /// The object store: the bucket when `S3_BUCKET` is set, else `$SEGUE_DATA_DIR/blobs`.
+    pub fn blobs(&self) -> Result<crate::blobs::Blobs, SettingsError> {
+        Ok(match self.s3_settings()? {
+            Some(s3) => crate::blobs::Blobs::S3(crate::blobs::S3Blobs::new(&s3)),
+            None => crate::blobs::Blobs::Local(crate::blobs::LocalBlobs::new(
+                self.data_dir.join("blobs"),
+            )),
+        })
     }
 
     /// The operator's token, by either of its names.

@@ -179,6 +179,7 @@ impl Application {
         let replica = ReplicaId::generate();
         let settings = Arc::new(settings);
         let job_replica = replica.to_string();
+        let blobs = settings.blobs()?;
         let bus = match (&settings.redis_url, &redis) {
             (Some(url), Some(pool)) => {
                 let client = ::redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
@@ -246,7 +247,7 @@ impl Application {
             metrics.jobs.clone(),
         );
         let drain = std::time::Duration::from_secs(settings.jobs_drain_secs);
-        tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, jobs = jobs.backend(), "segue starting");
+        tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, jobs = jobs.backend(), blobs = blobs.backend(), "segue starting");
 
         let max_body = settings.max_body_bytes;
         let origins = settings.origins();
@@ -302,6 +303,7 @@ impl Application {
         });
         let metrics = http::metrics_data(metrics);
         let jobs_data = web::Data::new(jobs.clone());
+        let blobs = web::Data::new(blobs);
         let app = move || {
             App::new()
                 .wrap(security_headers())
@@ -316,6 +318,7 @@ impl Application {
                 .app_data(realtime.clone())
                 .app_data(queues.clone())
                 .app_data(jobs_data.clone())
+                .app_data(blobs.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(max_body)

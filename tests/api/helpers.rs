@@ -889,3 +889,97 @@ macro_rules! on_both_buses {
         )*
     };
 }
+
+/// The S3-compatible test server (`s3s-fs`), as `scripts/test.sh` installs it: `SEGUE_S3S_FS`,
+/// else `$HOME/.cache/segue-tools/bin/s3s-fs`.
+pub fn s3s_fs_binary() -> PathBuf {
+    std::env::var_os("SEGUE_S3S_FS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/segue-tools/bin/s3s-fs")
+        })
+}
+
+pub const S3_ACCESS_KEY: &str = "segue-test-access";
+pub const S3_SECRET_KEY: &str = "segue-test-secret-key";
+
+/// An `s3s-fs` server of our own, on a free port over a fresh directory, for one test.
+pub struct PrivateS3 {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateS3 {
+    /// Starts the server with bucket `bucket` (a directory, for s3s-fs) and waits until it
+    /// answers.
+    pub fn start(bucket: &str) -> Self {
+        let dir = temp_dir("s3");
+        std::fs::create_dir_all(dir.join(bucket)).expect("bucket directory");
+        let mut this = Self {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        this.resume();
+        this
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Settings for `bucket` on this server.
+    pub fn settings(&self, bucket: &str) -> segue::blobs::S3Settings {
+        segue::blobs::S3Settings {
+            endpoint: Some(self.endpoint()),
+            bucket: bucket.to_owned(),
+            region: "us-east-1".to_owned(),
+            access_key_id: S3_ACCESS_KEY.to_owned(),
+            secret_access_key: S3_SECRET_KEY.into(),
+            public_base_url: None,
+        }
+    }
+
+    /// Starts (or restarts) the server on the same port and directory.
+    pub fn resume(&mut self) {
+        let binary = s3s_fs_binary();
+        let child = Command::new(&binary)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {} (scripts/test.sh installs it): {e}",
+                    binary.display()
+                )
+            });
+        self.child = Some(child);
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("s3s-fs did not start on port {}", self.port);
+    }
+
+    /// Kills the server at once.
+    pub fn halt(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        self.halt();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -8,6 +8,7 @@ mod phoenix;
 
 mod accounts;
 mod backpressure;
+mod blobs;
 mod bus;
 mod cache;
 mod catalog;

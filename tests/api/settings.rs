@@ -66,6 +66,7 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
             "SEGUE_SCHEDULER_LEASE_MS",
         ),
         (("SEGUE_ADMIN_TOKEN", "short"), "SEGUE_ADMIN_TOKEN"),
+        (("S3_BUCKET", "artwork"), "S3_ACCESS_KEY_ID"),
     ];
     for ((key, value), named) in cases {
         let (code, stderr) = run_with(&[(key, value)]);
