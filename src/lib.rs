@@ -40,6 +40,7 @@
 )]
 
 pub mod abuse;
+pub mod artwork;
 pub mod auth;
 pub mod blobs;
 pub mod bus;

@@ -7,6 +7,7 @@ mod helpers;
 mod phoenix;
 
 mod accounts;
+mod artwork;
 mod backpressure;
 mod blobs;
 mod bus;
