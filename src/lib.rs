@@ -49,6 +49,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod ingest;
 pub mod jobs;
 pub mod presence;
 pub mod ratelimit;

@@ -75,6 +75,20 @@ pub struct Metrics {
     pub cache_errors: IntCounterVec,
     /// The background jobs' counts, run times, depths, reclaims and leader changes.
     pub jobs: crate::jobs::JobMetrics,
+    /// The now-playing pipeline's artwork work.
+    pub artwork: ArtworkMetrics,
+}
+
+/// What the artwork job did: images decoded and rendered, objects uploaded, known artwork
+/// checked without decoding, images refused (by reason).
+#[derive(Clone)]
+pub struct ArtworkMetrics {
+    pub rendered: IntCounter,
+    pub uploaded: IntCounter,
+    pub verified: IntCounter,
+    pub refused: IntCounterVec,
+    /// Reports whose artwork was already known to this replica (no staging, no job).
+    pub known: IntCounter,
 }
 
 impl Metrics {
@@ -134,8 +148,27 @@ impl Metrics {
             Ok(counter)
         };
         let jobs = crate::jobs::JobMetrics::register(&registry)?;
+        let refused = IntCounterVec::new(
+            Opts::new("artwork_refused_total", "Reported images the artwork job refused"),
+            &["reason"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        let artwork = ArtworkMetrics {
+            rendered: counter("artwork_rendered_total", "Images decoded and rendered")?,
+            uploaded: counter("artwork_uploads_total", "Renditions written to the blob store")?,
+            verified: counter(
+                "artwork_verified_total",
+                "Known artwork whose objects were checked instead of rendered",
+            )?,
+            known: counter(
+                "artwork_known_total",
+                "Reports whose artwork this replica knew already",
+            )?,
+            refused,
+        };
         Ok(Self {
             jobs,
+            artwork,
             ws_open: gauge("ws_open", "Open WebSockets")?,
             ws_frames_in: counter("ws_frames_in_total", "Text frames received")?,
             ws_frames_out: counter("ws_frames_out_total", "Frames queued for sockets")?,

@@ -100,6 +100,16 @@ pub async fn upsert_tracks(
                 format!("track {index}: {}: {}", e.field, e.problem),
             )
         })?;
+        if catalog::is_reported_id(track.id.as_str()) {
+            return Err(InvalidInput::new(
+                "tracks",
+                format!(
+                    "track {index}: ids starting with \"isrc:\" or \"np:\" are the hub's own \
+                     (tracks players report)"
+                ),
+            )
+            .into());
+        }
         if !seen.insert(track.id.clone()) {
             return Err(InvalidInput::new(
                 "tracks",

@@ -37,6 +37,10 @@ pub struct NowPlaying {
     pub is_playing: bool,
     /// When it was reported, in milliseconds since the Unix epoch.
     pub at: i64,
+    /// The track as the catalog knows it, when the report came through the now-playing
+    /// pipeline (`POST /ingest/plays`), with its artwork once that is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track: Option<crate::store::catalog::TrackView>,
 }
 
 /// One device's presence, as its owner writes it to the registry.
@@ -121,6 +125,7 @@ mod tests {
                 progress_ms: 0,
                 is_playing,
                 at,
+                track: None,
             }),
             seq: 1,
             expires_at: i64::MAX,

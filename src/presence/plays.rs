@@ -23,7 +23,7 @@ pub fn threshold(duration_ms: Option<i64>) -> i64 {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Play {
     track_id: String,
     progress_ms: i64,
@@ -33,8 +33,8 @@ struct Play {
     recorded: bool,
 }
 
-/// One device's current play.
-#[derive(Debug, Clone, Default)]
+/// One device's current play (kept as JSON between reports the enrichment job applies).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PlayTracker {
     current: Option<Play>,
 }
@@ -118,6 +118,7 @@ mod tests {
             progress_ms,
             is_playing,
             at: 0,
+            track: None,
         }
     }
 

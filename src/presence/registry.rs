@@ -226,13 +226,18 @@ impl Registry for RedisRegistry {
         if writes.is_empty() {
             return Ok(());
         }
-        let ttl_ms = self.ttl.as_millis() as u64;
+        let ttl_ms = self.ttl.as_millis() as i64;
+        let now = super::now_ms();
         let mut pipe = redis::pipe();
         for (user, instance, entry) in &writes {
             let key = self.entries_key(*user);
             let json = serde_json::to_string(&**entry).unwrap_or_default();
             pipe.hset(&key, instance, json).ignore();
-            pipe.pexpire(&key, ttl_ms as i64).ignore();
+            // The hash lives as long as its longest-lived entry (a pipeline report lasts to
+            // the end of its track): set when unset, then only ever raised.
+            let keep = ttl_ms.max(entry.expires_at - now);
+            pipe.cmd("PEXPIRE").arg(&key).arg(keep).arg("NX").ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(keep).arg("GT").ignore();
         }
         self.run::<()>(&pipe).await
     }

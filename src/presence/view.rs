@@ -367,6 +367,7 @@ mod tests {
             progress_ms: 5,
             is_playing: true,
             at: 7,
+            track: None,
         });
         let change = view.upsert("a/1", playing, &mut refs);
         assert_eq!(change.leaves.len(), 1);

@@ -98,6 +98,10 @@ pub enum ReplicaEvent {
     AddressBlocked { address: String, until_ms: i64 },
     /// A client address's block was lifted.
     AddressUnblocked { address: String },
+    /// These catalog tracks changed (their artwork, say): cached copies are stale.
+    TracksChanged { ids: Vec<String> },
+    /// An overlay was revoked: its open streams end, on every replica.
+    OverlayRevoked { token_hash: String },
 }
 
 impl ReplicaEvent {

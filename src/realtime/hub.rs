@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::events::{ReplicaEvent, UserEvent};
+use super::overlays::Overlays;
 use super::presence::{Observed, Presence};
 use super::queue::{Queues, changed_event};
 use super::session::{self, Member, UserSession};
@@ -77,6 +78,8 @@ pub struct Hub {
     queues: Option<Queues>,
     /// Set right after start ([`UsePresence`]).
     presence: Option<Addr<Presence>>,
+    /// Set right after start ([`UseOverlays`]).
+    overlays: Option<Addr<Overlays>>,
     /// The replica's blocked addresses, once the guard hands them over.
     blocks: Option<crate::abuse::Blocks>,
     /// Which login sessions have ended, as the HTTP layer and socket upgrades check them.
@@ -95,6 +98,7 @@ impl Hub {
             linger,
             queues: None,
             presence: None,
+            overlays: None,
             blocks: None,
             metrics,
         }
@@ -219,6 +223,18 @@ impl Hub {
         }
     }
 
+    /// Hands presence events to the overlay streams.
+    fn tell_overlays(&self, user: UserId, event: &UserEvent) {
+        if let Some(overlays) = &self.overlays
+            && Overlays::concerns(event)
+        {
+            overlays.do_send(super::overlays::Observed {
+                user,
+                event: std::sync::Arc::new(event.clone()),
+            });
+        }
+    }
+
     /// Keeps the queue cache in step with an event for `user`.
     fn observe(&self, user: UserId, event: &UserEvent) {
         let Some(queues) = &self.queues else { return };
@@ -325,6 +341,7 @@ impl Handler<Publish> for Hub {
             self.observe(msg.user, &msg.event);
         }
         self.tell_presence(msg.user, &msg.event);
+        self.tell_overlays(msg.user, &msg.event);
         if let Some(entry) = self.sessions.get(&msg.user) {
             entry.session.do_send(session::Deliver(msg.event));
         }
@@ -418,6 +435,16 @@ impl Hub {
                     blocks.remove(&address);
                 }
             }
+            ReplicaEvent::TracksChanged { ids } => {
+                if let Some(queues) = &self.queues {
+                    queues.forget_local_tracks(&ids);
+                }
+            }
+            ReplicaEvent::OverlayRevoked { token_hash } => {
+                if let Some(overlays) = &self.overlays {
+                    overlays.do_send(super::overlays::Revoked { token_hash });
+                }
+            }
             ReplicaEvent::SessionEnded { user, session } => {
                 let logins = self.logins.clone();
                 let ended = session.clone();
@@ -451,6 +478,7 @@ impl Handler<Heard> for Hub {
         };
         self.observe(msg.user, &event);
         self.tell_presence(msg.user, &event);
+        self.tell_overlays(msg.user, &event);
         if let Some(entry) = self.sessions.get(&msg.user) {
             entry.session.do_send(session::Deliver(event));
         }
@@ -540,6 +568,19 @@ impl Handler<UsePresence> for Hub {
 
     fn handle(&mut self, UsePresence(presence): UsePresence, _: &mut Context<Self>) {
         self.presence = Some(presence);
+    }
+}
+
+/// Gives the hub the overlay streams' actor (built after the hub, which it needs).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UseOverlays(pub Addr<Overlays>);
+
+impl Handler<UseOverlays> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, UseOverlays(overlays): UseOverlays, _: &mut Context<Self>) {
+        self.overlays = Some(overlays);
     }
 }
 

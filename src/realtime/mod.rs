@@ -24,6 +24,7 @@ pub mod events;
 pub mod frame;
 pub mod hub;
 pub mod limits;
+pub mod overlays;
 pub mod presence;
 pub mod queue;
 pub mod relay;
@@ -57,6 +58,7 @@ pub struct Realtime {
     pub hub: Addr<Hub>,
     pub queues: Queues,
     pub presence: Addr<Presence>,
+    pub overlays: Addr<overlays::Overlays>,
     pub registry: AnyRegistry,
     shared: Arc<Shared>,
     next_socket: AtomicU64,
@@ -113,6 +115,9 @@ impl Realtime {
         )
         .start();
         hub.do_send(hub::UsePresence(presence.clone()));
+        let overlays =
+            overlays::Overlays::new(hub.clone(), registry.clone(), queues.clone()).start();
+        hub.do_send(hub::UseOverlays(overlays.clone()));
         let limits = SocketLimits {
             max_message_bytes: settings.ws_max_message_bytes,
             idle_timeout: Duration::from_secs(settings.ws_idle_timeout_secs),
@@ -150,6 +155,7 @@ impl Realtime {
             hub,
             queues,
             presence,
+            overlays,
             registry,
             shared,
             next_socket: AtomicU64::new(1),

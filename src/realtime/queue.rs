@@ -564,13 +564,19 @@ impl Queues {
     /// at once, and again a moment later, in case a replica that read the old track from the
     /// store just before the change puts it back).
     pub async fn forget_tracks(&self, ids: &[String]) {
-        for id in ids {
-            self.inner.tracks.invalidate(id);
-            self.inner.unknown_tracks.invalidate(id);
-        }
+        self.forget_local_tracks(ids);
         self.inner
             .cache
             .invalidate_twice("track", ids.to_vec())
             .await;
+    }
+
+    /// Drops this replica's copies of `ids` (another replica changed them and cleared the
+    /// shared cache).
+    pub fn forget_local_tracks(&self, ids: &[String]) {
+        for id in ids {
+            self.inner.tracks.invalidate(id);
+            self.inner.unknown_tracks.invalidate(id);
+        }
     }
 }

@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 
-use super::schema::{artists, tracks};
+use super::schema::{artists, artwork, tracks};
 use super::{Conn, StoreError, run};
 use crate::domain::{TrackId, UserId};
 
@@ -20,6 +20,9 @@ pub struct TrackView {
     pub album: Option<String>,
     pub duration_ms: Option<i64>,
     pub image_url: Option<String>,
+    /// The track's rendered artwork (reported by players through `POST /ingest/plays`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artwork: Option<crate::artwork::ArtworkView>,
 }
 
 /// A track to upsert, already validated.
@@ -174,26 +177,42 @@ type TrackRow = (
     Option<String>,
     Option<i64>,
     Option<String>,
+    Option<ArtworkRow>,
 );
 
-/// What a [`TrackRow`] is read from (tracks joined with their artists).
-const TRACK_COLUMNS: (
-    tracks::id,
-    tracks::title,
-    artists::name,
-    tracks::album,
-    tracks::duration_ms,
-    tracks::image_url,
-) = (
-    tracks::id,
-    tracks::title,
-    artists::name,
-    tracks::album,
-    tracks::duration_ms,
-    tracks::image_url,
-);
+type ArtworkRow = (String, i64, i32, i32, String);
 
-fn view((id, title, artist, album, duration_ms, image_url): TrackRow) -> TrackView {
+/// What a [`TrackRow`] is read from (tracks joined with their artists and, when there is
+/// one, their artwork's row).
+macro_rules! track_columns {
+    () => {
+        (
+            tracks::id,
+            tracks::title,
+            artists::name,
+            tracks::album,
+            tracks::duration_ms,
+            tracks::image_url,
+            (
+                artwork::hash,
+                artwork::source_bytes,
+                artwork::source_width,
+                artwork::source_height,
+                artwork::renditions,
+            )
+                .nullable(),
+        )
+    };
+}
+
+fn view((id, title, artist, album, duration_ms, image_url, art): TrackRow) -> TrackView {
+    let artwork = art.and_then(|row| match super::artwork::record(row) {
+        Ok(record) => Some(crate::artwork::ArtworkView::of(&record)),
+        Err(error) => {
+            tracing::warn!(%error, "artwork row unreadable; the track is shown without it");
+            None
+        }
+    });
     TrackView {
         id,
         title,
@@ -201,6 +220,7 @@ fn view((id, title, artist, album, duration_ms, image_url): TrackRow) -> TrackVi
         album,
         duration_ms,
         image_url,
+        artwork,
     }
 }
 
@@ -208,8 +228,9 @@ fn view((id, title, artist, album, duration_ms, image_url): TrackRow) -> TrackVi
 pub async fn find_tracks(conn: &mut Conn<'_>, ids: &[&str]) -> Result<Vec<TrackView>, StoreError> {
     let rows: Vec<TrackRow> = run!(conn, c => tracks::table
         .inner_join(artists::table)
+        .left_join(artwork::table)
         .filter(tracks::id.eq_any(ids))
-        .select(TRACK_COLUMNS)
+        .select(track_columns!())
         .load(c)
         .await)?;
     Ok(rows.into_iter().map(view).collect())
@@ -242,7 +263,8 @@ pub async fn search(
     let rows: Vec<TrackRow> = run!(conn, c => {
         let mut select = tracks::table
             .inner_join(artists::table)
-            .select(TRACK_COLUMNS)
+            .left_join(artwork::table)
+            .select(track_columns!())
             .order((artists::name, tracks::title, tracks::id))
             .limit(limit)
             .into_boxed();
@@ -258,4 +280,104 @@ pub async fn search(
         select.load(c).await
     })?;
     Ok(rows.into_iter().map(view).collect())
+}
+
+/// A track as a player reported it, already normalised (`crate::ingest::normalise`).
+#[derive(Debug, Clone)]
+pub struct Reported<'a> {
+    pub isrc: Option<&'a str>,
+    /// Artist, title and album, folded for matching.
+    pub match_key: &'a str,
+    pub title: &'a str,
+    pub artist: &'a str,
+    pub album: Option<&'a str>,
+    pub duration_ms: Option<i64>,
+}
+
+impl Reported<'_> {
+    /// The id a new track gets: from its ISRC, else from its match key; deterministic, so two
+    /// workers creating the same track at once create one.
+    pub fn new_id(&self) -> String {
+        match self.isrc {
+            Some(isrc) => format!("isrc:{isrc}"),
+            None => format!("np:{}", &crate::artwork::hash(self.match_key.as_bytes())[..24]),
+        }
+    }
+}
+
+/// The catalog track a report is about: by ISRC, else by match key (recording the ISRC on a
+/// track that had none), else a new track (created by the operator, so no account can
+/// replace it). Returns its id.
+pub async fn find_or_create_reported(
+    conn: &mut Conn<'_>,
+    reported: &Reported<'_>,
+    now: NaiveDateTime,
+) -> Result<String, StoreError> {
+    if let Some(isrc) = reported.isrc {
+        let found: Option<String> = run!(conn, c => tracks::table
+            .filter(tracks::isrc.eq(isrc))
+            .select(tracks::id)
+            .first(c)
+            .await
+            .optional())?;
+        if let Some(id) = found {
+            return Ok(id);
+        }
+    }
+    let by_key: Option<(String, Option<String>)> = run!(conn, c => tracks::table
+        .filter(tracks::match_key.eq(reported.match_key))
+        .select((tracks::id, tracks::isrc))
+        .first(c)
+        .await
+        .optional())?;
+    if let Some((id, isrc)) = by_key {
+        if isrc.is_none()
+            && let Some(reported_isrc) = reported.isrc
+        {
+            run!(conn, c => diesel::update(tracks::table.find(&id))
+                .set(tracks::isrc.eq(reported_isrc))
+                .execute(c)
+                .await)?;
+        }
+        return Ok(id);
+    }
+    run!(conn, c => diesel::insert_into(artists::table)
+        .values(artists::name.eq(reported.artist))
+        .on_conflict_do_nothing()
+        .execute(c)
+        .await)?;
+    let artist_id: i64 = run!(conn, c => artists::table
+        .filter(artists::name.eq(reported.artist))
+        .select(artists::id)
+        .first(c)
+        .await)?;
+    let id = reported.new_id();
+    let row = (
+        tracks::id.eq(&id),
+        tracks::title.eq(reported.title),
+        tracks::artist_id.eq(artist_id),
+        tracks::album.eq(reported.album),
+        tracks::duration_ms.eq(reported.duration_ms),
+        tracks::updated_at.eq(now),
+        tracks::isrc.eq(reported.isrc),
+        tracks::match_key.eq(reported.match_key),
+    );
+    run!(conn, c => diesel::insert_into(tracks::table)
+        .values(row)
+        .on_conflict_do_nothing()
+        .execute(c)
+        .await)?;
+    // A concurrent report may have created the track under the other id (one with an ISRC,
+    // one without): the match key finds it either way.
+    Ok(run!(conn, c => tracks::table
+        .filter(tracks::id.eq(&id).or(tracks::match_key.eq(reported.match_key)))
+        .select(tracks::id)
+        .first(c)
+        .await)?)
+}
+
+/// Whether `id` is of the form the hub gives tracks it creates from reports (which no
+/// account may take).
+pub fn is_reported_id(id: &str) -> bool {
+    id.starts_with("isrc:") || id.starts_with("np:")
 }

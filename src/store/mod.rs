@@ -9,11 +9,13 @@
 //! Backend-specific code is limited to this file (pool set-up, session settings, migrations);
 //! `grep -n Postgres src/store` finds all of it.
 
+pub mod artwork;
 pub mod blocking;
 pub mod blocks;
 pub mod catalog;
 pub mod devices;
 pub mod follows;
+pub mod ingests;
 pub mod jobs;
 pub mod plays;
 pub mod preferences;

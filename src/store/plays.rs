@@ -21,7 +21,17 @@ pub async fn record(
     track_id: &str,
     device_id: &str,
 ) -> Result<(), StoreError> {
-    let now = super::now();
+    record_at(conn, user, track_id, device_id, super::now()).await
+}
+
+/// Records a play made at `now`.
+pub async fn record_at(
+    conn: &mut Conn<'_>,
+    user: UserId,
+    track_id: &str,
+    device_id: &str,
+    now: chrono::NaiveDateTime,
+) -> Result<(), StoreError> {
     run!(conn, c => diesel::insert_into(ph::table)
         .values((
             ph::user_id.eq(user.0),

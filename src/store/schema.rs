@@ -54,6 +54,9 @@ diesel::table! {
         image_url -> Nullable<Text>,
         updated_at -> Timestamp,
         created_by -> Nullable<BigInt>,
+        isrc -> Nullable<Text>,
+        match_key -> Nullable<Text>,
+        artwork_hash -> Nullable<Text>,
     }
 }
 
@@ -121,6 +124,7 @@ diesel::joinable!(tracks -> artists (artist_id));
 diesel::joinable!(queue_state -> users (user_id));
 diesel::joinable!(preferences -> users (user_id));
 diesel::joinable!(play_history -> users (user_id));
+diesel::joinable!(tracks -> artwork (artwork_hash));
 
 diesel::allow_tables_to_appear_in_same_query!(
     users,
@@ -132,6 +136,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     preferences,
     follows,
     play_history,
+    artwork,
 );
 
 diesel::table! {
@@ -148,5 +153,46 @@ diesel::table! {
         device_key -> Text,
         user_id -> BigInt,
         created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    artwork (hash) {
+        hash -> Text,
+        source_bytes -> BigInt,
+        source_width -> Integer,
+        source_height -> Integer,
+        renditions -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    artwork_waiters (hash, user_id, device_id) {
+        hash -> Text,
+        user_id -> BigInt,
+        device_id -> Text,
+        track_id -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    ingests (id) {
+        id -> Text,
+        user_id -> BigInt,
+        device_id -> Text,
+        track_id -> Text,
+        counted -> Bool,
+        applied_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    ingest_plays (user_id, device_id) {
+        user_id -> BigInt,
+        device_id -> Text,
+        reported_at -> BigInt,
+        tracker -> Text,
     }
 }

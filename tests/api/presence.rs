@@ -1005,6 +1005,7 @@ mod registry {
             progress_ms: 3,
             is_playing: true,
             at: 4,
+            track: None,
         });
         registry
             .put(vec![(alice, "a/r1".into(), Arc::new(newer.clone()))])

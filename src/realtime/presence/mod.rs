@@ -215,6 +215,32 @@ impl Handler<RestPlaying> for Presence {
     }
 }
 
+/// The now-playing pipeline applied a report (or its artwork became ready): shown as the
+/// device's REST instance, stamped with the report's own time. Plays were already counted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PipelinePlaying {
+    pub user: UserId,
+    pub device: Device,
+    pub now_playing: crate::presence::NowPlaying,
+    /// When the entry may lapse (the track's expected end), if later than the presence TTL.
+    pub lasts_until: Option<i64>,
+}
+
+impl Handler<PipelinePlaying> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: PipelinePlaying, _: &mut Context<Self>) {
+        self.write_rest(
+            msg.user,
+            msg.device,
+            Some(msg.now_playing),
+            false,
+            msg.lasts_until,
+        );
+    }
+}
+
 /// Which presence topic a socket watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shown {

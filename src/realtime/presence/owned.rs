@@ -31,6 +31,7 @@ fn stamped(report: PlayReport, at: i64) -> NowPlaying {
         progress_ms: report.progress_ms,
         is_playing: report.is_playing,
         at,
+        track: None,
     }
 }
 
@@ -375,10 +376,25 @@ impl Presence {
         device: Device,
         report: Option<PlayReport>,
     ) {
+        let now_playing = report.map(|r| stamped(r, now_ms()));
+        self.write_rest(user, device, now_playing, true, None);
+    }
+
+    /// Writes what a REST player plays (`None`: nothing) as its shared instance; with
+    /// `track_plays`, this replica's tracker decides whether a play counted (the now-playing
+    /// pipeline decides that itself, durably, before it calls this). The entry lasts the
+    /// presence TTL, or until `lasts_until` (ms since the epoch) when that is later.
+    pub(super) fn write_rest(
+        &mut self,
+        user: UserId,
+        device: Device,
+        now_playing: Option<NowPlaying>,
+        track_plays: bool,
+        lasts_until: Option<i64>,
+    ) {
         let key = (user, device.id.clone());
         let instance = instance_id(device.id.as_str(), REST_OWNER);
         let seq = self.next_seq();
-        let now_playing = report.map(|r| stamped(r, now_ms()));
         let mut rest = self.rest.remove(&key).unwrap_or_else(|| RestDevice {
             online_at: now_ms(),
             last_report: Instant::now(),
@@ -387,7 +403,9 @@ impl Presence {
         });
         rest.last_report = Instant::now();
         rest.last_report_ms = now_ms();
-        self.track_play(&mut rest.plays, now_playing.as_ref(), user, &key.1);
+        if track_plays {
+            self.track_play(&mut rest.plays, now_playing.as_ref(), user, &key.1);
+        }
         let Some(now_playing) = now_playing else {
             // Any replica may write a REST instance, and their clocks differ: a withdrawal
             // removes whatever version a view shows.
@@ -405,7 +423,7 @@ impl Presence {
             online_at: rest.online_at,
             now_playing: Some(now_playing),
             seq,
-            expires_at: self.expiry(),
+            expires_at: self.expiry().max(lasts_until.unwrap_or(0)),
         };
         self.rest.insert(key, rest);
         let entry = Arc::new(entry);

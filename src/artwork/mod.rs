@@ -5,8 +5,12 @@
 //! bomb costs a header read. Re-encoding drops EXIF (GPS included); animated input gives its
 //! first frame; transparency is flattened onto white.
 //!
-//! [`process`] is CPU work: run it on the blocking pool (the artwork job does, one at a time
-//! per permit).
+//! [`process`] is CPU work: run it on the blocking pool ([`library::Library`] does, one at
+//! a time per permit). The artwork job keeps one row per artwork and stores the renditions
+//! through the blob port; the source waits in [`staging`] between the report and the job.
+
+pub mod library;
+pub mod staging;
 
 use std::io::Cursor;
 use std::time::{Duration, Instant};
@@ -89,6 +93,19 @@ pub enum ArtworkError {
     Encoding(String),
 }
 
+impl ArtworkError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::UnknownFormat => "unknown_format",
+            Self::TooManyPixels { .. } => "too_many_pixels",
+            Self::Unreadable(_) => "unreadable",
+            Self::Encoding(_) => "encoding",
+        }
+    }
+}
+
 /// One stored rendition.
 #[derive(Debug, Clone)]
 pub struct Rendition {
@@ -114,6 +131,59 @@ pub struct Processed {
     pub height: u32,
     pub renditions: Vec<Rendition>,
     pub timings: Timings,
+}
+
+/// An artwork as clients see it: URLs of every rendition, relative to the hub.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArtworkView {
+    pub hash: String,
+    pub width: u32,
+    pub height: u32,
+    pub sizes: Vec<SizeView>,
+}
+
+/// One size: its box name, its own dimensions, and a URL per format.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SizeView {
+    pub size: String,
+    pub width: u32,
+    pub height: u32,
+    pub webp: String,
+    pub jpeg: String,
+}
+
+impl ArtworkView {
+    pub fn of(record: &crate::store::artwork::ArtworkRecord) -> Self {
+        let url = |size: &str, format: Format| {
+            format!("/artwork/{}/{size}.{}", record.hash, format.extension())
+        };
+        Self {
+            hash: record.hash.clone(),
+            width: record.source_width,
+            height: record.source_height,
+            sizes: record
+                .sizes
+                .iter()
+                .map(|s| SizeView {
+                    size: s.size.clone(),
+                    width: s.width,
+                    height: s.height,
+                    webp: url(&s.size, Format::Webp),
+                    jpeg: url(&s.size, Format::Jpeg),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Whether `hash` looks like an artwork identity (64 lowercase hex digits).
+pub fn is_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The size box named `name`.
+pub fn size_named(name: &str) -> Option<(&'static str, u32)> {
+    SIZES.into_iter().find(|(n, _)| *n == name)
 }
 
 /// The artwork's identity: the SHA-256 of its bytes, in hex.
