@@ -58,6 +58,15 @@ pub struct Settings {
     /// A CDN or public bucket URL in front of the bucket: object URLs are `<base>/<key>`
     /// instead of presigned.
     pub s3_public_base_url: Option<String>,
+    /// Largest artwork image a report may carry (bytes); larger is refused with 413.
+    pub artwork_max_bytes: usize,
+    /// Artwork images decoded at once on one replica (each may take one core).
+    pub artwork_renders: usize,
+    /// Longest one artwork render may take (ms) before it is refused.
+    pub artwork_render_timeout_ms: u64,
+    /// How long a replica trusts artwork it verified without checking its objects again
+    /// (seconds; 0: check on every report that brings it).
+    pub artwork_verified_secs: u64,
     /// HMAC key for access tokens. Every replica of one deployment needs the same key; when
     /// unset, a key is generated once and kept in `$data_dir/token.key`.
     pub jwt_secret: Option<SecretString>,
@@ -216,6 +225,10 @@ impl Default for Settings {
             s3_access_key_id: None,
             s3_secret_access_key: None,
             s3_public_base_url: None,
+            artwork_max_bytes: 10 * 1024 * 1024,
+            artwork_renders: 1,
+            artwork_render_timeout_ms: 30_000,
+            artwork_verified_secs: 600,
             jwt_secret: None,
             operator_token: None,
             admin_token: None,
@@ -439,12 +452,24 @@ impl Settings {
                 "must be between 1000 (a second) and 600000 (ten minutes)",
             ));
         }
+        if self.artwork_max_bytes > 64 * 1024 * 1024 {
+            return Err(SettingsError::new(
+                "SEGUE_ARTWORK_MAX_BYTES",
+                "must be at most 67108864 (64 MiB)",
+            ));
+        }
         crate::jobs::scheduler::Every::parse(&self.upkeep_schedule)
             .map_err(|e| SettingsError::new("SEGUE_UPKEEP_SCHEDULE", e.to_string()))?;
         let positive = [
             ("SEGUE_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
             ("SEGUE_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),
             ("SEGUE_MAX_BODY_BYTES", self.max_body_bytes as u64),
+            ("SEGUE_ARTWORK_MAX_BYTES", self.artwork_max_bytes as u64),
+            ("SEGUE_ARTWORK_RENDERS", self.artwork_renders as u64),
+            (
+                "SEGUE_ARTWORK_RENDER_TIMEOUT_MS",
+                self.artwork_render_timeout_ms,
+            ),
             ("SEGUE_DB_POOL_SIZE", u64::from(self.db_pool_size)),
             ("SEGUE_PASSWORD_HASH_WAIT_MS", self.password_hash_wait_ms),
             ("SEGUE_DB_CONNECT_TIMEOUT_MS", self.db_connect_timeout_ms),
@@ -583,6 +608,19 @@ impl Settings {
     }
 
     /// The object store: the bucket when `S3_BUCKET` is set, else `$SEGUE_DATA_DIR/blobs`.
+    /// What the artwork library works with.
+    pub fn artwork(&self) -> crate::artwork::library::LibrarySettings {
+        crate::artwork::library::LibrarySettings {
+            limits: crate::artwork::Limits {
+                max_bytes: self.artwork_max_bytes,
+                ..crate::artwork::Limits::default()
+            },
+            renders: self.artwork_renders,
+            render_timeout: std::time::Duration::from_millis(self.artwork_render_timeout_ms),
+            verified_for: std::time::Duration::from_secs(self.artwork_verified_secs),
+        }
+    }
+
     pub fn blobs(&self) -> Result<crate::blobs::Blobs, SettingsError> {
         Ok(match self.s3_settings()? {
             Some(s3) => crate::blobs::Blobs::S3(crate::blobs::S3Blobs::new(&s3)),

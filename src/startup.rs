@@ -19,6 +19,8 @@ use crate::cache::CacheAside;
 use crate::error;
 use crate::http::{self, AppState};
 use crate::jobs::scheduler::{LeaseSettings, Scheduler};
+use crate::artwork::library::Library;
+use crate::artwork::staging::Staging;
 use crate::jobs::{Jobs, MemoryJobs, RedisJobSettings, RedisJobs};
 use crate::presence::{AnyRegistry, RedisRegistry};
 use crate::ratelimit::{Limiter, MemoryLimiter, RedisLimiter};
@@ -118,8 +120,9 @@ fn start_jobs(
     store: &Store,
     replica: &str,
     metrics: &Metrics,
+    pipeline: crate::ingest::Pipeline,
 ) -> Result<Jobs, StartupError> {
-    let handlers = crate::upkeep::handlers(store.clone(), settings.clone());
+    let handlers = pipeline.handlers(crate::upkeep::handlers(store.clone(), settings.clone()));
     let job_settings = settings.job_settings();
     Ok(match &settings.redis_url {
         Some(url) => {
@@ -236,7 +239,27 @@ impl Application {
             .port();
         // Workers and the scheduler start once the listener is bound: a hub that fails to
         // start leaves nothing running.
-        let jobs = start_jobs(&settings, &store, &job_replica, &metrics)?;
+        let staging = match &redis {
+            Some(pool) => Staging::redis(pool.clone(), &settings.redis_namespace),
+            None => Staging::local(settings.data_dir.join("staging")),
+        };
+        let library = Library::new(
+            store.clone(),
+            blobs.clone(),
+            staging,
+            settings.artwork(),
+            metrics.artwork.clone(),
+        );
+        let pipeline = crate::ingest::Pipeline {
+            store: store.clone(),
+            library: library.clone(),
+            hub: realtime.hub.clone(),
+            presence: realtime.presence.clone(),
+            registry: realtime.registry.clone(),
+            queues: realtime.queues.clone(),
+            max_attempts: settings.job_settings().max_attempts,
+        };
+        let jobs = start_jobs(&settings, &store, &job_replica, &metrics, pipeline)?;
         let scheduler = Scheduler::start(
             jobs.clone(),
             crate::upkeep::periodic(&settings),
@@ -304,6 +327,7 @@ impl Application {
         let metrics = http::metrics_data(metrics);
         let jobs_data = web::Data::new(jobs.clone());
         let blobs = web::Data::new(blobs);
+        let library = web::Data::new(library);
         let app = move || {
             App::new()
                 .wrap(security_headers())
@@ -319,6 +343,7 @@ impl Application {
                 .app_data(queues.clone())
                 .app_data(jobs_data.clone())
                 .app_data(blobs.clone())
+                .app_data(library.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(max_body)

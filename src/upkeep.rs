@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::jobs::scheduler::{Every, Periodic, Tick};
 use crate::jobs::{Failure, Handlers, Job, Kind};
 use crate::settings::Settings;
-use crate::store::{Store, StoreError, blocks, jobs, plays, tokens};
+use crate::store::{Store, StoreError, artwork, blocks, ingests, jobs, plays, tokens};
 
 /// The periodic upkeep: expired refresh-token sessions, device registrations outside every
 /// limit window, plays older than `play_history_days`, old run records and probes.
@@ -24,6 +24,13 @@ pub const UPKEEP_JOB: &str = "store.upkeep";
 
 /// Longest a probe may pretend to work.
 pub const MAX_PROBE_WORK: Duration = Duration::from_secs(60);
+
+/// How long applied ingest ids are kept: past the job queue's idempotency window, a job
+/// cannot be enqueued again under its key.
+const KEEP_INGESTS: TimeDelta = TimeDelta::days(9);
+
+/// How long a play waits for artwork that never came.
+const KEEP_WAITERS: TimeDelta = TimeDelta::days(2);
 
 /// How long run records and probe effects are kept.
 const KEEP_RECORDS: TimeDelta = TimeDelta::days(30);
@@ -97,7 +104,9 @@ async fn upkeep(store: &Store, settings: &Settings, job: Job<Tick>) -> Result<()
         days => plays::purge_before(&mut conn, now - TimeDelta::days(i64::from(days))).await?,
     };
     let records = jobs::purge_runs(&mut conn, now - KEEP_RECORDS).await?
-        + jobs::purge_probes(&mut conn, now - KEEP_RECORDS).await?;
+        + jobs::purge_probes(&mut conn, now - KEEP_RECORDS).await?
+        + ingests::purge_before(&mut conn, now - KEEP_INGESTS).await?
+        + artwork::purge_waiters(&mut conn, now - KEEP_WAITERS).await?;
     let removed = sessions + registrations + plays + records;
     jobs::finish_tick(
         &mut conn,

@@ -4,10 +4,13 @@
 
 mod accounts;
 pub mod admin;
+mod artwork;
 mod catalog;
 mod extract;
 pub mod guard;
 mod health;
+mod ingest;
+mod overlays;
 mod presence;
 mod queue;
 mod socket;
@@ -104,6 +107,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(catalog::upsert_tracks)),
         )
         .service(resource(&["/tracks/{id}"], "GET").route(web::get().to(catalog::get_track)))
+        .service(
+            resource(&["/ingest/plays", "/ingest/plays/"], "POST")
+                .route(web::post().to(ingest::ingest_play)),
+        )
+        .service(
+            resource(&["/artwork/{hash}/{file}"], "GET")
+                .route(web::get().to(artwork::get_artwork)),
+        )
+        .service(
+            resource(&["/overlays", "/overlays/"], "GET, POST")
+                .route(web::get().to(overlays::list))
+                .route(web::post().to(overlays::create)),
+        )
+        .service(
+            resource(&["/overlays/{id}"], "DELETE").route(web::delete().to(overlays::revoke)),
+        )
+        .service(resource(&["/overlay/{token}"], "GET").route(web::get().to(overlays::page)))
+        .service(
+            resource(&["/overlay/{token}/events"], "GET").route(web::get().to(overlays::events)),
+        )
         .service(
             resource(&["/admin/blocks", "/admin/blocks/"], "GET, POST")
                 .route(web::get().to(admin::list_blocks))

@@ -17,6 +17,7 @@ pub mod devices;
 pub mod follows;
 pub mod ingests;
 pub mod jobs;
+pub mod overlays;
 pub mod plays;
 pub mod preferences;
 pub mod queue;

@@ -196,3 +196,13 @@ diesel::table! {
         tracker -> Text,
     }
 }
+
+diesel::table! {
+    overlays (id) {
+        id -> Text,
+        user_id -> BigInt,
+        name -> Text,
+        token_hash -> Text,
+        created_at -> Timestamp,
+    }
+}

@@ -1,3 +1,4 @@
+DROP TABLE overlays;
 DROP TABLE ingest_plays;
 DROP TABLE ingests;
 DROP TABLE artwork_waiters;

@@ -52,3 +52,14 @@ CREATE TABLE ingest_plays (
     tracker TEXT NOT NULL,
     PRIMARY KEY (user_id, device_id)
 );
+
+-- Streaming overlays: a friendly name and the SHA-256 of a bearer token (the token itself is
+-- shown once, at creation). Deleting the row revokes it.
+CREATE TABLE overlays (
+    id TEXT PRIMARY KEY NOT NULL,
+    user_id BIGINT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TIMESTAMP NOT NULL
+);
+CREATE INDEX overlays_user ON overlays (user_id);
