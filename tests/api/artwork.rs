@@ -33,7 +33,7 @@ fn png_with_alpha(width: u32, height: u32) -> Vec<u8> {
 
 /// A PNG whose header claims `width` × `height` and whose data is a few bytes: what a
 /// decompression bomb looks like before it is inflated.
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut ihdr = Vec::new();
     ihdr.extend(width.to_be_bytes());

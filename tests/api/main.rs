@@ -16,6 +16,7 @@ mod catalog;
 mod cluster;
 mod failures;
 mod health;
+mod ingest;
 mod jobs;
 mod jobs_cluster;
 mod phoenix_js;
