@@ -216,7 +216,8 @@ impl CacheAside {
         }
         self.invalidate(cache, &keys).await;
         let again = self.clone();
-        actix::spawn(async move {
+        // tokio's spawn, not actix's: job workers call this from outside the actix arbiter.
+        tokio::spawn(async move {
             tokio::time::sleep(SECOND_INVALIDATION).await;
             again.invalidate(cache, &keys).await;
         });

@@ -13,14 +13,14 @@ use actix_web::middleware::{DefaultHeaders, from_fn};
 use actix_web::{App, web};
 
 use crate::abuse::{Blocks, Guard};
+use crate::artwork::library::Library;
+use crate::artwork::staging::Staging;
 use crate::auth::{Passwords, Sessions, TokenKeys, TokenKeysError};
 use crate::bus::{AnyBus, MemoryNetwork, RedisBus, ReplicaId};
 use crate::cache::CacheAside;
 use crate::error;
 use crate::http::{self, AppState};
 use crate::jobs::scheduler::{LeaseSettings, Scheduler};
-use crate::artwork::library::Library;
-use crate::artwork::staging::Staging;
 use crate::jobs::{Jobs, MemoryJobs, RedisJobSettings, RedisJobs};
 use crate::presence::{AnyRegistry, RedisRegistry};
 use crate::ratelimit::{Limiter, MemoryLimiter, RedisLimiter};
@@ -239,6 +239,12 @@ impl Application {
             .port();
         // Workers and the scheduler start once the listener is bound: a hub that fails to
         // start leaves nothing running.
+        if settings.redis_url.is_some() && matches!(blobs, crate::blobs::Blobs::Local(_)) {
+            tracing::warn!(
+                "blobs live in this replica's own directory: with several replicas, artwork one \
+                 renders is not served by the others; set S3_BUCKET for a shared store"
+            );
+        }
         let staging = match &redis {
             Some(pool) => Staging::redis(pool.clone(), &settings.redis_namespace),
             None => Staging::local(settings.data_dir.join("staging")),

@@ -149,13 +149,19 @@ impl Metrics {
         };
         let jobs = crate::jobs::JobMetrics::register(&registry)?;
         let refused = IntCounterVec::new(
-            Opts::new("artwork_refused_total", "Reported images the artwork job refused"),
+            Opts::new(
+                "artwork_refused_total",
+                "Reported images the artwork job refused",
+            ),
             &["reason"],
         )?;
         registry.register(Box::new(refused.clone()))?;
         let artwork = ArtworkMetrics {
             rendered: counter("artwork_rendered_total", "Images decoded and rendered")?,
-            uploaded: counter("artwork_uploads_total", "Renditions written to the blob store")?,
+            uploaded: counter(
+                "artwork_uploads_total",
+                "Renditions written to the blob store",
+            )?,
             verified: counter(
                 "artwork_verified_total",
                 "Known artwork whose objects were checked instead of rendered",

@@ -176,7 +176,11 @@ impl Library {
                 RenderError::Retry(_) => "unavailable",
             };
             if !matches!(error, RenderError::Retry(_)) {
-                self.inner.metrics.refused.with_label_values(&[reason]).inc();
+                self.inner
+                    .metrics
+                    .refused
+                    .with_label_values(&[reason])
+                    .inc();
             }
             tracing::warn!(hash, %error, reason, "artwork not rendered");
         }
@@ -205,14 +209,19 @@ impl Library {
 
     /// Whether every object of `record` is in the blob store.
     async fn all_stored(&self, record: &ArtworkRecord) -> Result<bool, RenderError> {
-        let checks = record.sizes.iter().flat_map(|size| &size.files).map(|file| async {
-            let key = BlobKey::parse(&file.key).map_err(|e| RenderError::Retry(e.to_string()))?;
-            self.inner
-                .blobs
-                .exists(&key)
-                .await
-                .map_err(|e| RenderError::Retry(e.to_string()))
-        });
+        let checks = record
+            .sizes
+            .iter()
+            .flat_map(|size| &size.files)
+            .map(|file| async {
+                let key =
+                    BlobKey::parse(&file.key).map_err(|e| RenderError::Retry(e.to_string()))?;
+                self.inner
+                    .blobs
+                    .exists(&key)
+                    .await
+                    .map_err(|e| RenderError::Retry(e.to_string()))
+            });
         let found = futures_util::future::try_join_all(checks).await?;
         Ok(!found.is_empty() && found.into_iter().all(|there| there))
     }

@@ -178,7 +178,10 @@ impl ArtworkView {
 
 /// Whether `hash` looks like an artwork identity (64 lowercase hex digits).
 pub fn is_hash(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The size box named `name`.

@@ -135,7 +135,11 @@ fn is_stale(path: &std::path::Path) -> bool {
 
 /// Writes a temporary file, then links it to `path` only if nothing is there (a link fails
 /// on an existing target, which makes it the "set if absent" of the local store).
-fn stage_file(dir: &std::path::Path, path: &std::path::Path, bytes: &[u8]) -> Result<bool, StagingError> {
+fn stage_file(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    bytes: &[u8],
+) -> Result<bool, StagingError> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
     if path.exists() {
@@ -166,7 +170,10 @@ async fn redis_call<T: redis::FromRedisValue>(
 ) -> Result<T, StagingError> {
     let cmd = build(redis::Cmd::new());
     let call = async {
-        let mut conn = pool.get().await.map_err(|e| StagingError::Redis(e.to_string()))?;
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| StagingError::Redis(e.to_string()))?;
         cmd.query_async::<T>(&mut *conn)
             .await
             .map_err(|e| StagingError::Redis(e.to_string()))

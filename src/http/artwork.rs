@@ -62,7 +62,11 @@ pub async fn get_artwork(
                     .insert_header(cache)
                     .finish());
             }
-            let bytes = blobs.get(&key).await.map_err(unavailable)?.ok_or_else(missing)?;
+            let bytes = blobs
+                .get(&key)
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(missing)?;
             Ok(HttpResponse::Ok()
                 .content_type(format.content_type())
                 .insert_header((header::ETAG, etag))

@@ -50,7 +50,8 @@ where
 {
     let mut body = BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| bad("bad_body", format!("The {what} could not be read: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| bad("bad_body", format!("The {what} could not be read: {e}")))?;
         if body.len() + chunk.len() > max {
             return Err(too_large(what, max));
         }
@@ -90,7 +91,8 @@ async fn read_report(
                 let name = field.name().unwrap_or("").to_owned();
                 match name.as_str() {
                     "metadata" if metadata.is_none() => {
-                        let bytes = read_limited(field, MAX_METADATA_BYTES, "metadata part").await?;
+                        let bytes =
+                            read_limited(field, MAX_METADATA_BYTES, "metadata part").await?;
                         metadata = Some(parse_metadata(&bytes)?);
                     }
                     "artwork" if artwork.is_none() => {
@@ -101,7 +103,10 @@ async fn read_report(
                         artwork = Some(bytes);
                     }
                     "metadata" | "artwork" => {
-                        return Err(bad("bad_multipart", format!("The {name} part appears twice.")));
+                        return Err(bad(
+                            "bad_multipart",
+                            format!("The {name} part appears twice."),
+                        ));
                     }
                     _ => {
                         return Err(bad(
@@ -140,7 +145,10 @@ fn ingest_id(req: &HttpRequest, caller: &AuthenticatedUser) -> Result<String, Ap
             )
         })?;
     let scoped = format!("{}\n{}\n{key}", caller.user_id, caller.device_id.as_str());
-    Ok(format!("ing_{}", &crate::artwork::hash(scoped.as_bytes())[..32]))
+    Ok(format!(
+        "ing_{}",
+        &crate::artwork::hash(scoped.as_bytes())[..32]
+    ))
 }
 
 /// `POST /ingest/plays` → 202 `{"ingest_id"}`.
@@ -157,10 +165,13 @@ pub async fn ingest_play(
     let report = input.parse(received_at)?;
     let mut artwork = None;
     if let Some(image) = image {
-        let offered = library.offer(image).await.map_err(|e| ApiError::Unavailable {
-            part: "artwork staging",
-            source: Box::new(e),
-        })?;
+        let offered = library
+            .offer(image)
+            .await
+            .map_err(|e| ApiError::Unavailable {
+                part: "artwork staging",
+                source: Box::new(e),
+            })?;
         if offered.needs_job {
             let job = ArtworkJob {
                 hash: offered.hash.clone(),

@@ -112,17 +112,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(ingest::ingest_play)),
         )
         .service(
-            resource(&["/artwork/{hash}/{file}"], "GET")
-                .route(web::get().to(artwork::get_artwork)),
+            resource(&["/artwork/{hash}/{file}"], "GET").route(web::get().to(artwork::get_artwork)),
         )
         .service(
             resource(&["/overlays", "/overlays/"], "GET, POST")
                 .route(web::get().to(overlays::list))
                 .route(web::post().to(overlays::create)),
         )
-        .service(
-            resource(&["/overlays/{id}"], "DELETE").route(web::delete().to(overlays::revoke)),
-        )
+        .service(resource(&["/overlays/{id}"], "DELETE").route(web::delete().to(overlays::revoke)))
         .service(resource(&["/overlay/{token}"], "GET").route(web::get().to(overlays::page)))
         .service(
             resource(&["/overlay/{token}/events"], "GET").route(web::get().to(overlays::events)),

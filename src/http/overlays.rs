@@ -42,8 +42,12 @@ const ANIMALS: [&str; 16] = [
 /// A friendly name such as `violet-otter-42`.
 fn friendly_name() -> String {
     let mut rng = rand::rng();
-    let adjective = ADJECTIVES.get(rng.random_range(0..ADJECTIVES.len())).unwrap_or(&"quiet");
-    let animal = ANIMALS.get(rng.random_range(0..ANIMALS.len())).unwrap_or(&"owl");
+    let adjective = ADJECTIVES
+        .get(rng.random_range(0..ADJECTIVES.len()))
+        .unwrap_or(&"quiet");
+    let animal = ANIMALS
+        .get(rng.random_range(0..ANIMALS.len()))
+        .unwrap_or(&"owl");
     format!("{adjective}-{animal}-{}", rng.random_range(10..100))
 }
 
@@ -52,7 +56,10 @@ fn token_hash(token: &str) -> String {
 }
 
 fn unknown_overlay() -> ApiError {
-    ApiError::not_found("unknown_overlay", "There is no such overlay (it may have been revoked).")
+    ApiError::not_found(
+        "unknown_overlay",
+        "There is no such overlay (it may have been revoked).",
+    )
 }
 
 fn view(overlay: &Overlay) -> serde_json::Value {
@@ -101,7 +108,10 @@ pub async fn create(
     if let Some(map) = answer.as_object_mut() {
         map.insert("token".into(), json!(token));
         map.insert("page_url".into(), json!(format!("/overlay/{token}")));
-        map.insert("events_url".into(), json!(format!("/overlay/{token}/events")));
+        map.insert(
+            "events_url".into(),
+            json!(format!("/overlay/{token}/events")),
+        );
     }
     Ok(HttpResponse::Created().json(answer))
 }

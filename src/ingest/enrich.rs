@@ -4,7 +4,7 @@ use chrono::DateTime;
 use scoped_futures::ScopedFutureExt;
 use serde_json::{Value, json};
 
-use super::{PlayJob, Pipeline};
+use super::{Pipeline, PlayJob};
 use crate::domain::{Device, UserId};
 use crate::presence::plays::PlayTracker;
 use crate::presence::{NowPlaying, REST_OWNER, instance_id, now_ms};
@@ -90,7 +90,13 @@ impl Pipeline {
             at: job.received_at,
             track,
         };
-        self.show(user, device, now_playing, Some(&job.ingest_id), report.source.as_deref());
+        self.show(
+            user,
+            device,
+            now_playing,
+            Some(&job.ingest_id),
+            report.source.as_deref(),
+        );
         Ok(())
     }
 
@@ -98,11 +104,8 @@ impl Pipeline {
     async fn record(&self, job: &PlayJob) -> Result<Outcome, PipelineError> {
         let user = UserId(job.user);
         let report = &job.report;
-        let match_key = super::normalise::match_key(
-            &report.artist,
-            &report.title,
-            report.album.as_deref(),
-        );
+        let match_key =
+            super::normalise::match_key(&report.artist, &report.title, report.album.as_deref());
         let reported = Reported {
             isrc: report.isrc.as_deref(),
             match_key: &match_key,
@@ -148,9 +151,10 @@ impl Pipeline {
                             track: None,
                         };
                         let duration = report.duration_ms;
-                        let duration_of =
-                            |id: &str| (id == track_id.as_str()).then_some(duration);
-                        if let Some(played) = tracker.report(Some(&heard), job.received_at, duration_of) {
+                        let duration_of = |id: &str| (id == track_id.as_str()).then_some(duration);
+                        if let Some(played) =
+                            tracker.report(Some(&heard), job.received_at, duration_of)
+                        {
                             plays::record_at(
                                 conn,
                                 user,
@@ -170,8 +174,15 @@ impl Pipeline {
                         track_id: track_id.clone(),
                         counted,
                     };
-                    ingests::mark_applied(conn, &job.ingest_id, user, &job.device_id, &applied, now)
-                        .await?;
+                    ingests::mark_applied(
+                        conn,
+                        &job.ingest_id,
+                        user,
+                        &job.device_id,
+                        &applied,
+                        now,
+                    )
+                    .await?;
                     Ok::<_, PipelineError>(Outcome {
                         track_id,
                         newest,
@@ -203,7 +214,8 @@ impl Pipeline {
     /// Drops every replica's cached copies of `ids`.
     async fn tracks_changed(&self, ids: Vec<String>) {
         self.queues.forget_tracks(&ids).await;
-        self.hub.do_send(Announce(ReplicaEvent::TracksChanged { ids }));
+        self.hub
+            .do_send(Announce(ReplicaEvent::TracksChanged { ids }));
     }
 
     /// Shows what `device` plays: its presence entry (kept to the track's expected end while
@@ -285,8 +297,9 @@ impl Pipeline {
             }
             let mut now_playing = playing.clone();
             now_playing.track = self.track(&waiter.track_id).await?;
-            let device = Device::parse(Some(&entry.device_id), Some(&entry.name), Some(&entry.kind))
-                .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
+            let device =
+                Device::parse(Some(&entry.device_id), Some(&entry.name), Some(&entry.kind))
+                    .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
             self.show(user, device, now_playing, None, None);
         }
         Ok(())

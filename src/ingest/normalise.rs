@@ -106,7 +106,13 @@ mod tests {
     fn isrcs_are_canonical_or_refused() {
         assert_eq!(isrc("us-rc1-76-07839").as_deref(), Some("USRC17607839"));
         assert_eq!(isrc("GBAYE0601498").as_deref(), Some("GBAYE0601498"));
-        for bad in ["", "USRC1760783", "USRC176078390", "1SRC17607839", "USRC1760783X"] {
+        for bad in [
+            "",
+            "USRC1760783",
+            "USRC176078390",
+            "1SRC17607839",
+            "USRC1760783X",
+        ] {
             assert_eq!(isrc(bad), None, "{bad}");
         }
     }

@@ -74,18 +74,23 @@ impl ReportInput {
             ));
         }
         let isrc = match self.isrc {
-            Some(raw) if !raw.trim().is_empty() => Some(normalise::isrc(&raw).ok_or_else(|| {
-                InvalidInput::new(
-                    "isrc",
-                    "must be an ISRC: 2 letters, 3 letters or digits, 7 digits",
-                )
-            })?),
+            Some(raw) if !raw.trim().is_empty() => {
+                Some(normalise::isrc(&raw).ok_or_else(|| {
+                    InvalidInput::new(
+                        "isrc",
+                        "must be an ISRC: 2 letters, 3 letters or digits, 7 digits",
+                    )
+                })?)
+            }
             _ => None,
         };
         if let Some(number) = self.track_number
             && !(1..=999).contains(&number)
         {
-            return Err(InvalidInput::new("track_number", "must be between 1 and 999"));
+            return Err(InvalidInput::new(
+                "track_number",
+                "must be between 1 and 999",
+            ));
         }
         let progress_ms = self.progress_ms.unwrap_or(0);
         if !(0..=duration_ms).contains(&progress_ms) {

@@ -94,7 +94,9 @@ impl Overlays {
             return;
         };
         watched.state.send_if_modified(|shown| {
-            if shown.payload == payload {
+            // Id 0 is the state before the registry was read: the first real state is news
+            // even when it shows nothing playing.
+            if shown.id != 0 && shown.payload == payload {
                 return false;
             }
             let micros = u64::try_from(now_ms()).unwrap_or(0);
@@ -159,8 +161,7 @@ fn playing_payload(entry: &DeviceEntry, looked_up: Option<&HashMap<String, Track
     let Some(playing) = &entry.now_playing else {
         return json!({"playing": null});
     };
-    let track = playing_track(entry)
-        .or_else(|| looked_up.and_then(|t| t.get(&playing.track_id)));
+    let track = playing_track(entry).or_else(|| looked_up.and_then(|t| t.get(&playing.track_id)));
     json!({"playing": {
         "track_id": playing.track_id,
         "title": track.map(|t| t.title.as_str()),
@@ -256,11 +257,13 @@ impl Handler<Open> for Overlays {
                 watched.streams.insert(stream, (msg.token_hash, revoke));
                 watched.state.subscribe()
             }
-            None => watch::channel(Shown {
-                id: 0,
-                payload: Value::Null,
-            })
-            .1,
+            None => {
+                watch::channel(Shown {
+                    id: 0,
+                    payload: Value::Null,
+                })
+                .1
+            }
         };
         MessageResult(Opened {
             stream,

@@ -48,7 +48,9 @@ pub struct Waiter {
 
 pub(super) type Row = (String, i64, i32, i32, String);
 
-pub(super) fn record((hash, source_bytes, width, height, renditions): Row) -> Result<ArtworkRecord, StoreError> {
+pub(super) fn record(
+    (hash, source_bytes, width, height, renditions): Row,
+) -> Result<ArtworkRecord, StoreError> {
     let sizes = serde_json::from_str(&renditions)
         .map_err(|e| StoreError::Corrupt(format!("artwork {hash}: renditions: {e}")))?;
     Ok(ArtworkRecord {
@@ -168,7 +170,9 @@ pub async fn purge_waiters(
     conn: &mut Conn<'_>,
     cutoff: NaiveDateTime,
 ) -> Result<usize, StoreError> {
-    Ok(run!(conn, c => diesel::delete(waiters::table.filter(waiters::created_at.lt(cutoff)))
+    Ok(
+        run!(conn, c => diesel::delete(waiters::table.filter(waiters::created_at.lt(cutoff)))
         .execute(c)
-        .await)?)
+        .await)?,
+    )
 }

@@ -300,7 +300,10 @@ impl Reported<'_> {
     pub fn new_id(&self) -> String {
         match self.isrc {
             Some(isrc) => format!("isrc:{isrc}"),
-            None => format!("np:{}", &crate::artwork::hash(self.match_key.as_bytes())[..24]),
+            None => format!(
+                "np:{}",
+                &crate::artwork::hash(self.match_key.as_bytes())[..24]
+            ),
         }
     }
 }

@@ -88,10 +88,7 @@ pub async fn save_tracker(
 
 /// Forgets applied reports from before `cutoff` (a job older than that cannot be replayed);
 /// returns how many went.
-pub async fn purge_before(
-    conn: &mut Conn<'_>,
-    cutoff: NaiveDateTime,
-) -> Result<usize, StoreError> {
+pub async fn purge_before(conn: &mut Conn<'_>, cutoff: NaiveDateTime) -> Result<usize, StoreError> {
     Ok(
         run!(conn, c => diesel::delete(ingests::table.filter(ingests::applied_at.lt(cutoff)))
             .execute(c)
