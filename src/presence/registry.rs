@@ -233,11 +233,10 @@ impl Registry for RedisRegistry {
             let key = self.entries_key(*user);
             let json = serde_json::to_string(&**entry).unwrap_or_default();
             pipe.hset(&key, instance, json).ignore();
-            // The hash lives as long as its longest-lived entry (a pipeline report lasts to
-            // the end of its track): set when unset, then only ever raised.
+            // The hash outlives its last write by the TTL, or by as long as that entry lasts
+            // (a pipeline report lasts to the end of its track).
             let keep = ttl_ms.max(entry.expires_at - now);
-            pipe.cmd("PEXPIRE").arg(&key).arg(keep).arg("NX").ignore();
-            pipe.cmd("PEXPIRE").arg(&key).arg(keep).arg("GT").ignore();
+            pipe.pexpire(&key, keep).ignore();
         }
         self.run::<()>(&pipe).await
     }

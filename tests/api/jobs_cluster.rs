@@ -11,14 +11,14 @@ use crate::helpers::{DatabaseGuard, HubProcess, fresh_postgres_database, redis_u
 const OPERATOR: &str = "jobs-operator-token-of-at-least-32-bytes";
 
 /// A database, a Redis namespace and the settings every hub of one test shares.
-struct Cluster {
+pub struct Cluster {
     _database: DatabaseGuard,
     env: Vec<(String, String)>,
-    store: segue::store::Store,
+    pub store: segue::store::Store,
 }
 
 impl Cluster {
-    async fn new(extra: &[(&str, &str)]) -> Self {
+    pub async fn new(extra: &[(&str, &str)]) -> Self {
         let (name, database) = fresh_postgres_database().await;
         let guard = DatabaseGuard(name);
         let mut env: Vec<(String, String)> = [
@@ -49,7 +49,7 @@ impl Cluster {
         }
     }
 
-    async fn hub(&self) -> HubProcess {
+    pub async fn hub(&self) -> HubProcess {
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
@@ -124,7 +124,7 @@ async fn status(hub: &HubProcess) -> Value {
     response.json().await.unwrap()
 }
 
-async fn metric(hub: &HubProcess, name: &str) -> f64 {
+pub async fn metric(hub: &HubProcess, name: &str) -> f64 {
     let text = reqwest::Client::new()
         .get(format!("{}/metrics", hub.address))
         .bearer_auth(OPERATOR)
@@ -140,7 +140,7 @@ async fn metric(hub: &HubProcess, name: &str) -> f64 {
         .sum()
 }
 
-fn signal(hub: &HubProcess, name: &str) {
+pub fn signal(hub: &HubProcess, name: &str) {
     let sent = std::process::Command::new("kill")
         .args([&format!("-{name}"), &hub.pid().to_string()])
         .status()
@@ -149,7 +149,10 @@ fn signal(hub: &HubProcess, name: &str) {
 }
 
 /// Waits for the process to exit; its exit status and how long that took.
-async fn exit_of(hub: &mut HubProcess, within: Duration) -> (std::process::ExitStatus, Duration) {
+pub async fn exit_of(
+    hub: &mut HubProcess,
+    within: Duration,
+) -> (std::process::ExitStatus, Duration) {
     let asked = Instant::now();
     loop {
         if let Some(status) = hub.child.try_wait().unwrap() {

@@ -17,6 +17,7 @@ mod cluster;
 mod failures;
 mod health;
 mod ingest;
+mod ingest_cluster;
 mod jobs;
 mod jobs_cluster;
 mod phoenix_js;
