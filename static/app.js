@@ -165,6 +165,37 @@ async function ops(list) {
   }
 }
 
+// Artwork from the now-playing pipeline: a <picture> with WebP and JPEG `srcset`s over the
+// four sizes, for a box `px` wide (the browser picks the size). Empty for no artwork.
+function artworkFor(id, px) {
+  const track = view.tracks.get(id);
+  const art = track && track.artwork;
+  const box = document.createElement("span");
+  box.className = "art";
+  box.style.width = box.style.height = `${px}px`;
+  if (!art) return box;
+  const picture = document.createElement("picture");
+  const webp = document.createElement("source");
+  webp.type = "image/webp";
+  webp.srcset = art.sizes.map((s) => `${s.webp} ${s.width}w`).join(", ");
+  webp.sizes = `${px}px`;
+  const img = document.createElement("img");
+  img.srcset = art.sizes.map((s) => `${s.jpeg} ${s.width}w`).join(", ");
+  img.sizes = `${px}px`;
+  img.src = art.sizes[0].jpeg;
+  img.alt = "";
+  img.width = img.height = px;
+  picture.append(webp, img);
+  box.append(picture);
+  return box;
+}
+
+// A report from the pipeline carries its catalog track (with artwork once it is ready):
+// keep it, so every list shows the newest copy.
+function learnTrack(nowPlaying) {
+  if (nowPlaying && nowPlaying.track) view.tracks.set(nowPlaying.track.id, nowPlaying.track);
+}
+
 function trackText(id) {
   const track = view.tracks.get(id);
   return track ? `${track.title} — ${track.artist}` : id;
@@ -196,6 +227,7 @@ function renderUpNext() {
   const entries = state.entry_ids || [];
   const current = ids.length ? state.current_index : -1;
   $("now-track").textContent = current >= 0 ? trackText(ids[current]) : "Nothing yet";
+  $("now-art").replaceChildren(current >= 0 ? artworkFor(ids[current], 96) : "");
   $("shuffle").setAttribute("aria-pressed", String(Boolean(state.shuffle)));
   $("repeat").textContent = `Repeat: ${state.repeat_mode || "none"}`;
   const list = $("up-next");
@@ -210,7 +242,7 @@ function renderUpNext() {
     const title = document.createElement("span");
     title.className = "title";
     title.textContent = trackText(ids[index]);
-    item.append(title,
+    item.append(artworkFor(ids[index], 40), title,
       button("Play", `Play ${trackText(ids[index])} now`, () => ops([{ op: "jump", entry_id: entry }])),
       button("Up", `Move ${trackText(ids[index])} up`, () => moveBy(entry, -1)),
       button("Down", `Move ${trackText(ids[index])} down`, () => moveBy(entry, 1)),
@@ -354,6 +386,8 @@ function renderDeviceList() {
     title.textContent = id === deviceId ? `${meta.name} (this device)` : meta.name;
     item.append(title);
     if (meta.now_playing && meta.now_playing.track_id) {
+      learnTrack(meta.now_playing);
+      item.prepend(artworkFor(meta.now_playing.track_id, 40));
       const playing = document.createElement("span");
       playing.className = "muted small";
       playing.textContent = trackText(meta.now_playing.track_id);
@@ -394,7 +428,9 @@ function renderFriends() {
   for (const [userId, metas] of entries) {
     const who = view.following.find((f) => String(f.id) === userId);
     const playing = metas.find((m) => m.now_playing && m.now_playing.track_id);
+    if (playing) learnTrack(playing.now_playing);
     const item = document.createElement("li");
+    if (playing) item.append(artworkFor(playing.now_playing.track_id, 40));
     const title = document.createElement("span");
     title.className = "title";
     title.textContent = who ? who.display_name || who.handle : `user ${userId}`;
@@ -508,6 +544,12 @@ function connect() {
   devicesChannel = socket.channel(`devices:${me}`);
   view.devices = new Presence(devicesChannel);
   view.devices.onSync(renderDevices);
+  // The pipeline's enriched track (again once its artwork is ready).
+  devicesChannel.on("track", (payload) => {
+    learnTrack(payload);
+    renderDevices();
+    renderQueue();
+  });
   devicesChannel.on("output_changed", ({ device_id: id, play }) => {
     view.output = id;
     if (id === deviceId && play) setPlaying(true);
@@ -532,6 +574,44 @@ function connect() {
   socket.connect();
 }
 
+// ---- overlays (a streaming program's browser source shows what I play) -----------------
+
+async function loadOverlays() {
+  const res = await api("GET", "/overlays");
+  if (!res.ok) return;
+  const list = $("overlays");
+  list.replaceChildren();
+  for (const overlay of (await res.json()).overlays) {
+    const item = document.createElement("li");
+    item.dataset.key = overlay.id;
+    const title = document.createElement("span");
+    title.className = "title";
+    title.textContent = overlay.name;
+    item.append(title, button("Revoke", `Revoke overlay ${overlay.name}`, () => revokeOverlay(overlay)));
+    list.append(item);
+  }
+}
+
+async function createOverlay() {
+  const res = await api("POST", "/overlays", {});
+  if (!res.ok) {
+    notice(`No overlay was made: ${await errorOf(res)}`);
+    return;
+  }
+  const overlay = await res.json();
+  const url = new URL(overlay.page_url, location.origin).href;
+  $("overlay-url").value = url;
+  $("overlay-new").hidden = false;
+  loadOverlays();
+}
+
+async function revokeOverlay(overlay) {
+  const res = await api("DELETE", `/overlays/${encodeURIComponent(overlay.id)}`);
+  if (!res.ok && res.status !== 404) notice(`Could not revoke ${overlay.name}: ${await errorOf(res)}`);
+  $("overlay-new").hidden = true;
+  loadOverlays();
+}
+
 // ---- wiring ---------------------------------------------------------------------------
 
 function signedIn() {
@@ -543,6 +623,7 @@ function signedIn() {
   searchCatalog();
   loadFollowing();
   loadSharing();
+  loadOverlays();
   // Access tokens are short-lived: renew them at four fifths of their life.
   setInterval(refreshTokens, Math.max(5, Math.floor((auth.expires_in || 900) * 0.8)) * 1000);
 }
@@ -589,6 +670,16 @@ $("login-form").addEventListener("submit", async (event) => {
 });
 
 $("logout").addEventListener("click", signOut);
+$("overlay-create").addEventListener("click", createOverlay);
+$("overlay-copy").addEventListener("click", async () => {
+  try {
+    await navigator.clipboard.writeText($("overlay-url").value);
+    notice("Overlay URL copied.");
+  } catch {
+    $("overlay-url").select();
+    notice("Select the URL and copy it.");
+  }
+});
 $("share-listening").addEventListener("change", (event) => setSharing(event.target.checked));
 $("play").addEventListener("click", () => command(outputPlaying() ? "pause" : "play"));
 $("next").addEventListener("click", () => { view.progressMs = 0; ops([{ op: "next" }]); });

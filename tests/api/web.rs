@@ -301,3 +301,48 @@ async fn the_page_stays_inside_its_directory_and_carries_security_headers() {
     let _ = std::fs::remove_dir_all(outside);
     let _ = std::fs::remove_dir_all(site);
 }
+
+#[actix_web::test]
+async fn the_page_shows_artwork_and_makes_and_revokes_overlays() {
+    let app = crate::helpers::TestApp::spawn(crate::helpers::Backend::Sqlite).await;
+    let alice = app.register().await;
+    let cover = crate::artwork::jpeg(600, 600);
+    let title = "Painted Sky";
+    let response = crate::ingest::ingest_multipart(
+        &app,
+        &alice,
+        &crate::ingest::short_track(title, 0),
+        Some(&cover),
+    )
+    .await;
+    assert_eq!(response.status(), 202);
+    crate::ingest::until_playing(&app, &alice, |p| !p["track"]["artwork"].is_null()).await;
+    let config = json!({
+        "url": app.address,
+        "handle": alice.handle,
+        "password": alice.password,
+        "title": title,
+    })
+    .to_string();
+    let result = tokio::task::spawn_blocking(move || run_node("web_artwork.mjs", &[&config]))
+        .await
+        .expect("node runner");
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(
+        result["steps"].as_array().map(Vec::len),
+        Some(5),
+        "{result}"
+    );
+    let srcset = result["deviceArtSrcset"].as_str().unwrap_or_default();
+    assert_eq!(srcset.matches(".webp ").count(), 4, "{result}");
+    assert_eq!(result["overlayArtist"], "The Testers", "{result}");
+    assert_eq!(
+        (result["listed"].as_u64(), result["listedAfter"].as_u64()),
+        (Some(1), Some(0)),
+        "{result}"
+    );
+    assert!(
+        result.get("pageErrors").is_none(),
+        "the page threw: {result}"
+    );
+}
