@@ -78,10 +78,11 @@ impl Pipeline {
             .on(&PLAY, move |job: Job<PlayJob>| {
                 let pipeline = plays.clone();
                 async move {
+                    // The whole chain: a dead letter should say which query failed, and why.
                     pipeline
                         .apply_play(&job.payload)
                         .await
-                        .map_err(|e| Failure::Retry(e.to_string()))
+                        .map_err(|e| Failure::Retry(crate::error::chain(&e)))
                 }
             })
             .on(&ARTWORK, move |job: Job<ArtworkJob>| {

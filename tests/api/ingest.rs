@@ -841,3 +841,81 @@ async fn an_object_deleted_from_the_bucket_is_uploaded_again_on_the_next_play() 
         8
     );
 }
+
+/// A report's job delivered again (as after a lost acknowledgement) changes nothing twice.
+/// Replaying the first report (position 0) and, 1.2 s later, the second (1.2 s in) would,
+/// applied afresh, restart the play and count it a second time.
+#[actix_web::test]
+async fn a_replayed_play_job_changes_nothing_twice() {
+    let app = TestApp::spawn_with_redis(Backend::Postgres).await;
+    let account = app.register().await;
+    let id_of = |body: Value| body["ingest_id"].as_str().unwrap().to_owned();
+    let first = id_of(
+        ingest_json(&app, &account, &short_track("Replayed", 0))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    until_playing(&app, &account, |p| p["progress_ms"] == 0).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let second = id_of(
+        ingest_json(&app, &account, &short_track("Replayed", 1_200))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    until_playing(&app, &account, |p| p["progress_ms"] == 1_200).await;
+    assert_eq!(history(&app, &account).await.len(), 1);
+
+    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stream = format!("{{{}:jobs}}:q:critical", app.settings.redis_namespace);
+    let ran = r#"segue_jobs_succeeded_total{kind="ingest.play"}"#;
+    let mut runs = 2.0;
+    for (n, (ingest_id, progress)) in [(first, 0), (second, 1_200)].into_iter().enumerate() {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(1_200)).await;
+        }
+        let job = json!({
+            "ingest_id": ingest_id,
+            "user": account.id,
+            "device_id": account.device_id,
+            "received_at": segue::presence::now_ms(),
+            "report": {"title": "Replayed", "artist": "The Testers", "album": "Loopback",
+                       "duration_ms": 2_000, "isrc": null, "track_number": null,
+                       "progress_ms": progress, "is_playing": true, "played_at": null,
+                       "source": "segue-tests"},
+        });
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("id")
+            .arg(9_000_000 + n)
+            .arg("kind")
+            .arg("ingest.play")
+            .arg("attempt")
+            .arg(0)
+            .arg("payload")
+            .arg(job.to_string())
+            .query_async::<String>(&mut conn)
+            .await
+            .unwrap();
+        runs += 1.0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while app.metric(ran).await < runs {
+            if Instant::now() >= deadline {
+                let retried = app
+                    .metric(r#"segue_jobs_retried_total{kind="ingest.play"}"#)
+                    .await;
+                panic!(
+                    "replay {n} never ran: {} runs, {retried} retried",
+                    app.metric(ran).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(history(&app, &account).await.len(), 1);
+}

@@ -52,6 +52,12 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
             "SEGUE_UPKEEP_SCHEDULE",
         ),
         (("SEGUE_JOBS_CONCURRENCY", "0"), "SEGUE_JOBS_CONCURRENCY"),
+        (("SEGUE_ARTWORK_MAX_BYTES", "0"), "SEGUE_ARTWORK_MAX_BYTES"),
+        (
+            ("SEGUE_ARTWORK_MAX_BYTES", "99999999999"),
+            "SEGUE_ARTWORK_MAX_BYTES",
+        ),
+        (("SEGUE_ARTWORK_RENDERS", "0"), "SEGUE_ARTWORK_RENDERS"),
         (
             ("SEGUE_JOBS_MAX_ATTEMPTS", "many"),
             "SEGUE_JOBS_MAX_ATTEMPTS",
