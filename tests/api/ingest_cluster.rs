@@ -182,3 +182,45 @@ async fn reports_queued_when_redis_restarts_from_its_aof_are_all_applied() {
     redis.resume();
     all_applied(&cluster, &ids, Duration::from_secs(60)).await;
 }
+
+/// Decompression bombs and truncated images, thirty of each, cost a hub process little
+/// memory: each is refused from its header (or its missing end), before any decoding.
+#[actix_web::test]
+async fn hostile_images_keep_a_hubs_memory_bounded() {
+    let hub = HubProcess::start(&NO_RATE_LIMITS).await;
+    let account = register(&hub).await;
+    let client = reqwest::Client::new();
+    let bomb = crate::artwork::png_claiming(60_000, 60_000);
+    let truncated = {
+        let mut cover = crate::artwork::jpeg(3000, 3000);
+        cover.truncate(cover.len() - 1024);
+        cover
+    };
+    let before = hub.rss_kib();
+    for n in 0..60 {
+        let image = if n % 2 == 0 { &bomb } else { &truncated };
+        // A fresh image each time (a byte appended after its end), so none is known.
+        let mut image = image.clone();
+        image.extend((n as u32).to_be_bytes());
+        let (content_type, body) =
+            crate::ingest::multipart(&short_track(&format!("Bomb {n}"), 0), Some(&image), None);
+        let response = client
+            .post(format!("{}/ingest/plays", hub.address))
+            .bearer_auth(&account.access_token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&hub, "segue_artwork_refused_total").await < 60.0 {
+        assert!(Instant::now() < deadline, "not every image was refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&hub, "segue_artwork_rendered_total").await, 0.0);
+    let grown = hub.rss_kib().saturating_sub(before);
+    eprintln!("RSS grew by {grown} KiB over 60 hostile images");
+    assert!(grown < 64 * 1024, "RSS grew by {grown} KiB");
+}
