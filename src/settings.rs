@@ -62,8 +62,11 @@ pub struct Settings {
     pub artwork_max_bytes: usize,
     /// Artwork images decoded at once on one replica (each may take one core).
     pub artwork_renders: usize,
-    /// Longest one artwork render may take (ms) before it is refused.
+    /// Longest one artwork render may take (ms); one that runs over is tried again later.
     pub artwork_render_timeout_ms: u64,
+    /// Most bytes of reported covers waiting in Redis to be rendered, all reports together;
+    /// past it a report with a new cover is answered 503 `busy` (Redis only).
+    pub artwork_staged_max_bytes: u64,
     /// How long a replica trusts artwork it verified without checking its objects again
     /// (seconds; 0: check on every report that brings it).
     pub artwork_verified_secs: u64,
@@ -196,6 +199,9 @@ pub struct Settings {
     pub upkeep_schedule: String,
     /// Plays older than this many days are deleted by the upkeep; 0 keeps them forever.
     pub play_history_days: u32,
+    /// How often plays of players that fell silent mid-track are ended (and counted): an
+    /// interval (`90s`, `15m`, `6h`) or `daily HH:MM` in UTC.
+    pub play_sweep_schedule: String,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -229,6 +235,7 @@ impl Default for Settings {
             artwork_renders: 1,
             artwork_render_timeout_ms: 30_000,
             artwork_verified_secs: 600,
+            artwork_staged_max_bytes: 256 * 1024 * 1024,
             jwt_secret: None,
             operator_token: None,
             admin_token: None,
@@ -280,6 +287,7 @@ impl Default for Settings {
             jobs_drain_secs: 10,
             scheduler_lease_ms: 10_000,
             upkeep_schedule: "daily 04:00".into(),
+            play_sweep_schedule: "1m".into(),
             play_history_days: 365,
             log_format: LogFormat::Text,
             log: "info".into(),
@@ -460,12 +468,18 @@ impl Settings {
         }
         crate::jobs::scheduler::Every::parse(&self.upkeep_schedule)
             .map_err(|e| SettingsError::new("SEGUE_UPKEEP_SCHEDULE", e.to_string()))?;
+        crate::jobs::scheduler::Every::parse(&self.play_sweep_schedule)
+            .map_err(|e| SettingsError::new("SEGUE_PLAY_SWEEP_SCHEDULE", e.to_string()))?;
         let positive = [
             ("SEGUE_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
             ("SEGUE_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),
             ("SEGUE_MAX_BODY_BYTES", self.max_body_bytes as u64),
             ("SEGUE_ARTWORK_MAX_BYTES", self.artwork_max_bytes as u64),
             ("SEGUE_ARTWORK_RENDERS", self.artwork_renders as u64),
+            (
+                "SEGUE_ARTWORK_STAGED_MAX_BYTES",
+                self.artwork_staged_max_bytes,
+            ),
             (
                 "SEGUE_ARTWORK_RENDER_TIMEOUT_MS",
                 self.artwork_render_timeout_ms,
@@ -608,6 +622,26 @@ impl Settings {
     }
 
     /// The object store: the bucket when `S3_BUCKET` is set, else `$SEGUE_DATA_DIR/blobs`.
+    /// These settings with every rate limit, the address block and the accounts-per-device
+    /// limit off: for load tests and benchmarks, which act faster than people do.
+    pub fn with_limits_off(self) -> Self {
+        use crate::ratelimit::Limit;
+        Self {
+            rate_limit_login_ip: Limit(None),
+            rate_limit_login_handle: Limit(None),
+            rate_limit_register_ip: Limit(None),
+            rate_limit_refresh_session: Limit(None),
+            rate_limit_account: Limit(None),
+            rate_limit_anonymous_ip: Limit(None),
+            rate_limit_ingest_device: Limit(None),
+            rate_limit_socket_ip: Limit(None),
+            rate_limit_socket_messages: Limit(None),
+            ip_block_after: Limit(None),
+            device_accounts_max: 0,
+            ..self
+        }
+    }
+
     /// What the artwork library works with.
     pub fn artwork(&self) -> crate::artwork::library::LibrarySettings {
         crate::artwork::library::LibrarySettings {

@@ -246,7 +246,11 @@ impl Application {
             );
         }
         let staging = match &redis {
-            Some(pool) => Staging::redis(pool.clone(), &settings.redis_namespace),
+            Some(pool) => Staging::redis(
+                pool.clone(),
+                &settings.redis_namespace,
+                settings.artwork_staged_max_bytes,
+            ),
             None => Staging::local(settings.data_dir.join("staging")),
         };
         let library = Library::new(

@@ -42,13 +42,21 @@ pub struct Probe {
 
 /// The periodic jobs of a hub with these settings (validated: the schedule parses).
 pub fn periodic(settings: &Settings) -> Vec<Periodic> {
-    match Every::parse(&settings.upkeep_schedule) {
-        Ok(every) => vec![Periodic::new(UPKEEP_JOB, every, &UPKEEP)],
-        Err(error) => {
-            tracing::error!(%error, "no upkeep scheduled");
-            Vec::new()
+    let mut periodic = Vec::new();
+    for (name, schedule, kind) in [
+        (UPKEEP_JOB, &settings.upkeep_schedule, &UPKEEP),
+        (
+            crate::ingest::SWEEP_JOB,
+            &settings.play_sweep_schedule,
+            &crate::ingest::SWEEP,
+        ),
+    ] {
+        match Every::parse(schedule) {
+            Ok(every) => periodic.push(Periodic::new(name, every, kind)),
+            Err(error) => tracing::error!(%error, name, "not scheduled"),
         }
     }
+    periodic
 }
 
 /// What runs the hub's jobs.

@@ -13,11 +13,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+// Shared with the integration tests, which use all of it.
+#[allow(dead_code)]
+#[path = "../../tests/support/wire.rs"]
+mod wire;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use segue::ratelimit::Limit;
 use segue::settings::Settings;
 use segue::startup::Application;
 use serde_json::{Value, json};
@@ -69,19 +73,9 @@ fn settings(database: &str, redis: &str, namespace: &str, data_dir: &std::path::
         workers: Some(1),
         db_pool_size: 16,
         jobs_concurrency: 32,
-        rate_limit_login_ip: Limit(None),
-        rate_limit_login_handle: Limit(None),
-        rate_limit_register_ip: Limit(None),
-        rate_limit_refresh_session: Limit(None),
-        rate_limit_account: Limit(None),
-        rate_limit_anonymous_ip: Limit(None),
-        rate_limit_ingest_device: Limit(None),
-        rate_limit_socket_ip: Limit(None),
-        rate_limit_socket_messages: Limit(None),
-        ip_block_after: Limit(None),
-        device_accounts_max: 0,
         ..Settings::default()
     }
+    .with_limits_off()
 }
 
 struct User {
@@ -121,18 +115,6 @@ fn report(progress_ms: u64) -> Value {
            "duration_ms": 3_600_000, "progress_ms": progress_ms})
 }
 
-fn multipart(metadata: &Value, image: &[u8]) -> (String, Vec<u8>) {
-    let boundary = "segue-bench-boundary";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n{metadata}\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"artwork\"; filename=\"c.jpg\"\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend(image);
-    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
 async fn send_multipart(
     client: &reqwest::Client,
     base: &str,
@@ -140,7 +122,7 @@ async fn send_multipart(
     progress: u64,
     image: &[u8],
 ) {
-    let (content_type, body) = multipart(&report(progress), image);
+    let (content_type, body) = wire::multipart(&report(progress), Some(image), None);
     let response = client
         .post(format!("{base}/ingest/plays"))
         .bearer_auth(token)
@@ -158,26 +140,17 @@ type Seen = Arc<Mutex<HashMap<u64, (Instant, bool)>>>;
 
 /// Follows one overlay stream into `seen`.
 async fn follow(mut response: reqwest::Response, seen: Seen) {
-    let mut buffer = String::new();
+    let mut parser = wire::SseParser::default();
     while let Ok(Some(chunk)) = response.chunk().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            for line in block.lines() {
-                let Some(data) = line.strip_prefix("data:") else {
-                    continue;
-                };
-                let Ok(state) = serde_json::from_str::<Value>(data.trim()) else {
-                    continue;
-                };
-                let playing = &state["playing"];
-                if let Some(progress) = playing["progress_ms"].as_u64() {
-                    let art = !playing["artwork"].is_null();
-                    seen.lock()
-                        .unwrap()
-                        .entry(progress)
-                        .or_insert((Instant::now(), art));
-                }
+        parser.push(&chunk);
+        while let Some(event) = parser.next_event() {
+            let playing = &event.data["playing"];
+            if let Some(progress) = playing["progress_ms"].as_u64() {
+                let art = !playing["artwork"].is_null();
+                seen.lock()
+                    .unwrap()
+                    .entry(progress)
+                    .or_insert((Instant::now(), art));
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use super::staging::{Staging, StagingError};
+use super::staging::{Staged, Staging, StagingError};
 use super::{ArtworkError, Limits, Processed, object_key};
 use crate::blobs::{BlobKey, Blobs};
 use crate::store::artwork::{self as rows, ArtworkRecord, StoredFile, StoredSize};
@@ -61,8 +61,24 @@ impl From<StagingError> for RenderError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offered {
     pub hash: String,
-    /// True when this report staged the image: it must enqueue the artwork job.
-    pub needs_job: bool,
+    /// Unless this replica knows the artwork is rendered and stored: the staging the report
+    /// must enqueue the artwork job for, idempotent by (hash, staging), so the reports of one
+    /// staged cover make one job, and a cover staged by a report that died before enqueueing
+    /// still gets one from the next report.
+    pub staging: Option<String>,
+}
+
+/// Why a report's image was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum OfferError {
+    /// Not an image the hub renders (told without decoding it).
+    #[error(transparent)]
+    Refused(#[from] ArtworkError),
+    /// Staging is at its budget of bytes: try again later.
+    #[error("too many covers are waiting to be rendered")]
+    Busy,
+    #[error(transparent)]
+    Staging(#[from] StagingError),
 }
 
 #[derive(Clone)]
@@ -114,27 +130,42 @@ impl Library {
         &self.inner.blobs
     }
 
-    /// Takes a reported image (already within the byte cap): its hash, and whether a job must
-    /// render it. Known artwork is neither staged nor rendered.
-    pub async fn offer(&self, bytes: Bytes) -> Result<Offered, StagingError> {
-        let hashed = bytes.clone();
-        let hash = tokio::task::spawn_blocking(move || super::hash(&hashed))
-            .await
-            .map_err(|e| StagingError::Local(std::io::Error::other(e)))?;
+    /// Takes a reported image (already within the byte cap): checks its header, hashes it and,
+    /// unless this replica knows it, stages it for the artwork job. Known artwork is neither
+    /// staged nor rendered.
+    pub async fn offer(&self, bytes: Bytes) -> Result<Offered, OfferError> {
+        let checked = bytes.clone();
+        let limits = self.inner.settings.limits;
+        let hash = tokio::task::spawn_blocking(move || {
+            super::inspect(&checked, &limits).map(|_| super::hash(&checked))
+        })
+        .await
+        .map_err(|e| StagingError::Local(std::io::Error::other(e)))?;
+        let hash = hash.inspect_err(|refused| {
+            self.inner
+                .metrics
+                .refused
+                .with_label_values(&[refused.reason()])
+                .inc();
+        })?;
         if self.is_known(&hash) {
             self.inner.metrics.known.inc();
             return Ok(Offered {
                 hash,
-                needs_job: false,
+                staging: None,
             });
         }
-        let needs_job = self.inner.staging.stage(&hash, bytes).await?;
-        Ok(Offered { hash, needs_job })
+        match self.inner.staging.stage(&hash, bytes).await? {
+            Staged::New(generation) | Staged::Already(generation) => Ok(Offered {
+                hash,
+                staging: Some(generation),
+            }),
+            Staged::Full => Err(OfferError::Busy),
+        }
     }
 
-    /// Gives up on a staged image whose job could not be enqueued (so the next report of it
-    /// stages it again).
-    pub async fn unstage(&self, hash: &str) {
+    /// Gives up a staged image (its job is done, or can never succeed).
+    async fn unstage(&self, hash: &str) {
         if let Err(error) = self.inner.staging.remove(hash).await {
             tracing::warn!(%error, hash, "could not remove staged artwork");
         }
@@ -242,9 +273,11 @@ impl Library {
             super::process(&bytes, &limits)
         });
         let timeout = self.inner.settings.render_timeout;
+        // Running out of time says the machine is busy, not that the image is bad: another
+        // attempt (maybe on another replica) may finish.
         let processed = tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| ArtworkError::Unreadable(format!("rendering took over {timeout:?}")))?
+            .map_err(|_| RenderError::Retry(format!("rendering took over {timeout:?}")))?
             .map_err(|e| RenderError::Retry(e.to_string()))??;
         self.inner.metrics.rendered.inc();
         Ok(processed)

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageFormat, ImageReader};
-use sha2::{Digest, Sha256};
 
 /// The sizes served: name and the box the image is fitted into.
 pub const SIZES: [(&str, u32); 4] = [
@@ -191,10 +190,7 @@ pub fn size_named(name: &str) -> Option<(&'static str, u32)> {
 
 /// The artwork's identity: the SHA-256 of its bytes, in hex.
 pub fn hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::auth::sha256_hex(bytes)
 }
 
 /// The object key of one rendition of artwork `hash`.
@@ -238,8 +234,10 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     bytes.get(..end).is_some_and(|b| b.ends_with(&[0xff, 0xd9]))
 }
 
-/// Checks `bytes` and makes every rendition of them.
-pub fn process(bytes: &[u8], limits: &Limits) -> Result<Processed, ArtworkError> {
+/// What can be told of `bytes` without decoding them: within the byte cap, a JPEG (complete),
+/// PNG or WebP, and not too many pixels by its header. Returns the claimed dimensions. The
+/// edge checks this before it stages anything; [`process`] checks it again.
+pub fn inspect(bytes: &[u8], limits: &Limits) -> Result<(u32, u32), ArtworkError> {
     if bytes.len() > limits.max_bytes {
         return Err(ArtworkError::TooLarge {
             bytes: bytes.len(),
@@ -256,6 +254,12 @@ pub fn process(bytes: &[u8], limits: &Limits) -> Result<Processed, ArtworkError>
     if too_many || width == 0 || height == 0 {
         return Err(ArtworkError::TooManyPixels { width, height });
     }
+    Ok((width, height))
+}
+
+/// Checks `bytes` and makes every rendition of them.
+pub fn process(bytes: &[u8], limits: &Limits) -> Result<Processed, ArtworkError> {
+    inspect(bytes, limits)?;
     let started = Instant::now();
     let mut decoder = reader(bytes)?;
     let mut decoder_limits = image::Limits::default();

@@ -1,7 +1,10 @@
 //! Where a reported artwork's bytes wait between the report and the artwork job: in Redis
 //! when the hub has it (any replica's worker may run the job), else in a directory under
-//! `$SEGUE_DATA_DIR` (one replica). Staging is also how concurrent reports of the same new
-//! artwork find each other: only the report that stages it first enqueues the job.
+//! `$SEGUE_DATA_DIR` (one replica). Redis keeps its data in memory and evicts nothing, so
+//! what waits there is bounded: only checked images are staged (see
+//! [`super::inspect`]), each for at most [`STAGED_TTL`], and all of them together within
+//! `artwork_staged_max_bytes` (a ledger of what is staged and until when, kept by two Lua
+//! scripts, so the budget is exact whatever crashes in between).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,8 +14,9 @@ use bytes::Bytes;
 
 use crate::redis::RedisPool;
 
-/// How long staged bytes wait for the artwork job (it retries with backoff meanwhile).
-pub const STAGED_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long staged bytes wait for the artwork job: well past its retries with the default
+/// backoff (about nine minutes over ten attempts).
+pub const STAGED_TTL: Duration = Duration::from_secs(60 * 60);
 
 /// Longest a staging call may take against Redis.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -25,10 +29,34 @@ pub enum StagingError {
     Redis(String),
 }
 
+/// What staging a cover did. A staging's generation names it: every report of a cover while
+/// it waits gets the same one (their artwork jobs are one job), and a cover rendered, removed
+/// and staged again gets a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Staged {
+    /// This call staged it.
+    New(String),
+    /// It was staged already.
+    Already(String),
+    /// Staging it would pass the budget of staged bytes: not staged.
+    Full,
+}
+
 #[derive(Clone)]
 pub enum Staging {
     Local(Arc<PathBuf>),
-    Redis { pool: RedisPool, prefix: Arc<str> },
+    Redis(Arc<RedisStaging>),
+}
+
+pub struct RedisStaging {
+    pool: RedisPool,
+    /// `<ns>:artwork:staged:` (then the hash).
+    prefix: String,
+    /// `<ns>:artwork:staging` (the ledger), `…:bytes` (sizes) and `…:total`.
+    ledger: [String; 3],
+    max_bytes: u64,
+    stage: redis::Script,
+    unstage: redis::Script,
 }
 
 impl Staging {
@@ -36,16 +64,26 @@ impl Staging {
         Self::Local(Arc::new(dir))
     }
 
-    pub fn redis(pool: RedisPool, namespace: &str) -> Self {
-        Self::Redis {
+    /// Staging in Redis under `namespace`, holding at most `max_bytes` in all.
+    pub fn redis(pool: RedisPool, namespace: &str, max_bytes: u64) -> Self {
+        let ledger = format!("{namespace}:artwork:staging");
+        Self::Redis(Arc::new(RedisStaging {
             pool,
-            prefix: format!("{namespace}:artwork:staged:").into(),
-        }
+            prefix: format!("{namespace}:artwork:staged:"),
+            ledger: [
+                ledger.clone(),
+                format!("{ledger}:bytes"),
+                format!("{ledger}:total"),
+            ],
+            max_bytes,
+            stage: redis::Script::new(include_str!("stage.lua")),
+            unstage: redis::Script::new(include_str!("unstage.lua")),
+        }))
     }
 
-    /// Stages `bytes` as artwork `hash` (a checked hash: hex only). True when this call
-    /// staged it; false when it was staged already (a job for it is on its way).
-    pub async fn stage(&self, hash: &str, bytes: Bytes) -> Result<bool, StagingError> {
+    /// Stages `bytes` as artwork `hash` (a checked hash: hex only), unless it is staged
+    /// already or (in Redis) the budget of staged bytes would be passed.
+    pub async fn stage(&self, hash: &str, bytes: Bytes) -> Result<Staged, StagingError> {
         match self {
             Self::Local(dir) => {
                 let path = dir.join(hash);
@@ -54,19 +92,23 @@ impl Staging {
                     .await
                     .map_err(std::io::Error::other)?
             }
-            Self::Redis { pool, prefix } => {
-                let key = format!("{prefix}{hash}");
-                let set: Option<String> = redis_call(pool, |mut cmd| {
-                    cmd.arg("SET")
-                        .arg(&key)
-                        .arg(bytes.as_ref())
-                        .arg("NX")
-                        .arg("EX")
-                        .arg(STAGED_TTL.as_secs());
-                    cmd
+            Self::Redis(redis) => {
+                let mut invocation = redis.stage.prepare_invoke();
+                invocation
+                    .key(format!("{}{hash}", redis.prefix))
+                    .key(&redis.ledger[0])
+                    .key(&redis.ledger[1])
+                    .key(&redis.ledger[2])
+                    .arg(bytes.as_ref())
+                    .arg(STAGED_TTL.as_secs())
+                    .arg(redis.max_bytes)
+                    .arg(hash);
+                let (outcome, generation): (i64, String) = bounded(&redis.pool, invocation).await?;
+                Ok(match outcome {
+                    1 => Staged::New(generation),
+                    0 => Staged::Already(generation),
+                    _ => Staged::Full,
                 })
-                .await?;
-                Ok(set.is_some())
             }
         }
     }
@@ -85,9 +127,9 @@ impl Staging {
                 .await
                 .map_err(|e| StagingError::Local(std::io::Error::other(e)))?
             }
-            Self::Redis { pool, prefix } => {
-                let key = format!("{prefix}{hash}");
-                let bytes: Option<Vec<u8>> = redis_call(pool, |mut cmd| {
+            Self::Redis(redis) => {
+                let key = format!("{}{hash}", redis.prefix);
+                let bytes: Option<Vec<u8>> = redis_call(&redis.pool, |mut cmd| {
                     cmd.arg("GET").arg(&key);
                     cmd
                 })
@@ -110,13 +152,15 @@ impl Staging {
                 .map_err(std::io::Error::other)??;
                 Ok(())
             }
-            Self::Redis { pool, prefix } => {
-                let key = format!("{prefix}{hash}");
-                let _: i64 = redis_call(pool, |mut cmd| {
-                    cmd.arg("DEL").arg(&key);
-                    cmd
-                })
-                .await?;
+            Self::Redis(redis) => {
+                let mut invocation = redis.unstage.prepare_invoke();
+                invocation
+                    .key(format!("{}{hash}", redis.prefix))
+                    .key(&redis.ledger[0])
+                    .key(&redis.ledger[1])
+                    .key(&redis.ledger[2])
+                    .arg(hash);
+                let _: i64 = bounded(&redis.pool, invocation).await?;
                 Ok(())
             }
         }
@@ -133,18 +177,27 @@ fn is_stale(path: &std::path::Path) -> bool {
     })
 }
 
+/// The generation of the local staging at `path`: its file's modification time, in ms.
+fn generation(path: &std::path::Path) -> Result<String, StagingError> {
+    let modified = std::fs::metadata(path)?.modified()?;
+    let ms = modified
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    Ok(ms.to_string())
+}
+
 /// Writes a temporary file, then links it to `path` only if nothing is there (a link fails
 /// on an existing target, which makes it the "set if absent" of the local store).
 fn stage_file(
     dir: &std::path::Path,
     path: &std::path::Path,
     bytes: &[u8],
-) -> Result<bool, StagingError> {
+) -> Result<Staged, StagingError> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
     if path.exists() {
         if !is_stale(path) {
-            return Ok(false);
+            return Ok(Staged::Already(generation(path)?));
         }
         std::fs::remove_file(path)?;
     }
@@ -157,10 +210,32 @@ fn stage_file(
     })();
     let _ = std::fs::remove_file(&temp);
     match linked {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Ok(()) => Ok(Staged::New(generation(path)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(Staged::Already(generation(path)?))
+        }
         Err(e) => Err(e.into()),
     }
+}
+
+/// One bounded script call.
+async fn bounded<T: redis::FromRedisValue>(
+    pool: &RedisPool,
+    invocation: redis::ScriptInvocation<'_>,
+) -> Result<T, StagingError> {
+    let call = async {
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| StagingError::Redis(e.to_string()))?;
+        invocation
+            .invoke_async::<T>(&mut *conn)
+            .await
+            .map_err(|e| StagingError::Redis(e.to_string()))
+    };
+    tokio::time::timeout(REDIS_TIMEOUT, call)
+        .await
+        .map_err(|_| StagingError::Redis("timed out".into()))?
 }
 
 /// One bounded Redis command.

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use super::AuthenticatedUser;
-use crate::artwork::library::Library;
+use crate::artwork::library::{Library, OfferError};
 use crate::error::ApiError;
 use crate::ingest::{ARTWORK, ArtworkJob, PLAY, PlayJob, ReportInput};
 use crate::jobs::{Jobs, Options, Priority};
@@ -147,7 +147,7 @@ fn ingest_id(req: &HttpRequest, caller: &AuthenticatedUser) -> Result<String, Ap
     let scoped = format!("{}\n{}\n{key}", caller.user_id, caller.device_id.as_str());
     Ok(format!(
         "ing_{}",
-        &crate::artwork::hash(scoped.as_bytes())[..32]
+        &crate::auth::sha256_hex(scoped.as_bytes())[..32]
     ))
 }
 
@@ -165,26 +165,36 @@ pub async fn ingest_play(
     let report = input.parse(received_at)?;
     let mut artwork = None;
     if let Some(image) = image {
-        let offered = library
-            .offer(image)
-            .await
-            .map_err(|e| ApiError::Unavailable {
+        let offered = library.offer(image).await.map_err(|error| match error {
+            OfferError::Refused(refused) => ApiError::client(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_artwork",
+                format!("The artwork was not taken: {refused}."),
+            ),
+            OfferError::Busy => ApiError::Busy {
+                retry_after_secs: 60,
+                detail: "Too many covers are waiting to be rendered; send this one again later.",
+            },
+            OfferError::Staging(error) => ApiError::Unavailable {
                 part: "artwork staging",
-                source: Box::new(e),
-            })?;
-        if offered.needs_job {
+                source: Box::new(error),
+            },
+        })?;
+        if let Some(staging) = &offered.staging {
+            // One job per staging of a cover, whichever report brings it: a cover staged by a
+            // report whose replica died before enqueueing gets its job from the next report.
+            // On failure the staged bytes stay (they expire); the client retries the report.
             let job = ArtworkJob {
                 hash: offered.hash.clone(),
             };
             let options = Options {
                 priority: Some(Priority::Default),
-                idempotency_key: Some(format!("artwork:{}:{ingest_id}", offered.hash)),
+                idempotency_key: Some(format!("artwork:{}:{staging}", offered.hash)),
                 ..Options::default()
             };
-            if let Err(error) = jobs.enqueue(&ARTWORK, &job, options).await {
-                library.unstage(&offered.hash).await;
-                return Err(queues_unavailable(error));
-            }
+            jobs.enqueue(&ARTWORK, &job, options)
+                .await
+                .map_err(queues_unavailable)?;
         }
         artwork = Some(offered.hash);
     }

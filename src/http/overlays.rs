@@ -9,6 +9,7 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, Responder, web};
 use actix_web_lab::sse;
 use rand::Rng;
+use scoped_futures::ScopedFutureExt;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -19,6 +20,7 @@ use crate::realtime::Realtime;
 use crate::realtime::events::ReplicaEvent;
 use crate::realtime::hub::Announce;
 use crate::realtime::overlays::{Close, Open, Opened};
+use crate::store::StoreError;
 use crate::store::overlays::{self, Overlay};
 
 /// Most overlays one account may have.
@@ -52,7 +54,7 @@ fn friendly_name() -> String {
 }
 
 fn token_hash(token: &str) -> String {
-    crate::artwork::hash(token.as_bytes())
+    crate::auth::sha256_hex(token.as_bytes())
 }
 
 fn unknown_overlay() -> ApiError {
@@ -87,15 +89,6 @@ pub async fn create(
         Some(name) => parse_text("name", &name, 1, 64)?,
         None => friendly_name(),
     };
-    let mut pooled = state.store.conn().await?;
-    let mut conn = pooled.conn();
-    if overlays::count(&mut conn, caller.user_id).await? >= MAX_OVERLAYS {
-        return Err(ApiError::client(
-            StatusCode::CONFLICT,
-            "too_many_overlays",
-            format!("An account may have {MAX_OVERLAYS} overlays; revoke one first."),
-        ));
-    }
     let token = crate::auth::random_token(32);
     let overlay = Overlay {
         id: format!("ovl_{}", crate::auth::random_token(12)),
@@ -103,7 +96,36 @@ pub async fn create(
         name,
         created_at: crate::store::now(),
     };
-    overlays::create(&mut conn, &overlay, &token_hash(&token)).await?;
+    // Written, then counted (this one included) under the account's lock, and rolled back
+    // when past the cap: a burst cannot pass it (a write first also takes SQLite's write
+    // lock, so concurrent creations queue rather than fail to upgrade a read lock).
+    let lock = format!("overlays:{}", caller.user_id);
+    let hash = token_hash(&token);
+    let mut pooled = state.store.conn().await?;
+    let created = pooled
+        .conn()
+        .transaction(|conn| {
+            async move {
+                conn.lock_keys_for_transaction(&[lock]).await?;
+                overlays::create(conn, &overlay, &hash).await?;
+                if overlays::count(conn, caller.user_id).await? > MAX_OVERLAYS {
+                    return Err(StoreError::Refused);
+                }
+                Ok(overlay)
+            }
+            .scope_boxed()
+        })
+        .await;
+    let overlay = match created {
+        Err(StoreError::Refused) => {
+            return Err(ApiError::client(
+                StatusCode::CONFLICT,
+                "too_many_overlays",
+                format!("An account may have {MAX_OVERLAYS} overlays; revoke one first."),
+            ));
+        }
+        other => other?,
+    };
     let mut answer = view(&overlay);
     if let Some(map) = answer.as_object_mut() {
         map.insert("token".into(), json!(token));
@@ -170,13 +192,29 @@ pub async fn events(
     let user = UserId(overlay.user_id);
     let Opened {
         stream,
-        mut state,
+        state: mut shown,
         mut revoked,
     } = realtime
         .overlays
-        .send(Open { user, token_hash })
+        .send(Open {
+            user,
+            token_hash: token_hash.clone(),
+        })
         .await
         .map_err(ApiError::internal)?;
+    // A revocation between the lookup and the opening announced itself before this stream
+    // was there to hear it: look again now that it would hear one.
+    let still = match state.store.conn().await {
+        Ok(mut pooled) => overlays::by_token_hash(&mut pooled.conn(), &token_hash).await,
+        Err(error) => Err(error),
+    };
+    if !matches!(still, Ok(Some(_))) {
+        realtime.overlays.do_send(Close { user, stream });
+        return Err(match still {
+            Err(error) => error.into(),
+            _ => unknown_overlay(),
+        });
+    }
     let seen: Option<u64> = req
         .headers()
         .get("last-event-id")
@@ -191,7 +229,7 @@ pub async fn events(
         };
         let mut first = true;
         loop {
-            let current = state.borrow_and_update().clone();
+            let current = shown.borrow_and_update().clone();
             let skip = first && (current.id == 0 || seen == Some(current.id));
             first = false;
             if !skip {
@@ -201,7 +239,7 @@ pub async fn events(
                 }
             }
             tokio::select! {
-                changed = state.changed() => if changed.is_err() { break },
+                changed = shown.changed() => if changed.is_err() { break },
                 _ = &mut revoked => break,
                 () = sender.closed() => break,
             }

@@ -182,17 +182,12 @@ pub async fn unfollow(
 /// The caller's device as the store knows it (name and kind), or a plain one.
 async fn caller_device(state: &AppState, caller: &AuthenticatedUser) -> Result<Device, ApiError> {
     let mut pooled = state.store.conn().await?;
-    let record = devices::find(
+    Ok(devices::known_or_plain(
         &mut pooled.conn(),
         caller.user_id,
         caller.device_id.as_str(),
     )
-    .await?;
-    let device = match record {
-        Some(d) => Device::parse(Some(&d.device_id), Some(&d.name), Some(&d.kind)),
-        None => Device::parse(Some(caller.device_id.as_str()), None, None),
-    };
-    device.map_err(ApiError::from)
+    .await?)
 }
 
 /// `POST /now-playing/` `{track_id, progress_ms, is_playing}`: what a player without a

@@ -5,6 +5,7 @@ use scoped_futures::ScopedFutureExt;
 use serde_json::{Value, json};
 
 use super::{Pipeline, PlayJob};
+use crate::artwork::ArtworkView;
 use crate::domain::{Device, UserId};
 use crate::presence::plays::PlayTracker;
 use crate::presence::{NowPlaying, REST_OWNER, instance_id, now_ms};
@@ -14,10 +15,15 @@ use crate::realtime::presence::PipelinePlaying;
 use crate::store::artwork::{self as rows, ArtworkRecord};
 use crate::store::catalog::{self, Reported, TrackView};
 use crate::store::ingests::{self, Applied};
+use crate::store::reports::{self, Said};
 use crate::store::{StoreError, devices, plays};
 
-/// How long after a playing track's expected end its presence lasts without another report.
-const END_GRACE_MS: i64 = 30_000;
+/// How long after a playing track's expected end its presence lasts without another report,
+/// and after which a play nobody reported the end of is ended by the sweep.
+pub const END_GRACE_MS: i64 = 30_000;
+
+/// Silent devices one sweep looks at.
+const SWEEP_BATCH: i64 = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -42,8 +48,9 @@ struct Outcome {
     /// Whether this is the device's newest report (an older one, applied late, is recorded
     /// but not shown).
     newest: bool,
-    /// The track's artwork changed (cached copies of the track are stale).
-    artwork_changed: bool,
+    /// The catalog track changed (reports agreed on something it lacked): cached copies
+    /// of it are stale.
+    catalog_changed: bool,
 }
 
 fn timestamp(ms: i64) -> chrono::NaiveDateTime {
@@ -58,30 +65,25 @@ impl Pipeline {
     pub async fn apply_play(&self, job: &PlayJob) -> Result<(), PipelineError> {
         let user = UserId(job.user);
         let outcome = self.record(job).await?;
-        if outcome.artwork_changed {
+        if outcome.catalog_changed {
             self.tracks_changed(vec![outcome.track_id.clone()]).await;
         }
-        let mut track = self.track(&outcome.track_id).await?;
+        let mut track = self.view_for(user, &outcome.track_id, &job.report).await?;
         if let (Some(hash), Some(found)) = (&job.artwork, &track)
-            && found.artwork.is_none()
+            && found.artwork.as_ref().is_none_or(|a| a.hash != *hash)
+            && self
+                .wait_for_artwork(user, &job.device_id, &outcome.track_id, hash)
+                .await?
         {
-            // Shown without artwork for now: the artwork job tells this device when it is
-            // ready. If it became ready meanwhile, this play takes its own notice back.
-            let mut pooled = self.store.conn().await?;
-            let mut conn = pooled.conn();
-            let now = crate::store::now();
-            rows::wait_for(&mut conn, hash, user, &job.device_id, &found.id, now).await?;
-            if rows::find(&mut conn, hash).await?.is_some() {
-                rows::take_waiters(&mut conn, hash, Some((user, &job.device_id))).await?;
-                drop(pooled);
-                self.tracks_changed(vec![outcome.track_id.clone()]).await;
-                track = self.track(&outcome.track_id).await?;
-            }
+            track = self.view_for(user, &outcome.track_id, &job.report).await?;
         }
         if !outcome.newest {
             return Ok(());
         }
-        let device = self.device(user, &job.device_id).await?;
+        let device = {
+            let mut pooled = self.store.conn().await?;
+            devices::known_or_plain(&mut pooled.conn(), user, &job.device_id).await?
+        };
         let report = &job.report;
         let now_playing = NowPlaying {
             track_id: outcome.track_id,
@@ -100,6 +102,33 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Notes that this play shows its track without the report's artwork `hash` yet (the
+    /// artwork job tells it when that is ready). If it became ready meanwhile, the play takes
+    /// its own notice back and keeps the artwork as its account's: true then.
+    async fn wait_for_artwork(
+        &self,
+        user: UserId,
+        device_id: &str,
+        track_id: &str,
+        hash: &str,
+    ) -> Result<bool, PipelineError> {
+        let mut pooled = self.store.conn().await?;
+        let mut conn = pooled.conn();
+        let now = crate::store::now();
+        rows::wait_for(&mut conn, hash, user, device_id, track_id, now).await?;
+        if rows::find(&mut conn, hash).await?.is_none() {
+            return Ok(false);
+        }
+        rows::take_waiters(&mut conn, hash, Some((user, device_id))).await?;
+        reports::set_artwork(&mut conn, track_id, user, hash, now).await?;
+        let changed = reports::corroborate(&mut conn, track_id).await?;
+        drop(pooled);
+        if changed {
+            self.tracks_changed(vec![track_id.to_owned()]).await;
+        }
+        Ok(true)
+    }
+
     /// The report's effects in the store, in one transaction under the device's lock.
     async fn record(&self, job: &PlayJob) -> Result<Outcome, PipelineError> {
         let user = UserId(job.user);
@@ -112,7 +141,6 @@ impl Pipeline {
             title: &report.title,
             artist: &report.artist,
             album: report.album.as_deref(),
-            duration_ms: Some(report.duration_ms),
         };
         let lock = format!("ingest:{}:{}", job.user, job.device_id);
         let mut pooled = self.store.conn().await?;
@@ -127,15 +155,25 @@ impl Pipeline {
                         return Ok(Outcome {
                             track_id: applied.track_id,
                             newest,
-                            artwork_changed: false,
+                            catalog_changed: false,
                         });
                     }
                     let now = crate::store::now();
-                    let track_id = catalog::find_or_create_reported(conn, &reported, now).await?;
-                    let artwork_changed = match &job.artwork {
-                        Some(hash) => rows::attach(conn, &track_id, hash).await?,
-                        None => false,
+                    let track_id =
+                        catalog::find_or_create_reported(conn, &reported, user, now).await?;
+                    let said = Said {
+                        isrc: report.isrc.as_deref(),
+                        duration_ms: Some(report.duration_ms),
                     };
+                    reports::record(conn, &track_id, user, said, now).await?;
+                    // A cover that rendered already is this account's at once; one that has
+                    // not waits for the artwork job.
+                    if let Some(hash) = &job.artwork
+                        && rows::find(conn, hash).await?.is_some()
+                    {
+                        reports::set_artwork(conn, &track_id, user, hash, now).await?;
+                    }
+                    let catalog_changed = reports::corroborate(conn, &track_id).await?;
                     let mut counted = false;
                     if newest {
                         let mut tracker: PlayTracker = match &state {
@@ -186,7 +224,7 @@ impl Pipeline {
                     Ok::<_, PipelineError>(Outcome {
                         track_id,
                         newest,
-                        artwork_changed,
+                        catalog_changed,
                     })
                 }
                 .scope_boxed()
@@ -194,21 +232,28 @@ impl Pipeline {
             .await
     }
 
-    /// The track as the store has it now (not from a cache: its artwork may just have come).
-    async fn track(&self, id: &str) -> Result<Option<TrackView>, PipelineError> {
+    /// The track as `user`'s report shows it: the catalog's track (read from the store, not a
+    /// cache: artwork may just have come) in the report's own words and length, with the
+    /// artwork this account sent once it rendered, else the catalog's.
+    async fn view_for(
+        &self,
+        user: UserId,
+        id: &str,
+        report: &super::Report,
+    ) -> Result<Option<TrackView>, PipelineError> {
         let mut pooled = self.store.conn().await?;
-        Ok(catalog::find_tracks(&mut pooled.conn(), &[id]).await?.pop())
-    }
-
-    /// The device as the store knows it (name and kind), or a plain one.
-    async fn device(&self, user: UserId, device_id: &str) -> Result<Device, PipelineError> {
-        let mut pooled = self.store.conn().await?;
-        let record = devices::find(&mut pooled.conn(), user, device_id).await?;
-        let device = match record {
-            Some(d) => Device::parse(Some(&d.device_id), Some(&d.name), Some(&d.kind)),
-            None => Device::parse(Some(device_id), None, None),
+        let mut conn = pooled.conn();
+        let Some(mut track) = catalog::find_tracks(&mut conn, &[id]).await?.pop() else {
+            return Ok(None);
         };
-        device.map_err(|e| PipelineError::Corrupt(e.to_string()))
+        if let Some(own) = reports::own_artwork(&mut conn, id, user).await? {
+            track.artwork = Some(ArtworkView::of(&own));
+        }
+        track.title.clone_from(&report.title);
+        track.artist.clone_from(&report.artist);
+        track.album.clone_from(&report.album);
+        track.duration_ms = Some(report.duration_ms);
+        Ok(Some(track))
     }
 
     /// Drops every replica's cached copies of `ids`.
@@ -264,45 +309,143 @@ impl Pipeline {
         });
     }
 
-    /// Artwork `record` is stored: every play that showed its track without it is shown
-    /// again, with it, if the device still plays that track.
+    /// Artwork `record` is stored: it becomes the artwork of every account whose play waited
+    /// for it, and each such play is shown again, with it, if its device still plays that
+    /// track. A waiting play is forgotten only once it was told, so an error on the way
+    /// (the job retries) loses nobody.
     pub async fn artwork_ready(&self, record: &ArtworkRecord) -> Result<(), PipelineError> {
         let waiters = {
             let mut pooled = self.store.conn().await?;
-            rows::take_waiters(&mut pooled.conn(), &record.hash, None).await?
+            rows::waiters(&mut pooled.conn(), &record.hash).await?
         };
         if waiters.is_empty() {
             return Ok(());
         }
-        let mut ids: Vec<String> = waiters.iter().map(|w| w.track_id.clone()).collect();
-        ids.sort();
-        ids.dedup();
-        self.tracks_changed(ids).await;
-        for waiter in waiters {
-            let user = UserId(waiter.user);
-            let snapshot = self
-                .registry
-                .snapshot(user)
-                .await
-                .map_err(|e| PipelineError::Registry(e.to_string()))?;
-            let instance = instance_id(&waiter.device_id, REST_OWNER);
-            let Some(entry) = snapshot.entries.get(&instance) else {
-                continue;
-            };
-            let Some(playing) = entry.now_playing.as_ref() else {
-                continue;
-            };
-            if playing.track_id != waiter.track_id || !entry.is_live(now_ms()) {
-                continue;
+        let mut changed = Vec::new();
+        {
+            let mut pooled = self.store.conn().await?;
+            let mut conn = pooled.conn();
+            let now = crate::store::now();
+            for waiter in &waiters {
+                let user = UserId(waiter.user);
+                reports::set_artwork(&mut conn, &waiter.track_id, user, &record.hash, now).await?;
+                if reports::corroborate(&mut conn, &waiter.track_id).await? {
+                    changed.push(waiter.track_id.clone());
+                }
             }
-            let mut now_playing = playing.clone();
-            now_playing.track = self.track(&waiter.track_id).await?;
-            let device =
-                Device::parse(Some(&entry.device_id), Some(&entry.name), Some(&entry.kind))
-                    .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
-            self.show(user, device, now_playing, None, None);
+        }
+        if !changed.is_empty() {
+            changed.sort();
+            changed.dedup();
+            self.tracks_changed(changed).await;
+        }
+        let artwork = ArtworkView::of(record);
+        for waiter in waiters {
+            self.tell(&waiter, &artwork).await?;
+            let mut pooled = self.store.conn().await?;
+            rows::forget_waiter(&mut pooled.conn(), &record.hash, &waiter).await?;
         }
         Ok(())
+    }
+
+    /// Shows `waiter`'s play again with `artwork`, if its device still plays that track.
+    async fn tell(
+        &self,
+        waiter: &rows::Waiter,
+        artwork: &ArtworkView,
+    ) -> Result<(), PipelineError> {
+        let user = UserId(waiter.user);
+        let snapshot = self
+            .registry
+            .snapshot(user)
+            .await
+            .map_err(|e| PipelineError::Registry(e.to_string()))?;
+        let instance = instance_id(&waiter.device_id, REST_OWNER);
+        let Some(entry) = snapshot.entries.get(&instance) else {
+            return Ok(());
+        };
+        let Some(playing) = entry.now_playing.as_ref() else {
+            return Ok(());
+        };
+        if playing.track_id != waiter.track_id || !entry.is_live(now_ms()) {
+            return Ok(());
+        }
+        let Some(mut track) = playing.track.clone() else {
+            return Ok(());
+        };
+        track.artwork = Some(artwork.clone());
+        let mut now_playing = playing.clone();
+        now_playing.track = Some(track);
+        let device = Device::parse(Some(&entry.device_id), Some(&entry.name), Some(&entry.kind))
+            .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
+        self.show(user, device, now_playing, None, None);
+        Ok(())
+    }
+
+    /// Ends the plays of devices that fell silent: a play nobody reported the end of is ended
+    /// at its track's expected end (once [`END_GRACE_MS`] more passed without a report) and
+    /// counted if it was listened to long enough. Returns how many plays it ended.
+    pub async fn sweep_silent(&self, now_ms: i64) -> Result<usize, PipelineError> {
+        let idle = serde_json::to_string(&PlayTracker::default())
+            .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
+        let silent = {
+            let mut pooled = self.store.conn().await?;
+            ingests::silent(
+                &mut pooled.conn(),
+                now_ms - END_GRACE_MS,
+                &idle,
+                SWEEP_BATCH,
+            )
+            .await?
+        };
+        let mut ended = 0;
+        for (user, device_id) in silent {
+            if self
+                .end_silent(UserId(user), &device_id, now_ms, &idle)
+                .await?
+            {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Ends one silent device's play, under the lock its reports take.
+    async fn end_silent(
+        &self,
+        user: UserId,
+        device_id: &str,
+        now_ms: i64,
+        idle: &str,
+    ) -> Result<bool, PipelineError> {
+        let lock = format!("ingest:{}:{device_id}", user.0);
+        let mut pooled = self.store.conn().await?;
+        pooled
+            .conn()
+            .transaction(|conn| {
+                async move {
+                    conn.lock_keys_for_transaction(&[lock]).await?;
+                    let Some((reported_at, json)) = ingests::tracker(conn, user, device_id).await?
+                    else {
+                        return Ok(false);
+                    };
+                    let mut tracker: PlayTracker = serde_json::from_str(&json)
+                        .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
+                    let Some(end) = tracker.expected_end() else {
+                        return Ok(false);
+                    };
+                    if now_ms < end + END_GRACE_MS {
+                        return Ok(false);
+                    }
+                    if let Some(played) = tracker.finish(end, &|_| None) {
+                        plays::record_at(conn, user, &played, device_id, timestamp(end)).await?;
+                    }
+                    ingests::save_tracker(conn, user, device_id, reported_at, idle).await?;
+                    Ok::<_, PipelineError>(true)
+                }
+                .scope_boxed()
+            })
+            .await
     }
 
     /// Artwork `hash` will not render: nobody waits for it any more.

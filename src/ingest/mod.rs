@@ -13,6 +13,11 @@
 //!    presence and pushes `track` on `devices:{user}`.
 //! 3. [`ARTWORK`] renders the image once per hash and tells every play that showed the track
 //!    without it: presence again, and `track` again, now with artwork.
+//! 4. [`SWEEP`] (periodic) ends the plays of devices that fell silent, at their tracks' ends.
+//!
+//! What a report says (its words, length, ISRC, cover) is its account's own: that account's
+//! devices, friends and overlays see it; the catalog track takes an ISRC, a length or artwork
+//! only once two accounts report the same, and keeps what it has ([`crate::store::reports`]).
 
 pub mod enrich;
 pub mod normalise;
@@ -22,6 +27,7 @@ use actix::Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::artwork::library::{Library, RenderError};
+use crate::jobs::scheduler::Tick;
 use crate::jobs::{Failure, Handlers, Job, Kind};
 use crate::presence::AnyRegistry;
 use crate::realtime::hub::Hub;
@@ -36,6 +42,12 @@ pub const PLAY: Kind<PlayJob> = Kind::new("ingest.play");
 
 /// Renders one artwork (by hash) and tells the plays waiting for it.
 pub const ARTWORK: Kind<ArtworkJob> = Kind::new("artwork.render");
+
+/// Ends the plays of devices that fell silent mid-track (periodic, `play_sweep_schedule`).
+pub const SWEEP: Kind<Tick> = Kind::new("ingest.sweep");
+
+/// The name the sweep's schedule runs under.
+pub const SWEEP_JOB: &str = "ingest.sweep";
 
 /// A report, as queued.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +86,7 @@ impl Pipeline {
     /// Adds the pipeline's job handlers to `handlers`.
     pub fn handlers(self, handlers: Handlers) -> Handlers {
         let plays = self.clone();
+        let sweeps = self.clone();
         handlers
             .on(&PLAY, move |job: Job<PlayJob>| {
                 let pipeline = plays.clone();
@@ -83,6 +96,19 @@ impl Pipeline {
                         .apply_play(&job.payload)
                         .await
                         .map_err(|e| Failure::Retry(crate::error::chain(&e)))
+                }
+            })
+            .on(&SWEEP, move |_: Job<Tick>| {
+                let pipeline = sweeps.clone();
+                async move {
+                    let ended = pipeline
+                        .sweep_silent(crate::presence::now_ms())
+                        .await
+                        .map_err(|e| Failure::Retry(crate::error::chain(&e)))?;
+                    if ended > 0 {
+                        tracing::info!(ended, "ended the plays of silent devices");
+                    }
+                    Ok(())
                 }
             })
             .on(&ARTWORK, move |job: Job<ArtworkJob>| {

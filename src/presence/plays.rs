@@ -31,6 +31,18 @@ struct Play {
     is_playing: bool,
     listened_ms: i64,
     recorded: bool,
+    /// The track's length as known when the play began (a later report may be of another
+    /// track, whose length is all the caller then knows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<i64>,
+}
+
+impl Play {
+    fn duration(&self, duration_of: &impl Fn(&str) -> Option<i64>) -> Option<i64> {
+        self.duration_ms
+            .or_else(|| duration_of(&self.track_id))
+            .filter(|d| *d > 0)
+    }
 }
 
 /// One device's current play (kept as JSON between reports the enrichment job applies).
@@ -61,6 +73,7 @@ impl PlayTracker {
                 is_playing: r.is_playing,
                 listened_ms: 0,
                 recorded: false,
+                duration_ms: duration_of(&r.track_id),
             });
             return finished;
         }
@@ -91,7 +104,7 @@ impl PlayTracker {
         let mut play = self.current.take()?;
         if play.is_playing {
             let mut elapsed = (at_ms - play.at).max(0);
-            if let Some(duration) = duration_of(&play.track_id).filter(|d| *d > 0) {
+            if let Some(duration) = play.duration(duration_of) {
                 elapsed = elapsed.min((duration - play.progress_ms).max(0));
             }
             play.listened_ms += elapsed;
@@ -99,8 +112,18 @@ impl PlayTracker {
         Self::check(&mut play, duration_of)
     }
 
+    /// When the current play, unreported since, would have ended: its track's end when it
+    /// was playing and its length is known, its last report otherwise. `None` when idle.
+    pub fn expected_end(&self) -> Option<i64> {
+        let play = self.current.as_ref()?;
+        Some(match play.duration_ms {
+            Some(duration) if play.is_playing => play.at + (duration - play.progress_ms).max(0),
+            _ => play.at,
+        })
+    }
+
     fn check(play: &mut Play, duration_of: &impl Fn(&str) -> Option<i64>) -> Option<String> {
-        if !play.recorded && play.listened_ms >= threshold(duration_of(&play.track_id)) {
+        if !play.recorded && play.listened_ms >= threshold(play.duration(duration_of)) {
             play.recorded = true;
             return Some(play.track_id.clone());
         }
@@ -228,5 +251,31 @@ mod tests {
             tracker.report(Some(&at("t", 30_000, true)), 61_000, unknown),
             Some("t".into())
         );
+    }
+
+    #[test]
+    fn a_play_ended_by_another_track_counts_by_its_own_length() {
+        // Only the track just reported has a known length, as in the pipeline's job.
+        let only = |id: &'static str, duration: i64| move |t: &str| (t == id).then_some(duration);
+        let mut tracker = PlayTracker::default();
+        tracker.report(Some(&at("short", 0, true)), 0, only("short", 2_000));
+        assert_eq!(tracker.expected_end(), Some(2_000));
+        assert_eq!(
+            tracker.report(Some(&at("next", 0, true)), 1_200, only("next", 200_000)),
+            Some("short".into())
+        );
+    }
+
+    #[test]
+    fn a_silent_play_ends_at_its_tracks_end_or_its_last_report() {
+        let mut tracker = PlayTracker::default();
+        assert_eq!(tracker.expected_end(), None);
+        tracker.report(Some(&at("t", 500, true)), 10_000, |_| Some(2_000));
+        assert_eq!(tracker.expected_end(), Some(11_500));
+        tracker.report(Some(&at("t", 900, false)), 10_400, |_| Some(2_000));
+        assert_eq!(tracker.expected_end(), Some(10_400));
+        let mut unknown_length = PlayTracker::default();
+        unknown_length.report(Some(&at("u", 0, true)), 5_000, unknown);
+        assert_eq!(unknown_length.expected_end(), Some(5_000));
     }
 }

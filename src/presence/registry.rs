@@ -35,6 +35,13 @@ pub trait Registry: Clone + Send + Sync + 'static {
     /// Creates or replaces entries.
     fn put(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
+    /// Writes one entry unless its instance holds a play reported later than this entry's
+    /// (`now_playing.at`): a report applied late never replaces a newer one. True when written.
+    fn put_unless_older(
+        &self,
+        write: Write,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
     /// Deletes entries (absent ones are fine).
     fn remove(
         &self,
@@ -75,6 +82,13 @@ impl Registry for AnyRegistry {
         match self {
             Self::Memory(r) => r.put(writes).await,
             Self::Redis(r) => r.put(writes).await,
+        }
+    }
+
+    async fn put_unless_older(&self, write: Write) -> Result<bool, RegistryError> {
+        match self {
+            Self::Memory(r) => r.put_unless_older(write).await,
+            Self::Redis(r) => r.put_unless_older(write).await,
         }
     }
 
@@ -142,6 +156,22 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
+    async fn put_unless_older(&self, write: Write) -> Result<bool, RegistryError> {
+        let (user, instance, entry) = write;
+        let older = {
+            let users = self.lock();
+            users
+                .get(&user)
+                .and_then(|held| held.entries.iter().find(|(i, _)| *i == instance))
+                .is_some_and(|(_, current)| reported_later(current, &entry))
+        };
+        if older {
+            return Ok(false);
+        }
+        self.put(vec![(user, instance, entry)]).await?;
+        Ok(true)
+    }
+
     async fn remove(&self, removals: Vec<(UserId, InstanceId)>) -> Result<(), RegistryError> {
         let mut users = self.lock();
         for (user, instance) in removals {
@@ -183,6 +213,14 @@ impl Registry for MemoryRegistry {
     }
 }
 
+/// Whether `current` shows a play reported later than `entry`'s.
+fn reported_later(current: &DeviceEntry, entry: &DeviceEntry) -> bool {
+    match (&current.now_playing, &entry.now_playing) {
+        (Some(current), Some(new)) => current.at > new.at,
+        _ => false,
+    }
+}
+
 /// The Redis registry; cheap to clone.
 #[derive(Clone)]
 pub struct RedisRegistry {
@@ -190,6 +228,7 @@ pub struct RedisRegistry {
     namespace: Arc<str>,
     /// How long a user's hash outlives its last write.
     ttl: Duration,
+    put_newer: Arc<redis::Script>,
 }
 
 impl RedisRegistry {
@@ -198,6 +237,7 @@ impl RedisRegistry {
             pool,
             namespace: namespace.into(),
             ttl,
+            put_newer: Arc::new(redis::Script::new(include_str!("put_newer.lua"))),
         }
     }
 
@@ -233,12 +273,35 @@ impl Registry for RedisRegistry {
             let key = self.entries_key(*user);
             let json = serde_json::to_string(&**entry).unwrap_or_default();
             pipe.hset(&key, instance, json).ignore();
-            // The hash outlives its last write by the TTL, or by as long as that entry lasts
-            // (a pipeline report lasts to the end of its track).
+            // The hash outlives its last write by the TTL, or by as long as its longest entry
+            // lasts (a pipeline report lasts to the end of its track): set when the hash has
+            // no expiry yet (NX), else only ever lengthened (GT), so a heartbeat's short write
+            // never cuts a long entry's time.
             let keep = ttl_ms.max(entry.expires_at - now);
-            pipe.pexpire(&key, keep).ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(keep).arg("NX").ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(keep).arg("GT").ignore();
         }
         self.run::<()>(&pipe).await
+    }
+
+    async fn put_unless_older(&self, write: Write) -> Result<bool, RegistryError> {
+        let (user, instance, entry) = write;
+        let keep = (self.ttl.as_millis() as i64).max(entry.expires_at - super::now_ms());
+        let at = entry.now_playing.as_ref().map_or(i64::MIN, |n| n.at);
+        let json = serde_json::to_string(&*entry).unwrap_or_default();
+        let unavailable = |e: &dyn std::fmt::Display| RegistryError::Unavailable(e.to_string());
+        let mut conn = self.pool.get().await.map_err(|e| unavailable(&e))?;
+        let written: i64 = self
+            .put_newer
+            .key(self.entries_key(user))
+            .arg(instance.as_str())
+            .arg(json)
+            .arg(at)
+            .arg(keep)
+            .invoke_async(&mut *conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(written == 1)
     }
 
     async fn remove(&self, removals: Vec<(UserId, InstanceId)>) -> Result<(), RegistryError> {

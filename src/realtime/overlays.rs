@@ -41,8 +41,10 @@ pub struct Opened {
 
 struct Watched {
     snapshot: Snapshot,
-    /// Catalog tracks looked up for reports that did not carry one.
-    tracks: HashMap<String, TrackView>,
+    /// Catalog tracks looked up for reports that did not carry one: only those the user's
+    /// devices play now, `None` while looking or when the catalog has no such track (looked
+    /// up once, not at every refresh).
+    tracks: HashMap<String, Option<TrackView>>,
     state: watch::Sender<Shown>,
     /// Open streams: stream id → the overlay's token hash and its revocation signal.
     streams: HashMap<u64, (String, oneshot::Sender<()>)>,
@@ -74,15 +76,20 @@ impl Overlays {
         };
         let now = now_ms();
         watched.snapshot.entries.retain(|_, e| e.is_live(now));
+        let entries = &watched.snapshot.entries;
+        watched.tracks.retain(|id, _| {
+            entries
+                .values()
+                .any(|e| e.now_playing.as_ref().is_some_and(|n| n.track_id == *id))
+        });
         let listening = watched.snapshot.listening().cloned();
         let payload = match &listening {
             Some(entry) => {
-                let missing = playing_track(entry).is_none()
-                    && entry
-                        .now_playing
-                        .as_ref()
-                        .is_some_and(|n| !watched.tracks.contains_key(&n.track_id));
-                if missing && let Some(playing) = &entry.now_playing {
+                if playing_track(entry).is_none()
+                    && let Some(playing) = &entry.now_playing
+                    && !watched.tracks.contains_key(&playing.track_id)
+                {
+                    watched.tracks.insert(playing.track_id.clone(), None);
                     self.look_up(user, playing.track_id.clone(), ctx);
                 }
                 let watched = self.users.get(&user);
@@ -109,15 +116,27 @@ impl Overlays {
     /// Looks a catalog track up for a report that did not carry it.
     fn look_up(&self, user: UserId, track_id: String, ctx: &mut Context<Self>) {
         let queues = self.queues.clone();
+        let wanted = track_id.clone();
         ctx.spawn(
-            async move { queues.tracks(std::slice::from_ref(&track_id)).await }
+            async move { queues.tracks(std::slice::from_ref(&wanted)).await }
                 .into_actor(self)
                 .map(move |found, actor, ctx| {
-                    let Ok(mut found) = found else { return };
-                    if let (Some(track), Some(watched)) = (found.pop(), actor.users.get_mut(&user))
-                    {
-                        watched.tracks.insert(track.id.clone(), track);
-                        actor.refresh(user, ctx);
+                    let Some(watched) = actor.users.get_mut(&user) else {
+                        return;
+                    };
+                    match found {
+                        Ok(mut found) => {
+                            if let Some(track) = found.pop()
+                                && let Some(slot) = watched.tracks.get_mut(&track.id)
+                            {
+                                *slot = Some(track);
+                                actor.refresh(user, ctx);
+                            }
+                        }
+                        // Looked up again at the next refresh.
+                        Err(_) => {
+                            watched.tracks.remove(&track_id);
+                        }
                     }
                 }),
         );
@@ -157,11 +176,18 @@ fn playing_track(entry: &DeviceEntry) -> Option<&TrackView> {
 }
 
 /// What an overlay shows of `entry`: the track with its artwork, position and state.
-fn playing_payload(entry: &DeviceEntry, looked_up: Option<&HashMap<String, TrackView>>) -> Value {
+fn playing_payload(
+    entry: &DeviceEntry,
+    looked_up: Option<&HashMap<String, Option<TrackView>>>,
+) -> Value {
     let Some(playing) = &entry.now_playing else {
         return json!({"playing": null});
     };
-    let track = playing_track(entry).or_else(|| looked_up.and_then(|t| t.get(&playing.track_id)));
+    let track = playing_track(entry).or_else(|| {
+        looked_up
+            .and_then(|t| t.get(&playing.track_id))
+            .and_then(Option::as_ref)
+    });
     json!({"playing": {
         "track_id": playing.track_id,
         "title": track.map(|t| t.title.as_str()),

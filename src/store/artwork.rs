@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde::{Deserialize, Serialize};
 
-use super::schema::{artwork, artwork_waiters as waiters, tracks};
+use super::schema::{artwork, artwork_waiters as waiters};
 use super::{Conn, StoreError, run};
 use crate::domain::UserId;
 
@@ -44,6 +44,8 @@ pub struct Waiter {
     pub user: i64,
     pub device_id: String,
     pub track_id: String,
+    /// When it started waiting (a newer wait of the same device replaces it).
+    pub created_at: NaiveDateTime,
 }
 
 pub(super) type Row = (String, i64, i32, i32, String);
@@ -105,19 +107,6 @@ pub async fn save(
     Ok(())
 }
 
-/// Points `track_id` at artwork `hash`; true when that changed something.
-pub async fn attach(conn: &mut Conn<'_>, track_id: &str, hash: &str) -> Result<bool, StoreError> {
-    let changed = run!(conn, c => diesel::update(
-        tracks::table
-            .filter(tracks::id.eq(track_id))
-            .filter(tracks::artwork_hash.is_null().or(tracks::artwork_hash.ne(hash))),
-    )
-    .set(tracks::artwork_hash.eq(hash))
-    .execute(c)
-    .await)?;
-    Ok(changed > 0)
-}
-
 /// Notes that `device` of `user` shows `track_id` without artwork `hash` yet.
 pub async fn wait_for(
     conn: &mut Conn<'_>,
@@ -144,14 +133,54 @@ pub async fn wait_for(
     Ok(())
 }
 
-/// Takes the waiters of artwork `hash` (each is handed out once) — all of them, or only
-/// `user`'s `device_id`.
+const WAITER: (
+    waiters::user_id,
+    waiters::device_id,
+    waiters::track_id,
+    waiters::created_at,
+) = (
+    waiters::user_id,
+    waiters::device_id,
+    waiters::track_id,
+    waiters::created_at,
+);
+
+/// The plays waiting for artwork `hash` (left in place: each is forgotten once it was told,
+/// so a failure on the way tells it next time).
+pub async fn waiters(conn: &mut Conn<'_>, hash: &str) -> Result<Vec<Waiter>, StoreError> {
+    Ok(run!(conn, c => waiters::table
+        .filter(waiters::hash.eq(hash))
+        .select(WAITER)
+        .load(c)
+        .await)?)
+}
+
+/// Forgets `waiter` of artwork `hash`, unless the device started waiting again since.
+pub async fn forget_waiter(
+    conn: &mut Conn<'_>,
+    hash: &str,
+    waiter: &Waiter,
+) -> Result<(), StoreError> {
+    run!(conn, c => diesel::delete(
+        waiters::table
+            .filter(waiters::hash.eq(hash))
+            .filter(waiters::user_id.eq(waiter.user))
+            .filter(waiters::device_id.eq(&waiter.device_id))
+            .filter(waiters::created_at.eq(waiter.created_at)),
+    )
+    .execute(c)
+    .await)?;
+    Ok(())
+}
+
+/// Takes the waiters of artwork `hash` — all of them (it will never render), or only
+/// `user`'s `device_id` (which found it rendered itself).
 pub async fn take_waiters(
     conn: &mut Conn<'_>,
     hash: &str,
     only: Option<(UserId, &str)>,
 ) -> Result<Vec<Waiter>, StoreError> {
-    let columns = (waiters::user_id, waiters::device_id, waiters::track_id);
+    let columns = WAITER;
     Ok(run!(conn, c => {
         let mut delete = diesel::delete(waiters::table)
             .filter(waiters::hash.eq(hash))

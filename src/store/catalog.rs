@@ -291,29 +291,28 @@ pub struct Reported<'a> {
     pub title: &'a str,
     pub artist: &'a str,
     pub album: Option<&'a str>,
-    pub duration_ms: Option<i64>,
 }
 
 impl Reported<'_> {
-    /// The id a new track gets: from its ISRC, else from its match key; deterministic, so two
-    /// workers creating the same track at once create one.
+    /// The id a new track gets, from its match key: deterministic, so two workers creating
+    /// the same track at once create one.
     pub fn new_id(&self) -> String {
-        match self.isrc {
-            Some(isrc) => format!("isrc:{isrc}"),
-            None => format!(
-                "np:{}",
-                &crate::artwork::hash(self.match_key.as_bytes())[..24]
-            ),
-        }
+        format!(
+            "np:{}",
+            &crate::auth::sha256_hex(self.match_key.as_bytes())[..24]
+        )
     }
 }
 
-/// The catalog track a report is about: by ISRC, else by match key (recording the ISRC on a
-/// track that had none), else a new track (created by the operator, so no account can
-/// replace it). Returns its id.
+/// The catalog track `user`'s report is about: by an ISRC the catalog confirmed, else by one
+/// this account reported before, else by match key, else a new track (created by the
+/// operator, so no account can replace it, and holding only what the match key says: the
+/// ISRC and length a report gives are that account's until another agrees, see
+/// [`super::reports`]). Returns its id.
 pub async fn find_or_create_reported(
     conn: &mut Conn<'_>,
     reported: &Reported<'_>,
+    user: UserId,
     now: NaiveDateTime,
 ) -> Result<String, StoreError> {
     if let Some(isrc) = reported.isrc {
@@ -326,22 +325,17 @@ pub async fn find_or_create_reported(
         if let Some(id) = found {
             return Ok(id);
         }
+        if let Some(id) = super::reports::own_track_by_isrc(conn, user, isrc).await? {
+            return Ok(id);
+        }
     }
-    let by_key: Option<(String, Option<String>)> = run!(conn, c => tracks::table
+    let by_key: Option<String> = run!(conn, c => tracks::table
         .filter(tracks::match_key.eq(reported.match_key))
-        .select((tracks::id, tracks::isrc))
+        .select(tracks::id)
         .first(c)
         .await
         .optional())?;
-    if let Some((id, isrc)) = by_key {
-        if isrc.is_none()
-            && let Some(reported_isrc) = reported.isrc
-        {
-            run!(conn, c => diesel::update(tracks::table.find(&id))
-                .set(tracks::isrc.eq(reported_isrc))
-                .execute(c)
-                .await)?;
-        }
+    if let Some(id) = by_key {
         return Ok(id);
     }
     run!(conn, c => diesel::insert_into(artists::table)
@@ -360,9 +354,7 @@ pub async fn find_or_create_reported(
         tracks::title.eq(reported.title),
         tracks::artist_id.eq(artist_id),
         tracks::album.eq(reported.album),
-        tracks::duration_ms.eq(reported.duration_ms),
         tracks::updated_at.eq(now),
-        tracks::isrc.eq(reported.isrc),
         tracks::match_key.eq(reported.match_key),
     );
     run!(conn, c => diesel::insert_into(tracks::table)
@@ -370,10 +362,9 @@ pub async fn find_or_create_reported(
         .on_conflict_do_nothing()
         .execute(c)
         .await)?;
-    // A concurrent report may have created the track under the other id (one with an ISRC,
-    // one without): the match key finds it either way.
+    // A concurrent report may have created it meanwhile: the match key finds it either way.
     Ok(run!(conn, c => tracks::table
-        .filter(tracks::id.eq(&id).or(tracks::match_key.eq(reported.match_key)))
+        .filter(tracks::match_key.eq(reported.match_key))
         .select(tracks::id)
         .first(c)
         .await)?)

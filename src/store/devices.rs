@@ -77,6 +77,19 @@ pub async fn list(conn: &mut Conn<'_>, user: UserId) -> Result<Vec<DeviceRecord>
 }
 
 /// The user's device `device_id`, if the user was ever seen on it.
+/// The device as this account registered it (name and kind), or a plain one of that id.
+pub async fn known_or_plain(
+    conn: &mut Conn<'_>,
+    user: UserId,
+    device_id: &str,
+) -> Result<crate::domain::Device, StoreError> {
+    let device = match find(conn, user, device_id).await? {
+        Some(d) => crate::domain::Device::parse(Some(&d.device_id), Some(&d.name), Some(&d.kind)),
+        None => crate::domain::Device::parse(Some(device_id), None, None),
+    };
+    device.map_err(|e| StoreError::Corrupt(format!("device {device_id:?}: {e}")))
+}
+
 pub async fn find(
     conn: &mut Conn<'_>,
     user: UserId,

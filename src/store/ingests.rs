@@ -86,6 +86,24 @@ pub async fn save_tracker(
     Ok(())
 }
 
+/// Devices whose last report came before `before_ms` and whose play state is not `idle`
+/// (a play that was never ended), oldest first, at most `limit`.
+pub async fn silent(
+    conn: &mut Conn<'_>,
+    before_ms: i64,
+    idle: &str,
+    limit: i64,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    Ok(run!(conn, c => plays::table
+        .filter(plays::reported_at.lt(before_ms))
+        .filter(plays::tracker.ne(idle))
+        .order(plays::reported_at)
+        .limit(limit)
+        .select((plays::user_id, plays::device_id))
+        .load(c)
+        .await)?)
+}
+
 /// Forgets applied reports from before `cutoff` (a job older than that cannot be replayed);
 /// returns how many went.
 pub async fn purge_before(conn: &mut Conn<'_>, cutoff: NaiveDateTime) -> Result<usize, StoreError> {

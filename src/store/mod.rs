@@ -21,6 +21,7 @@ pub mod overlays;
 pub mod plays;
 pub mod preferences;
 pub mod queue;
+pub mod reports;
 pub mod schema;
 pub mod tokens;
 pub mod users;

@@ -118,7 +118,19 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    track_reports (track_id, user_id) {
+        track_id -> Text,
+        user_id -> BigInt,
+        isrc -> Nullable<Text>,
+        duration_ms -> Nullable<BigInt>,
+        artwork_hash -> Nullable<Text>,
+        updated_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(refresh_tokens -> users (user_id));
+diesel::joinable!(track_reports -> tracks (track_id));
 diesel::joinable!(devices -> users (user_id));
 diesel::joinable!(tracks -> artists (artist_id));
 diesel::joinable!(queue_state -> users (user_id));
@@ -128,6 +140,7 @@ diesel::joinable!(tracks -> artwork (artwork_hash));
 
 diesel::allow_tables_to_appear_in_same_query!(
     users,
+    track_reports,
     refresh_tokens,
     devices,
     artists,

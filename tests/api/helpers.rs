@@ -11,7 +11,6 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use reqwest::{Client, Response};
 use secrecy::SecretString;
 use segue::bus::MemoryNetwork;
-use segue::ratelimit::Limit;
 use segue::settings::Settings;
 use segue::startup::Application;
 use serde_json::{Value, json};
@@ -80,21 +79,11 @@ pub fn test_settings(data_dir: &Path) -> Settings {
         db_pool_size: 4,
         // Short, so tests that watch a device leave need not wait the default 3 s.
         presence_leave_delay_ms: 100,
-        // Tests register and log in far faster than people do; the rate-limit tests turn
-        // on the limits they test.
-        rate_limit_login_ip: Limit(None),
-        rate_limit_login_handle: Limit(None),
-        rate_limit_register_ip: Limit(None),
-        rate_limit_refresh_session: Limit(None),
-        rate_limit_account: Limit(None),
-        rate_limit_anonymous_ip: Limit(None),
-        rate_limit_ingest_device: Limit(None),
-        rate_limit_socket_ip: Limit(None),
-        rate_limit_socket_messages: Limit(None),
-        ip_block_after: Limit(None),
-        device_accounts_max: 0,
         ..Settings::default()
     }
+    // Tests register and log in far faster than people do; the rate-limit tests turn on the
+    // limits they test.
+    .with_limits_off()
 }
 
 /// The environment that turns every rate limit off, for hubs run as processes.
@@ -212,6 +201,17 @@ impl TestApp {
             .send()
             .await
             .expect("request sent")
+    }
+
+    /// The account's recorded plays, newest first (`GET /history/`).
+    pub async fn history(&self, account: &Account) -> Vec<Value> {
+        let body: Value = self
+            .get_with_token("/history/", &account.access_token)
+            .await
+            .json()
+            .await
+            .expect("history JSON");
+        body["plays"].as_array().cloned().unwrap_or_default()
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {

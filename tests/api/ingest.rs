@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::artwork::jpeg;
 use crate::helpers::{Account, Backend, PrivateS3, TestApp, error_code};
+use crate::wire::{SseEvent, SseParser};
 
 /// A report body for a short track (two seconds: a play counts after one of listening).
 pub fn short_track(title: &str, progress_ms: i64) -> Value {
@@ -32,33 +33,7 @@ pub async fn ingest_json(app: &TestApp, account: &Account, body: &Value) -> Resp
         .expect("ingest")
 }
 
-/// A `multipart/form-data` body with a `metadata` part and, when given, an `artwork` part.
-pub fn multipart(
-    metadata: &Value,
-    artwork: Option<&[u8]>,
-    extra: Option<&str>,
-) -> (String, Vec<u8>) {
-    let boundary = "segue-test-boundary-7d1f";
-    let mut body = Vec::new();
-    body.extend(format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"\r\nContent-Type: application/json\r\n\r\n{metadata}\r\n"
-    ).as_bytes());
-    if let Some(image) = artwork {
-        body.extend(format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"artwork\"; filename=\"cover.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
-        ).as_bytes());
-        body.extend(image);
-        body.extend(b"\r\n");
-    }
-    if let Some(name) = extra {
-        body.extend(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\nx\r\n")
-                .as_bytes(),
-        );
-    }
-    body.extend(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
+pub use crate::wire::multipart;
 
 pub async fn ingest_multipart(
     app: &TestApp,
@@ -106,16 +81,6 @@ pub async fn until_playing(
     }
 }
 
-async fn history(app: &TestApp, account: &Account) -> Vec<Value> {
-    let body: Value = app
-        .get_with_token("/history/", &account.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
-    body["plays"].as_array().unwrap().clone()
-}
-
 crate::on_both_backends!(
     a_report_is_enriched_shown_and_its_play_counted_once,
     bad_reports_are_refused_and_nothing_is_queued,
@@ -143,7 +108,7 @@ async fn a_report_is_enriched_shown_and_its_play_counted_once(app: TestApp) {
         .await
         .unwrap();
     assert_eq!(track["album"], "Loopback");
-    assert!(history(&app, &account).await.is_empty());
+    assert!(app.history(&account).await.is_empty());
 
     // 1.2 s of listening to a 2 s track: the play counts, once, however often it is sent.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
@@ -166,7 +131,7 @@ async fn a_report_is_enriched_shown_and_its_play_counted_once(app: TestApp) {
     let response = ingest_json(&app, &account, &short_track("First Light", 1_500)).await;
     assert_eq!(response.status(), 202);
     until_playing(&app, &account, |p| p["progress_ms"] == 1_500).await;
-    let plays = history(&app, &account).await;
+    let plays = app.history(&account).await;
     assert_eq!(plays.len(), 1, "{plays:?}");
     assert_eq!(plays[0]["track_id"], track_id.as_str());
 }
@@ -271,12 +236,13 @@ async fn the_same_track_reported_by_isrc_or_with_credits_is_one_catalog_track(ap
     second["album"] = json!("Random  Access Memories");
     second["isrc"] = json!("USQX91300108");
     ingest_json(&app, &account, &second).await;
+    // Shown in its own report's words (they are this account's, not the catalog's).
     let two = until_playing(&app, &account, |p| {
-        p["track"]["title"] == "Get Lucky (feat. Pharrell Williams)" && p["at"] != one["at"]
+        p["track"]["title"] == "get lucky" && p["at"] != one["at"]
     })
     .await;
     assert_eq!(one["track_id"], two["track_id"]);
-    // Now known by its ISRC, whatever the words.
+    // Now known to this account by its ISRC, whatever the words.
     let mut third = short_track("Completely Different Words", 0);
     third["isrc"] = json!("usqx9-13-00108");
     ingest_json(&app, &account, &third).await;
@@ -328,7 +294,7 @@ pub async fn fetch_renditions(
 }
 
 /// A hub on PostgreSQL with its blobs in the local directory (`None`) or on `s3`.
-async fn hub_on(
+pub async fn hub_on(
     s3: Option<&PrivateS3>,
     tune: impl FnOnce(&mut segue::settings::Settings),
 ) -> TestApp {
@@ -376,7 +342,8 @@ async fn artwork_is_shown_after_the_track_and_served_in_every_size(s3: Option<&P
     );
     assert_eq!(app.metric("segue_artwork_rendered_total").await, 1.0);
     assert_eq!(app.metric("segue_artwork_uploads_total").await, 8.0);
-    // The catalog's copy of the track carries it too.
+    // The catalog's copy of the track does not: one account's cover is its own until another
+    // account sends the same (tests/api/ingest_trust.rs).
     let track_id = playing["track_id"].as_str().unwrap();
     let track: Value = app
         .get_with_token(&format!("/tracks/{track_id}"), &account.access_token)
@@ -384,7 +351,8 @@ async fn artwork_is_shown_after_the_track_and_served_in_every_size(s3: Option<&P
         .json()
         .await
         .unwrap();
-    assert_eq!(track["artwork"]["hash"], artwork["hash"]);
+    assert_eq!(track["id"], track_id);
+    assert!(track["artwork"].is_null(), "{track}");
     // Unknown renditions are 404s.
     for path in [
         format!("/artwork/{}/huge.jpg", artwork["hash"].as_str().unwrap()),
@@ -481,67 +449,17 @@ async fn artwork_on_s3_redirects_to_a_presigned_url_or_the_cdn() {
     );
 }
 
-#[actix_web::test]
-async fn hostile_images_leave_the_play_recorded_and_the_artwork_refused() {
-    let app = hub_on(None, |_| {}).await;
-    let account = app.register().await;
-    let truncated = {
-        let mut cover = jpeg(400, 400);
-        cover.truncate(cover.len() / 2);
-        cover
-    };
-    let images: Vec<Vec<u8>> = vec![
-        b"definitely not an image".to_vec(),
-        truncated,
-        crate::artwork::png_claiming(60_000, 60_000),
-    ];
-    for (n, image) in images.iter().enumerate() {
-        let title = format!("Hostile {n}");
-        let response = ingest_multipart(&app, &account, &short_track(&title, 0), Some(image)).await;
-        assert_eq!(response.status(), 202);
-        let playing =
-            until_playing(&app, &account, |p| p["track"]["title"] == title.as_str()).await;
-        assert!(playing["track"]["artwork"].is_null());
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let refused = || async {
-        let mut total = 0.0;
-        for reason in ["unknown_format", "unreadable", "too_many_pixels"] {
-            total += app
-                .metric(&format!(
-                    "segue_artwork_refused_total{{reason=\"{reason}\"}}"
-                ))
-                .await;
-        }
-        total
-    };
-    while refused().await < 3.0 {
-        assert!(Instant::now() < deadline, "not every image was refused");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(app.metric("segue_artwork_rendered_total").await, 0.0);
-    assert_eq!(app.metric("segue_artwork_uploads_total").await, 0.0);
-}
-
 /// Reads Server-Sent Events from a streaming response.
 pub struct SseReader {
     response: Response,
-    buffer: String,
-}
-
-/// One event: its name, id and JSON data.
-#[derive(Debug, Clone)]
-pub struct SseEvent {
-    pub event: String,
-    pub id: String,
-    pub data: Value,
+    parser: SseParser,
 }
 
 impl SseReader {
     pub fn new(response: Response) -> Self {
         Self {
             response,
-            buffer: String::new(),
+            parser: SseParser::default(),
         }
     }
 
@@ -549,28 +467,15 @@ impl SseReader {
     pub async fn next(&mut self, wait: Duration) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            while let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let (mut event, mut id, mut data) = (String::from("message"), String::new(), None);
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        event = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data = Some(serde_json::from_str(v.trim()).expect("JSON data"));
-                    }
-                }
-                if let Some(data) = data {
-                    return Some(SseEvent { event, id, data });
-                }
+            if let Some(event) = self.parser.next_event() {
+                return Some(event);
             }
             let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
                 .await
                 .expect("an SSE event in time")
                 .expect("the stream reads");
             match chunk {
-                Some(bytes) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                Some(bytes) => self.parser.push(&bytes),
                 None => return None,
             }
         }
@@ -867,7 +772,7 @@ async fn a_replayed_play_job_changes_nothing_twice() {
             .unwrap(),
     );
     until_playing(&app, &account, |p| p["progress_ms"] == 1_200).await;
-    assert_eq!(history(&app, &account).await.len(), 1);
+    assert_eq!(app.history(&account).await.len(), 1);
 
     let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -917,5 +822,5 @@ async fn a_replayed_play_job_changes_nothing_twice() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    assert_eq!(history(&app, &account).await.len(), 1);
+    assert_eq!(app.history(&account).await.len(), 1);
 }

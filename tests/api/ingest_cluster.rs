@@ -184,7 +184,8 @@ async fn reports_queued_when_redis_restarts_from_its_aof_are_all_applied() {
 }
 
 /// Decompression bombs and truncated images, thirty of each, cost a hub process little
-/// memory: each is refused from its header (or its missing end), before any decoding.
+/// memory: each is refused at the door from its header (or its missing end), before any
+/// decoding or staging.
 #[actix_web::test]
 async fn hostile_images_keep_a_hubs_memory_bounded() {
     let hub = HubProcess::start(&NO_RATE_LIMITS).await;
@@ -212,7 +213,7 @@ async fn hostile_images_keep_a_hubs_memory_bounded() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 202);
+        assert_eq!(response.status(), 422);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(&hub, "segue_artwork_refused_total").await < 60.0 {

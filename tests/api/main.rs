@@ -5,6 +5,8 @@
 
 mod helpers;
 mod phoenix;
+#[path = "../support/wire.rs"]
+mod wire;
 
 mod accounts;
 mod artwork;
@@ -18,6 +20,7 @@ mod failures;
 mod health;
 mod ingest;
 mod ingest_cluster;
+mod ingest_trust;
 mod jobs;
 mod jobs_cluster;
 mod phoenix_js;

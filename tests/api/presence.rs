@@ -944,19 +944,13 @@ async fn a_play_past_the_threshold_is_recorded_once() {
 async fn history_of(app: &TestApp, account: &Account, count: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let body: Value = app
-            .get_with_token("/history/", &account.access_token)
-            .await
-            .json()
-            .await
-            .unwrap();
-        let plays = body["plays"].as_array().cloned().unwrap_or_default();
+        let plays = app.history(account).await;
         if plays.len() >= count {
             return plays;
         }
         assert!(
             Instant::now() < deadline,
-            "history never reached {count}: {body}"
+            "history never reached {count}: {plays:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1070,31 +1064,37 @@ mod registry {
         let registry = RedisRegistry::new(pool, &namespace, Duration::from_secs(60));
         suite(AnyRegistry::Redis(registry)).await;
 
-        // A user's hash outlives its last write by the TTL, or by as long as the written
-        // entry lasts when that is longer (a pipeline report lasts to its track's end), so
-        // entries of a replica that died cannot pile up.
+        // A user's hash outlives its last write by the TTL, or by as long as its longest
+        // entry lasts (a pipeline report lasts to its track's end), so entries of a replica
+        // that died cannot pile up; a later, shorter write never shortens it (from the review:
+        // a heartbeat's write cut a pipeline entry's hash to the TTL).
         let pool = segue::redis::build_pool(&url.into()).unwrap();
         let short = RedisRegistry::new(pool.clone(), &namespace, Duration::from_millis(300));
-        let key = format!("{namespace}:presence:7");
         let mut conn = pool.get().await.unwrap();
-        for (lasts_ms, longest) in [(60_000, 60_000), (100, 300)] {
-            short
-                .put(vec![(
-                    UserId(7),
-                    "x/r".into(),
-                    Arc::new(entry("x", 1, lasts_ms)),
-                )])
-                .await
-                .unwrap();
-            let ttl: i64 = ::redis::cmd("PTTL")
-                .arg(&key)
-                .query_async(&mut *conn)
-                .await
-                .unwrap();
-            assert!(
-                ttl > longest - 1_000 && ttl <= longest,
-                "PTTL {ttl} for {lasts_ms} ms"
-            );
+        for (user, writes) in [
+            (7, [("long/r", 60_000, 60_000), ("short/r", 100, 60_000)]),
+            (8, [("short/r", 100, 300), ("long/r", 60_000, 60_000)]),
+        ] {
+            let key = format!("{namespace}:presence:{user}");
+            for (instance, lasts_ms, longest) in writes {
+                short
+                    .put(vec![(
+                        UserId(user),
+                        instance.into(),
+                        Arc::new(entry("x", 1, lasts_ms)),
+                    )])
+                    .await
+                    .unwrap();
+                let ttl: i64 = ::redis::cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut *conn)
+                    .await
+                    .unwrap();
+                assert!(
+                    ttl > longest - 1_000 && ttl <= longest,
+                    "user {user}: PTTL {ttl} after {instance} lasting {lasts_ms} ms"
+                );
+            }
         }
         // Clean up what the suite left.
         let keys: Vec<String> = ::redis::cmd("KEYS")

@@ -59,6 +59,14 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
         ),
         (("SEGUE_ARTWORK_RENDERS", "0"), "SEGUE_ARTWORK_RENDERS"),
         (
+            ("SEGUE_ARTWORK_STAGED_MAX_BYTES", "0"),
+            "SEGUE_ARTWORK_STAGED_MAX_BYTES",
+        ),
+        (
+            ("SEGUE_PLAY_SWEEP_SCHEDULE", "0s"),
+            "SEGUE_PLAY_SWEEP_SCHEDULE",
+        ),
+        (
             ("SEGUE_JOBS_MAX_ATTEMPTS", "many"),
             "SEGUE_JOBS_MAX_ATTEMPTS",
         ),

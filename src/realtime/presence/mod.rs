@@ -237,6 +237,7 @@ impl Handler<PipelinePlaying> for Presence {
             Some(msg.now_playing),
             false,
             msg.lasts_until,
+            true,
         );
     }
 }

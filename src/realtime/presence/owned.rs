@@ -38,6 +38,9 @@ fn stamped(report: PlayReport, at: i64) -> NowPlaying {
 /// A registry write and the events to publish once it is done.
 pub(super) enum Job {
     Put(Vec<Write>, Vec<(UserId, UserEvent)>),
+    /// A pipeline report's entry: written (and its event published) unless the registry
+    /// holds a play reported later.
+    PutUnlessOlder(Write, (UserId, UserEvent)),
     Remove(Vec<(UserId, InstanceId)>, Vec<(UserId, UserEvent)>),
 }
 
@@ -71,6 +74,11 @@ pub(super) async fn run_writer(
                     }
                     (registry.remove(removals).await, events)
                 }
+                Job::PutUnlessOlder(write, event) => match registry.put_unless_older(write).await {
+                    Ok(true) => (Ok(()), vec![event]),
+                    Ok(false) => (Ok(()), Vec::new()),
+                    Err(error) => (Err(error), vec![event]),
+                },
             };
             if let Err(error) = result {
                 tracing::warn!(%error, "presence registry write failed");
@@ -377,7 +385,7 @@ impl Presence {
         report: Option<PlayReport>,
     ) {
         let now_playing = report.map(|r| stamped(r, now_ms()));
-        self.write_rest(user, device, now_playing, true, None);
+        self.write_rest(user, device, now_playing, true, None, false);
     }
 
     /// Writes what a REST player plays (`None`: nothing) as its shared instance; with
@@ -391,6 +399,7 @@ impl Presence {
         now_playing: Option<NowPlaying>,
         track_plays: bool,
         lasts_until: Option<i64>,
+        unless_older: bool,
     ) {
         let key = (user, device.id.clone());
         let instance = instance_id(device.id.as_str(), REST_OWNER);
@@ -431,7 +440,12 @@ impl Presence {
             instance: instance.clone(),
             entry: entry.clone(),
         };
-        self.send_job(Job::Put(vec![(user, instance, entry)], vec![(user, event)]));
+        let job = if unless_older {
+            Job::PutUnlessOlder((user, instance, entry), (user, event))
+        } else {
+            Job::Put(vec![(user, instance, entry)], vec![(user, event)])
+        };
+        self.send_job(job);
     }
 
     /// Rewrites and republishes every online local entry (after the bus was lost, the
