@@ -466,6 +466,12 @@ impl Settings {
                 "must be at most 67108864 (64 MiB)",
             ));
         }
+        if self.artwork_staged_max_bytes < self.artwork_max_bytes as u64 {
+            return Err(SettingsError::new(
+                "SEGUE_ARTWORK_STAGED_MAX_BYTES",
+                "must be at least SEGUE_ARTWORK_MAX_BYTES (room for one cover)",
+            ));
+        }
         crate::jobs::scheduler::Every::parse(&self.upkeep_schedule)
             .map_err(|e| SettingsError::new("SEGUE_UPKEEP_SCHEDULE", e.to_string()))?;
         crate::jobs::scheduler::Every::parse(&self.play_sweep_schedule)

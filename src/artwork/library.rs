@@ -133,7 +133,7 @@ impl Library {
     /// Takes a reported image (already within the byte cap): checks its header, hashes it and,
     /// unless this replica knows it, stages it for the artwork job. Known artwork is neither
     /// staged nor rendered.
-    pub async fn offer(&self, bytes: Bytes) -> Result<Offered, OfferError> {
+    pub async fn offer(&self, bytes: Bytes, account: i64) -> Result<Offered, OfferError> {
         let checked = bytes.clone();
         let limits = self.inner.settings.limits;
         let hash = tokio::task::spawn_blocking(move || {
@@ -155,7 +155,13 @@ impl Library {
                 staging: None,
             });
         }
-        match self.inner.staging.stage(&hash, bytes).await? {
+        let max_cover = limits.max_bytes as u64;
+        match self
+            .inner
+            .staging
+            .stage(&hash, bytes, account, max_cover)
+            .await?
+        {
             Staged::New(generation) | Staged::Already(generation) => Ok(Offered {
                 hash,
                 staging: Some(generation),
@@ -191,8 +197,15 @@ impl Library {
     /// are all there costs a check of each; otherwise the staged source is decoded, rendered
     /// and uploaded, and the row written. The staged source is removed once this succeeds or
     /// can never succeed (`last_try`: the job's final attempt).
-    pub async fn render(&self, hash: &str, last_try: bool) -> Result<ArtworkRecord, RenderError> {
-        let outcome = self.render_once(hash).await;
+    /// `attempt` counts from 0: a render that runs out of time is tried once more (the machine
+    /// may have been busy), then refused.
+    pub async fn render(
+        &self,
+        hash: &str,
+        attempt: u32,
+        last_try: bool,
+    ) -> Result<ArtworkRecord, RenderError> {
+        let outcome = self.render_once(hash, attempt).await;
         let finished = match &outcome {
             Ok(_) | Err(RenderError::Refused(_) | RenderError::NoSource(_)) => true,
             Err(RenderError::Retry(_)) => last_try,
@@ -218,7 +231,7 @@ impl Library {
         outcome
     }
 
-    async fn render_once(&self, hash: &str) -> Result<ArtworkRecord, RenderError> {
+    async fn render_once(&self, hash: &str, attempt: u32) -> Result<ArtworkRecord, RenderError> {
         let existing = self.record(hash).await?;
         if let Some(record) = &existing
             && self.all_stored(record).await?
@@ -230,7 +243,7 @@ impl Library {
         let Some(bytes) = self.inner.staging.load(hash).await? else {
             return Err(RenderError::NoSource(hash.to_owned()));
         };
-        let processed = self.process(bytes.clone()).await?;
+        let processed = self.process(bytes.clone(), attempt).await?;
         let record = self.store_renditions(hash, bytes.len(), processed).await?;
         let mut pooled = self.inner.store.conn().await?;
         rows::save(&mut pooled.conn(), &record, crate::store::now()).await?;
@@ -259,7 +272,7 @@ impl Library {
 
     /// Decodes and renders on the blocking pool, at most `renders` at once; the permit stays
     /// with the work, so a render that timed out still counts until it really ends.
-    async fn process(&self, bytes: Bytes) -> Result<Processed, RenderError> {
+    async fn process(&self, bytes: Bytes, attempt: u32) -> Result<Processed, RenderError> {
         let permit = self
             .inner
             .renders
@@ -273,11 +286,15 @@ impl Library {
             super::process(&bytes, &limits)
         });
         let timeout = self.inner.settings.render_timeout;
-        // Running out of time says the machine is busy, not that the image is bad: another
-        // attempt (maybe on another replica) may finish.
+        // Running out of time once may say the machine was busy, not that the image is bad:
+        // one more attempt (maybe on another replica) may finish. Twice, it is refused, so an
+        // image that always takes too long holds a render slot twice, not for every retry.
         let processed = tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| RenderError::Retry(format!("rendering took over {timeout:?}")))?
+            .map_err(|_| match attempt {
+                0 => RenderError::Retry(format!("rendering took over {timeout:?}")),
+                _ => RenderError::Refused(ArtworkError::TooSlow),
+            })?
             .map_err(|e| RenderError::Retry(e.to_string()))??;
         self.inner.metrics.rendered.inc();
         Ok(processed)

@@ -90,6 +90,8 @@ pub enum ArtworkError {
     Unreadable(String),
     #[error("a rendition could not be made: {0}")]
     Encoding(String),
+    #[error("rendering ran out of time twice")]
+    TooSlow,
 }
 
 impl ArtworkError {
@@ -101,6 +103,7 @@ impl ArtworkError {
             Self::TooManyPixels { .. } => "too_many_pixels",
             Self::Unreadable(_) => "unreadable",
             Self::Encoding(_) => "encoding",
+            Self::TooSlow => "too_slow",
         }
     }
 }

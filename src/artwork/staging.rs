@@ -3,8 +3,9 @@
 //! `$SEGUE_DATA_DIR` (one replica). Redis keeps its data in memory and evicts nothing, so
 //! what waits there is bounded: only checked images are staged (see
 //! [`super::inspect`]), each for at most [`STAGED_TTL`], and all of them together within
-//! `artwork_staged_max_bytes` (a ledger of what is staged and until when, kept by two Lua
-//! scripts, so the budget is exact whatever crashes in between).
+//! `artwork_staged_max_bytes`, and each account within an eighth of it (a ledger of what is
+//! staged, by whom and until when, kept by two Lua scripts, so the budgets are exact whatever
+//! crashes in between).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,26 +51,36 @@ pub enum Staging {
 
 pub struct RedisStaging {
     pool: RedisPool,
-    /// `<ns>:artwork:staged:` (then the hash).
+    /// `{<ns>:artwork}:staged:` (then the hash).
     prefix: String,
-    /// `<ns>:artwork:staging` (the ledger), `…:bytes` (sizes) and `…:total`.
+    /// `{<ns>:artwork}:staging` (the ledger), `…:bytes` (sizes) and `…:total`.
     ledger: [String; 3],
+    /// `{<ns>:artwork}:staging:account:` (then the account's id): each account's total.
+    accounts: String,
     max_bytes: u64,
     stage: redis::Script,
     unstage: redis::Script,
 }
+
+/// The share of the staging budget one account may hold: a few accounts cannot fill it for
+/// everyone.
+pub const ACCOUNT_SHARE: u64 = 8;
 
 impl Staging {
     pub fn local(dir: PathBuf) -> Self {
         Self::Local(Arc::new(dir))
     }
 
-    /// Staging in Redis under `namespace`, holding at most `max_bytes` in all.
+    /// Staging in Redis under `namespace`, holding at most `max_bytes` in all, and at most an
+    /// eighth of that (or one cover) for any one account. Its keys share one hash tag, so its
+    /// scripts also run on a Redis Cluster.
     pub fn redis(pool: RedisPool, namespace: &str, max_bytes: u64) -> Self {
-        let ledger = format!("{namespace}:artwork:staging");
+        let tag = format!("{{{namespace}:artwork}}");
+        let ledger = format!("{tag}:staging");
         Self::Redis(Arc::new(RedisStaging {
             pool,
-            prefix: format!("{namespace}:artwork:staged:"),
+            prefix: format!("{tag}:staged:"),
+            accounts: format!("{ledger}:account:"),
             ledger: [
                 ledger.clone(),
                 format!("{ledger}:bytes"),
@@ -81,9 +92,16 @@ impl Staging {
         }))
     }
 
-    /// Stages `bytes` as artwork `hash` (a checked hash: hex only), unless it is staged
-    /// already or (in Redis) the budget of staged bytes would be passed.
-    pub async fn stage(&self, hash: &str, bytes: Bytes) -> Result<Staged, StagingError> {
+    /// Stages `bytes` as artwork `hash` (a checked hash: hex only) for `account`, unless it
+    /// is staged already or (in Redis) a budget of staged bytes would be passed; `max_cover`
+    /// is the largest cover accepted (an account may always stage one).
+    pub async fn stage(
+        &self,
+        hash: &str,
+        bytes: Bytes,
+        account: i64,
+        max_cover: u64,
+    ) -> Result<Staged, StagingError> {
         match self {
             Self::Local(dir) => {
                 let path = dir.join(hash);
@@ -93,16 +111,21 @@ impl Staging {
                     .map_err(std::io::Error::other)?
             }
             Self::Redis(redis) => {
+                let share = (redis.max_bytes / ACCOUNT_SHARE).max(max_cover);
                 let mut invocation = redis.stage.prepare_invoke();
                 invocation
                     .key(format!("{}{hash}", redis.prefix))
                     .key(&redis.ledger[0])
                     .key(&redis.ledger[1])
                     .key(&redis.ledger[2])
+                    .key(format!("{}{account}", redis.accounts))
                     .arg(bytes.as_ref())
                     .arg(STAGED_TTL.as_secs())
                     .arg(redis.max_bytes)
-                    .arg(hash);
+                    .arg(share)
+                    .arg(hash)
+                    .arg(account)
+                    .arg(&redis.accounts);
                 let (outcome, generation): (i64, String) = bounded(&redis.pool, invocation).await?;
                 Ok(match outcome {
                     1 => Staged::New(generation),
@@ -159,7 +182,8 @@ impl Staging {
                     .key(&redis.ledger[0])
                     .key(&redis.ledger[1])
                     .key(&redis.ledger[2])
-                    .arg(hash);
+                    .arg(hash)
+                    .arg(&redis.accounts);
                 let _: i64 = bounded(&redis.pool, invocation).await?;
                 Ok(())
             }

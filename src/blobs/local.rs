@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::{BlobError, BlobKey};
 
 /// Temporary files start so; listing skips them.
-const TEMP_PREFIX: &str = ".tmp-";
+pub(super) const TEMP_PREFIX: &str = ".tmp-";
 
 #[derive(Clone)]
 pub struct LocalBlobs {
@@ -26,7 +26,8 @@ impl LocalBlobs {
         }
     }
 
-    fn path(&self, key: &BlobKey) -> PathBuf {
+    /// Where `key`'s file is.
+    pub fn path(&self, key: &BlobKey) -> PathBuf {
         self.root.join(key.as_str())
     }
 

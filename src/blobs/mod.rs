@@ -10,6 +10,7 @@
 
 mod local;
 mod s3;
+mod upload;
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use bytes::Bytes;
 
 pub use self::local::LocalBlobs;
 pub use self::s3::{S3Blobs, S3Settings};
+pub use self::upload::{PART_BYTES, Upload};
 
 /// Longest key accepted.
 const MAX_KEY_BYTES: usize = 512;
@@ -111,6 +113,23 @@ impl Blobs {
         match self {
             Self::Local(local) => local.put(key, bytes).await,
             Self::S3(s3) => s3.put(key, bytes, content_type).await,
+        }
+    }
+
+    /// Starts writing an object in parts (see [`Upload`]); it replaces what `key` held once
+    /// finished.
+    pub async fn upload(&self, key: &BlobKey, content_type: &str) -> Result<Upload, BlobError> {
+        match self {
+            Self::Local(local) => Upload::local(key.clone(), local.path(key)).await,
+            Self::S3(s3) => {
+                Upload::s3(
+                    key.clone(),
+                    s3.client().clone(),
+                    s3.bucket().to_owned(),
+                    content_type,
+                )
+                .await
+            }
         }
     }
 

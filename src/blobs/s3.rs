@@ -84,7 +84,11 @@ impl S3Blobs {
         &self.client
     }
 
-    fn failed(op: &'static str, key: &str, error: impl std::error::Error) -> BlobError {
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub(super) fn failed(op: &'static str, key: &str, error: impl std::error::Error) -> BlobError {
         BlobError::S3 {
             op,
             key: key.to_owned(),

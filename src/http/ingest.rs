@@ -165,7 +165,7 @@ pub async fn ingest_play(
     let report = input.parse(received_at)?;
     let mut artwork = None;
     if let Some(image) = image {
-        let offered = library.offer(image).await.map_err(|error| match error {
+        let offered = library.offer(image, caller.user_id.0).await.map_err(|error| match error {
             OfferError::Refused(refused) => ApiError::client(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_artwork",

@@ -10,7 +10,7 @@ use crate::domain::{Device, UserId};
 use crate::presence::plays::PlayTracker;
 use crate::presence::{NowPlaying, REST_OWNER, instance_id, now_ms};
 use crate::realtime::events::{ReplicaEvent, UserEvent};
-use crate::realtime::hub::{Announce, Publish};
+use crate::realtime::hub::Announce;
 use crate::realtime::presence::PipelinePlaying;
 use crate::store::artwork::{self as rows, ArtworkRecord};
 use crate::store::catalog::{self, Reported, TrackView};
@@ -121,7 +121,7 @@ impl Pipeline {
         }
         rows::take_waiters(&mut conn, hash, Some((user, device_id))).await?;
         reports::set_artwork(&mut conn, track_id, user, hash, now).await?;
-        let changed = reports::corroborate(&mut conn, track_id).await?;
+        let changed = reports::corroborate(&mut conn, track_id, Said::cover(hash)).await?;
         drop(pooled);
         if changed {
             self.tracks_changed(vec![track_id.to_owned()]).await;
@@ -135,12 +135,18 @@ impl Pipeline {
         let report = &job.report;
         let match_key =
             super::normalise::match_key(&report.artist, &report.title, report.album.as_deref());
+        // A new track keeps only what its match key says (the words without credits).
+        let (title, artist) = (
+            super::normalise::uncredited(&report.title),
+            super::normalise::uncredited(&report.artist),
+        );
+        let album = report.album.as_deref().map(super::normalise::uncredited);
         let reported = Reported {
             isrc: report.isrc.as_deref(),
             match_key: &match_key,
-            title: &report.title,
-            artist: &report.artist,
-            album: report.album.as_deref(),
+            title: &title,
+            artist: &artist,
+            album: album.as_deref().filter(|a| !a.is_empty()),
         };
         let lock = format!("ingest:{}:{}", job.user, job.device_id);
         let mut pooled = self.store.conn().await?;
@@ -164,16 +170,23 @@ impl Pipeline {
                     let said = Said {
                         isrc: report.isrc.as_deref(),
                         duration_ms: Some(report.duration_ms),
+                        artwork: None,
                     };
                     reports::record(conn, &track_id, user, said, now).await?;
                     // A cover that rendered already is this account's at once; one that has
                     // not waits for the artwork job.
+                    let mut rendered = None;
                     if let Some(hash) = &job.artwork
                         && rows::find(conn, hash).await?.is_some()
                     {
                         reports::set_artwork(conn, &track_id, user, hash, now).await?;
+                        rendered = Some(hash.as_str());
                     }
-                    let catalog_changed = reports::corroborate(conn, &track_id).await?;
+                    let said = Said {
+                        artwork: rendered,
+                        ..said
+                    };
+                    let catalog_changed = reports::corroborate(conn, &track_id, said).await?;
                     let mut counted = false;
                     if newest {
                         let mut tracker: PlayTracker = match &state {
@@ -205,8 +218,16 @@ impl Pipeline {
                         }
                         let json = serde_json::to_string(&tracker)
                             .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
-                        ingests::save_tracker(conn, user, &job.device_id, job.received_at, &json)
-                            .await?;
+                        let ends_at = tracker.expected_end();
+                        ingests::save_tracker(
+                            conn,
+                            user,
+                            &job.device_id,
+                            job.received_at,
+                            &json,
+                            ends_at,
+                        )
+                        .await?;
                     }
                     let applied = Applied {
                         track_id: track_id.clone(),
@@ -297,10 +318,7 @@ impl Pipeline {
             device,
             now_playing,
             lasts_until,
-        });
-        self.hub.do_send(Publish {
-            user,
-            event: UserEvent::Push {
+            push: UserEvent::Push {
                 topic: format!("devices:{user}"),
                 event: "track".into(),
                 payload,
@@ -329,7 +347,8 @@ impl Pipeline {
             for waiter in &waiters {
                 let user = UserId(waiter.user);
                 reports::set_artwork(&mut conn, &waiter.track_id, user, &record.hash, now).await?;
-                if reports::corroborate(&mut conn, &waiter.track_id).await? {
+                let said = Said::cover(&record.hash);
+                if reports::corroborate(&mut conn, &waiter.track_id, said).await? {
                     changed.push(waiter.track_id.clone());
                 }
             }
@@ -339,13 +358,23 @@ impl Pipeline {
             changed.dedup();
             self.tracks_changed(changed).await;
         }
+        // Each waiter is told and forgotten on its own: one that fails stays for the retry,
+        // and does not keep the others from being told.
         let artwork = ArtworkView::of(record);
+        let mut failed = None;
         for waiter in waiters {
-            self.tell(&waiter, &artwork).await?;
-            let mut pooled = self.store.conn().await?;
-            rows::forget_waiter(&mut pooled.conn(), &record.hash, &waiter).await?;
+            let told = async {
+                self.tell(&waiter, &artwork).await?;
+                let mut pooled = self.store.conn().await?;
+                rows::forget_waiter(&mut pooled.conn(), &record.hash, &waiter).await?;
+                Ok::<_, PipelineError>(())
+            };
+            if let Err(error) = told.await {
+                tracing::warn!(%error, user = waiter.user, "a play waiting for artwork was not told");
+                failed.get_or_insert(error);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Shows `waiter`'s play again with `artwork`, if its device still plays that track.
@@ -386,39 +415,32 @@ impl Pipeline {
     /// at its track's expected end (once [`END_GRACE_MS`] more passed without a report) and
     /// counted if it was listened to long enough. Returns how many plays it ended.
     pub async fn sweep_silent(&self, now_ms: i64) -> Result<usize, PipelineError> {
-        let idle = serde_json::to_string(&PlayTracker::default())
-            .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
         let silent = {
             let mut pooled = self.store.conn().await?;
-            ingests::silent(
-                &mut pooled.conn(),
-                now_ms - END_GRACE_MS,
-                &idle,
-                SWEEP_BATCH,
-            )
-            .await?
+            ingests::silent(&mut pooled.conn(), now_ms - END_GRACE_MS, SWEEP_BATCH).await?
         };
         let mut ended = 0;
         for (user, device_id) in silent {
-            if self
-                .end_silent(UserId(user), &device_id, now_ms, &idle)
-                .await?
-            {
+            if self.end_silent(UserId(user), &device_id, now_ms).await? {
                 ended += 1;
             }
         }
         Ok(ended)
     }
 
-    /// Ends one silent device's play, under the lock its reports take.
+    /// Ends one silent device's play, under the lock its reports take. The device's newest
+    /// report time becomes the end's (plus the grace), so a report received before it and
+    /// applied only now (a queue running behind) counts as older: it neither restarts the
+    /// play nor counts it again.
     async fn end_silent(
         &self,
         user: UserId,
         device_id: &str,
         now_ms: i64,
-        idle: &str,
     ) -> Result<bool, PipelineError> {
         let lock = format!("ingest:{}:{device_id}", user.0);
+        let idle = serde_json::to_string(&PlayTracker::default())
+            .map_err(|e| PipelineError::Corrupt(e.to_string()))?;
         let mut pooled = self.store.conn().await?;
         pooled
             .conn()
@@ -440,7 +462,8 @@ impl Pipeline {
                     if let Some(played) = tracker.finish(end, &|_| None) {
                         plays::record_at(conn, user, &played, device_id, timestamp(end)).await?;
                     }
-                    ingests::save_tracker(conn, user, device_id, reported_at, idle).await?;
+                    let ended_at = reported_at.max(end + END_GRACE_MS);
+                    ingests::save_tracker(conn, user, device_id, ended_at, &idle, None).await?;
                     Ok::<_, PipelineError>(true)
                 }
                 .scope_boxed()

@@ -119,7 +119,7 @@ impl Pipeline {
                         return Err(Failure::Permanent(format!("not an artwork hash: {hash:?}")));
                     }
                     let last_try = job.attempt + 1 >= pipeline.max_attempts;
-                    match pipeline.library.render(&hash, last_try).await {
+                    match pipeline.library.render(&hash, job.attempt, last_try).await {
                         Ok(record) => pipeline
                             .artwork_ready(&record)
                             .await
@@ -130,7 +130,13 @@ impl Pipeline {
                             pipeline.artwork_refused(&hash).await;
                             Ok(())
                         }
-                        Err(RenderError::Retry(why)) => Err(Failure::Retry(why)),
+                        Err(RenderError::Retry(why)) => {
+                            // The last attempt gave its source up: nobody will be told.
+                            if last_try {
+                                pipeline.artwork_refused(&hash).await;
+                            }
+                            Err(Failure::Retry(why))
+                        }
                     }
                 }
             })

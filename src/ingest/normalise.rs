@@ -37,9 +37,16 @@ fn without_credit(text: &str) -> String {
     text.get(..cut).unwrap_or(text).trim_end().to_owned()
 }
 
+/// Text as a new catalog track keeps it: tidied, credits dropped, case kept. Everything it
+/// says is in the match key but its case, so a first report cannot put words of its own on
+/// a track others will share.
+pub fn uncredited(text: &str) -> String {
+    tidy(&without_credit(&tidy(text)))
+}
+
 /// Folds text for matching: tidied, lower-cased, credits dropped.
 pub fn fold(text: &str) -> String {
-    tidy(&without_credit(&tidy(text))).to_lowercase()
+    uncredited(text).to_lowercase()
 }
 
 /// The key a track is matched by when it has no ISRC: artist, title and album folded.

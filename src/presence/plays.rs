@@ -12,6 +12,9 @@ use super::NowPlaying;
 /// Listening time after which any track counts as played.
 pub const PLAYED_AFTER_MS: i64 = 30_000;
 
+/// How long a paused play lasts unreported before it is taken to have ended.
+pub const PAUSED_FOR_MS: i64 = 30 * 60 * 1000;
+
 /// A report this close to the start of the track, after a recorded play, is a replay.
 const RESTART_WITHIN_MS: i64 = 2_000;
 
@@ -113,12 +116,14 @@ impl PlayTracker {
     }
 
     /// When the current play, unreported since, would have ended: its track's end when it
-    /// was playing and its length is known, its last report otherwise. `None` when idle.
+    /// was playing and its length is known; [`PAUSED_FOR_MS`] after its last report when it
+    /// was paused (a pause is not an end); its last report otherwise. `None` when idle.
     pub fn expected_end(&self) -> Option<i64> {
         let play = self.current.as_ref()?;
         Some(match play.duration_ms {
-            Some(duration) if play.is_playing => play.at + (duration - play.progress_ms).max(0),
-            _ => play.at,
+            _ if !play.is_playing => play.at + PAUSED_FOR_MS,
+            Some(duration) => play.at + (duration - play.progress_ms).max(0),
+            None => play.at,
         })
     }
 
@@ -272,8 +277,9 @@ mod tests {
         assert_eq!(tracker.expected_end(), None);
         tracker.report(Some(&at("t", 500, true)), 10_000, |_| Some(2_000));
         assert_eq!(tracker.expected_end(), Some(11_500));
+        // Paused: a pause is not an end.
         tracker.report(Some(&at("t", 900, false)), 10_400, |_| Some(2_000));
-        assert_eq!(tracker.expected_end(), Some(10_400));
+        assert_eq!(tracker.expected_end(), Some(10_400 + PAUSED_FOR_MS));
         let mut unknown_length = PlayTracker::default();
         unknown_length.report(Some(&at("u", 0, true)), 5_000, unknown);
         assert_eq!(unknown_length.expected_end(), Some(5_000));

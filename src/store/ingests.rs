@@ -63,13 +63,15 @@ pub async fn tracker(
         .optional())?)
 }
 
-/// Replaces a device's play state.
+/// Replaces a device's play state; `ends_at` is when its current play would end unreported
+/// (`None`: nothing playing).
 pub async fn save_tracker(
     conn: &mut Conn<'_>,
     user: UserId,
     device_id: &str,
     reported_at: i64,
     tracker: &str,
+    ends_at: Option<i64>,
 ) -> Result<(), StoreError> {
     run!(conn, c => diesel::insert_into(plays::table)
         .values((
@@ -77,27 +79,30 @@ pub async fn save_tracker(
             plays::device_id.eq(device_id),
             plays::reported_at.eq(reported_at),
             plays::tracker.eq(tracker),
+            plays::ends_at.eq(ends_at),
         ))
         .on_conflict((plays::user_id, plays::device_id))
         .do_update()
-        .set((plays::reported_at.eq(reported_at), plays::tracker.eq(tracker)))
+        .set((
+            plays::reported_at.eq(reported_at),
+            plays::tracker.eq(tracker),
+            plays::ends_at.eq(ends_at),
+        ))
         .execute(c)
         .await)?;
     Ok(())
 }
 
-/// Devices whose last report came before `before_ms` and whose play state is not `idle`
-/// (a play that was never ended), oldest first, at most `limit`.
+/// Devices whose current play would have ended unreported before `before_ms`, soonest
+/// first, at most `limit` (an indexed range: plays not due yet are never looked at).
 pub async fn silent(
     conn: &mut Conn<'_>,
     before_ms: i64,
-    idle: &str,
     limit: i64,
 ) -> Result<Vec<(i64, String)>, StoreError> {
     Ok(run!(conn, c => plays::table
-        .filter(plays::reported_at.lt(before_ms))
-        .filter(plays::tracker.ne(idle))
-        .order(plays::reported_at)
+        .filter(plays::ends_at.lt(before_ms))
+        .order(plays::ends_at)
         .limit(limit)
         .select((plays::user_id, plays::device_id))
         .load(c)

@@ -1,8 +1,10 @@
 //! `track_reports`: what each account reported of a catalog track (its ISRC, its length, the
 //! cover it sent once rendered). A report is its own account's: that account sees it, nobody
-//! else does, until a second account reports the same thing. Then the catalog takes it, if
-//! the catalog has nothing there yet; what the catalog has is never replaced by a report. So
-//! one account (or one hostile player) cannot rename, re-time or re-cover a track for others.
+//! else does, until a second account reports the same thing. Then the catalog takes it where
+//! it has nothing, and replaces what it has only when more accounts report the new value than
+//! the old one. So one account (or one hostile player) cannot re-time, re-cover or re-number
+//! a track for others, and a few accounts that did are outvoted by the listeners who come
+//! after them. Each vote is one indexed count of the value at hand.
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
@@ -19,14 +21,23 @@ pub const CORROBORATED_BY: usize = 2;
 /// Two reported lengths this close are the same length.
 const SAME_LENGTH_MS: i64 = 2_000;
 
-/// Reports of a track looked at when corroborating a length (the newest ones).
-const LENGTHS_LOOKED_AT: i64 = 50;
-
 /// What one report says of the track it is about.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Said<'a> {
     pub isrc: Option<&'a str>,
     pub duration_ms: Option<i64>,
+    /// The cover it sent, once rendered.
+    pub artwork: Option<&'a str>,
+}
+
+impl<'a> Said<'a> {
+    /// Only a rendered cover.
+    pub fn cover(hash: &'a str) -> Self {
+        Self {
+            artwork: Some(hash),
+            ..Self::default()
+        }
+    }
 }
 
 /// Records what `user` reported of `track_id` (their newest report wins; the cover they
@@ -119,9 +130,15 @@ pub async fn own_artwork(
     }
 }
 
-/// Gives `track_id` whatever two accounts agree on and the catalog lacks: an ISRC (unless
-/// another track has it), a length, artwork. True when the track changed.
-pub async fn corroborate(conn: &mut Conn<'_>, track_id: &str) -> Result<bool, StoreError> {
+/// Gives `track_id` what `said` says where enough accounts agree: where the catalog has
+/// nothing, once [`CORROBORATED_BY`] accounts reported the value; where it has something
+/// else, once more accounts reported the value than the catalog's (an ISRC only if no other
+/// track has it). True when the track changed.
+pub async fn corroborate(
+    conn: &mut Conn<'_>,
+    track_id: &str,
+    said: Said<'_>,
+) -> Result<bool, StoreError> {
     let current: Option<(Option<String>, Option<i64>, Option<String>)> = run!(conn, c => tracks::table
         .find(track_id)
         .select((tracks::isrc, tracks::duration_ms, tracks::artwork_hash))
@@ -131,49 +148,58 @@ pub async fn corroborate(conn: &mut Conn<'_>, track_id: &str) -> Result<bool, St
     let Some((isrc, duration_ms, artwork_hash)) = current else {
         return Ok(false);
     };
-    if isrc.is_some() && duration_ms.is_some() && artwork_hash.is_some() {
-        return Ok(false);
-    }
-    // One row per account, so counting rows counts accounts.
-    let said: Vec<(Option<String>, Option<String>)> = run!(conn, c => reports::table
-        .filter(reports::track_id.eq(track_id))
-        .select((reports::isrc, reports::artwork_hash))
-        .load(c)
-        .await)?;
     let mut changed = false;
-    if isrc.is_none()
-        && let Some(agreed) = agreed_on(said.iter().filter_map(|(isrc, _)| isrc.as_deref()))
+    if let Some(value) = said.isrc
+        && isrc.as_deref() != Some(value)
+        && outvotes(
+            conn,
+            track_id,
+            Field::Isrc(value),
+            isrc.as_deref().map(Field::Isrc),
+        )
+        .await?
     {
         let taken: i64 = run!(conn, c => tracks::table
-            .filter(tracks::isrc.eq(agreed))
+            .filter(tracks::isrc.eq(value))
             .count()
             .get_result(c)
             .await)?;
         if taken == 0 {
             changed |= run!(conn, c => diesel::update(tracks::table.find(track_id))
-                .filter(tracks::isrc.is_null())
-                .set(tracks::isrc.eq(agreed))
+                .set(tracks::isrc.eq(value))
                 .execute(c)
                 .await)?
                 > 0;
         }
     }
-    if duration_ms.is_none()
-        && let Some(agreed) = agreed_length(conn, track_id).await?
+    if let Some(value) = said.duration_ms
+        && duration_ms.is_none_or(|d| (d - value).abs() > SAME_LENGTH_MS)
+        && outvotes(
+            conn,
+            track_id,
+            Field::Length(value),
+            duration_ms.map(Field::Length),
+        )
+        .await?
     {
         changed |= run!(conn, c => diesel::update(tracks::table.find(track_id))
-            .filter(tracks::duration_ms.is_null())
-            .set(tracks::duration_ms.eq(agreed))
+            .set(tracks::duration_ms.eq(value))
             .execute(c)
             .await)?
             > 0;
     }
-    if artwork_hash.is_none()
-        && let Some(agreed) = agreed_on(said.iter().filter_map(|(_, hash)| hash.as_deref()))
+    if let Some(value) = said.artwork
+        && artwork_hash.as_deref() != Some(value)
+        && outvotes(
+            conn,
+            track_id,
+            Field::Artwork(value),
+            artwork_hash.as_deref().map(Field::Artwork),
+        )
+        .await?
     {
         changed |= run!(conn, c => diesel::update(tracks::table.find(track_id))
-            .filter(tracks::artwork_hash.is_null())
-            .set(tracks::artwork_hash.eq(agreed))
+            .set(tracks::artwork_hash.eq(value))
             .execute(c)
             .await)?
             > 0;
@@ -181,51 +207,50 @@ pub async fn corroborate(conn: &mut Conn<'_>, track_id: &str) -> Result<bool, St
     Ok(changed)
 }
 
-/// The value said most often, if at least [`CORROBORATED_BY`] said it.
-fn agreed_on<'a>(said: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let mut counts: Vec<(&str, usize)> = Vec::new();
-    for value in said {
-        match counts.iter_mut().find(|(v, _)| *v == value) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((value, 1)),
-        }
-    }
-    counts
-        .into_iter()
-        .filter(|(_, n)| *n >= CORROBORATED_BY)
-        .max_by_key(|(_, n)| *n)
-        .map(|(value, _)| value)
+/// One value of one field, as voted on.
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Isrc(&'a str),
+    /// Any length within [`SAME_LENGTH_MS`] is the same.
+    Length(i64),
+    Artwork(&'a str),
 }
 
-/// A length two accounts agree on (within [`SAME_LENGTH_MS`]): the smaller of the closest pair.
-async fn agreed_length(conn: &mut Conn<'_>, track_id: &str) -> Result<Option<i64>, StoreError> {
-    let mut lengths: Vec<Option<i64>> = run!(conn, c => reports::table
-        .filter(reports::track_id.eq(track_id))
-        .filter(reports::duration_ms.is_not_null())
-        .order(reports::updated_at.desc())
-        .limit(LENGTHS_LOOKED_AT)
-        .select(reports::duration_ms)
-        .load(c)
-        .await)?;
-    lengths.sort_unstable();
-    let lengths: Vec<i64> = lengths.into_iter().flatten().collect();
-    Ok(lengths
-        .iter()
-        .zip(lengths.iter().skip(1))
-        .filter(|(a, b)| **b - **a <= SAME_LENGTH_MS)
-        .min_by_key(|(a, b)| **b - **a)
-        .map(|(a, _)| *a))
+/// Whether `new` has the votes to replace `old` (`None`: nothing there yet).
+async fn outvotes(
+    conn: &mut Conn<'_>,
+    track_id: &str,
+    new: Field<'_>,
+    old: Option<Field<'_>>,
+) -> Result<bool, StoreError> {
+    let for_new = votes(conn, track_id, new).await?;
+    if for_new < CORROBORATED_BY as i64 {
+        return Ok(false);
+    }
+    Ok(match old {
+        None => true,
+        Some(old) => for_new > votes(conn, track_id, old).await?,
+    })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_value_is_agreed_on_once_two_accounts_say_it() {
-        assert_eq!(agreed_on(["a"].into_iter()), None);
-        assert_eq!(agreed_on(["a", "b"].into_iter()), None);
-        assert_eq!(agreed_on(["a", "b", "b"].into_iter()), Some("b"));
-        assert_eq!(agreed_on(["a", "b", "a", "a", "b"].into_iter()), Some("a"));
-    }
+/// How many accounts reported `field` for `track_id` (one row per account).
+async fn votes(conn: &mut Conn<'_>, track_id: &str, field: Field<'_>) -> Result<i64, StoreError> {
+    let mine = reports::table.filter(reports::track_id.eq(track_id));
+    Ok(match field {
+        Field::Isrc(isrc) => run!(conn, c => mine
+            .filter(reports::isrc.eq(isrc))
+            .count()
+            .get_result(c)
+            .await)?,
+        Field::Length(ms) => run!(conn, c => mine
+            .filter(reports::duration_ms.between(ms - SAME_LENGTH_MS, ms + SAME_LENGTH_MS))
+            .count()
+            .get_result(c)
+            .await)?,
+        Field::Artwork(hash) => run!(conn, c => mine
+            .filter(reports::artwork_hash.eq(hash))
+            .count()
+            .get_result(c)
+            .await)?,
+    })
 }

@@ -207,6 +207,7 @@ diesel::table! {
         device_id -> Text,
         reported_at -> BigInt,
         tracker -> Text,
+        ends_at -> Nullable<BigInt>,
     }
 }
 

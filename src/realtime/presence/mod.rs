@@ -225,6 +225,9 @@ pub struct PipelinePlaying {
     pub now_playing: crate::presence::NowPlaying,
     /// When the entry may lapse (the track's expected end), if later than the presence TTL.
     pub lasts_until: Option<i64>,
+    /// Published with the entry, and only if the entry is written (a report applied late,
+    /// refused by the registry, is not pushed either).
+    pub push: UserEvent,
 }
 
 impl Handler<PipelinePlaying> for Presence {
@@ -237,7 +240,7 @@ impl Handler<PipelinePlaying> for Presence {
             Some(msg.now_playing),
             false,
             msg.lasts_until,
-            true,
+            Some(msg.push),
         );
     }
 }

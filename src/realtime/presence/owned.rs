@@ -38,9 +38,9 @@ fn stamped(report: PlayReport, at: i64) -> NowPlaying {
 /// A registry write and the events to publish once it is done.
 pub(super) enum Job {
     Put(Vec<Write>, Vec<(UserId, UserEvent)>),
-    /// A pipeline report's entry: written (and its event published) unless the registry
+    /// A pipeline report's entry: written (and its events published) unless the registry
     /// holds a play reported later.
-    PutUnlessOlder(Write, (UserId, UserEvent)),
+    PutUnlessOlder(Write, Vec<(UserId, UserEvent)>),
     Remove(Vec<(UserId, InstanceId)>, Vec<(UserId, UserEvent)>),
 }
 
@@ -74,11 +74,16 @@ pub(super) async fn run_writer(
                     }
                     (registry.remove(removals).await, events)
                 }
-                Job::PutUnlessOlder(write, event) => match registry.put_unless_older(write).await {
-                    Ok(true) => (Ok(()), vec![event]),
-                    Ok(false) => (Ok(()), Vec::new()),
-                    Err(error) => (Err(error), vec![event]),
-                },
+                Job::PutUnlessOlder(write, events) => {
+                    match registry.put_unless_older(write).await {
+                        Ok(true) => (Ok(()), events),
+                        Ok(false) => {
+                            tracing::debug!("a late report's presence was refused");
+                            (Ok(()), Vec::new())
+                        }
+                        Err(error) => (Err(error), events),
+                    }
+                }
             };
             if let Err(error) = result {
                 tracing::warn!(%error, "presence registry write failed");
@@ -385,7 +390,7 @@ impl Presence {
         report: Option<PlayReport>,
     ) {
         let now_playing = report.map(|r| stamped(r, now_ms()));
-        self.write_rest(user, device, now_playing, true, None, false);
+        self.write_rest(user, device, now_playing, true, None, None);
     }
 
     /// Writes what a REST player plays (`None`: nothing) as its shared instance; with
@@ -399,7 +404,7 @@ impl Presence {
         now_playing: Option<NowPlaying>,
         track_plays: bool,
         lasts_until: Option<i64>,
-        unless_older: bool,
+        unless_older: Option<UserEvent>,
     ) {
         let key = (user, device.id.clone());
         let instance = instance_id(device.id.as_str(), REST_OWNER);
@@ -440,10 +445,11 @@ impl Presence {
             instance: instance.clone(),
             entry: entry.clone(),
         };
-        let job = if unless_older {
-            Job::PutUnlessOlder((user, instance, entry), (user, event))
-        } else {
-            Job::Put(vec![(user, instance, entry)], vec![(user, event)])
+        let job = match unless_older {
+            Some(push) => {
+                Job::PutUnlessOlder((user, instance, entry), vec![(user, event), (user, push)])
+            }
+            None => Job::Put(vec![(user, instance, entry)], vec![(user, event)]),
         };
         self.send_job(job);
     }
