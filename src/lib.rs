@@ -48,6 +48,7 @@ pub mod cache;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod exports;
 pub mod http;
 pub mod ingest;
 pub mod jobs;

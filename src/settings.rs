@@ -202,6 +202,12 @@ pub struct Settings {
     /// How often plays of players that fell silent mid-track are ended (and counted): an
     /// interval (`90s`, `15m`, `6h`) or `daily HH:MM` in UTC.
     pub play_sweep_schedule: String,
+    /// How long a finished export is kept (seconds), then deleted.
+    pub export_keep_secs: u64,
+    /// How long an export's download link works (seconds).
+    pub export_link_secs: u64,
+    /// How often expired exports are deleted (same forms as `upkeep_schedule`).
+    pub exports_sweep_schedule: String,
     /// `text` (default) or `json` log lines.
     pub log_format: LogFormat,
     /// Log filter in `tracing`'s `EnvFilter` syntax; `RUST_LOG` wins when set.
@@ -288,6 +294,9 @@ impl Default for Settings {
             scheduler_lease_ms: 10_000,
             upkeep_schedule: "daily 04:00".into(),
             play_sweep_schedule: "1m".into(),
+            export_keep_secs: 7 * 86_400,
+            export_link_secs: 15 * 60,
+            exports_sweep_schedule: "15m".into(),
             play_history_days: 365,
             log_format: LogFormat::Text,
             log: "info".into(),
@@ -476,6 +485,15 @@ impl Settings {
             .map_err(|e| SettingsError::new("SEGUE_UPKEEP_SCHEDULE", e.to_string()))?;
         crate::jobs::scheduler::Every::parse(&self.play_sweep_schedule)
             .map_err(|e| SettingsError::new("SEGUE_PLAY_SWEEP_SCHEDULE", e.to_string()))?;
+        crate::jobs::scheduler::Every::parse(&self.exports_sweep_schedule)
+            .map_err(|e| SettingsError::new("SEGUE_EXPORTS_SWEEP_SCHEDULE", e.to_string()))?;
+        // A presigned S3 link lasts at most a week.
+        if !(1..=7 * 86_400).contains(&self.export_link_secs) {
+            return Err(SettingsError::new(
+                "SEGUE_EXPORT_LINK_SECS",
+                "must be between 1 and 604800 (a week)",
+            ));
+        }
         let positive = [
             ("SEGUE_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
             ("SEGUE_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),

@@ -121,8 +121,10 @@ fn start_jobs(
     replica: &str,
     metrics: &Metrics,
     pipeline: crate::ingest::Pipeline,
+    exporter: crate::exports::Exporter,
 ) -> Result<Jobs, StartupError> {
-    let handlers = pipeline.handlers(crate::upkeep::handlers(store.clone(), settings.clone()));
+    let handlers = exporter
+        .handlers(pipeline.handlers(crate::upkeep::handlers(store.clone(), settings.clone())));
     let job_settings = settings.job_settings();
     Ok(match &settings.redis_url {
         Some(url) => {
@@ -269,7 +271,21 @@ impl Application {
             queues: realtime.queues.clone(),
             max_attempts: settings.job_settings().max_attempts,
         };
-        let jobs = start_jobs(&settings, &store, &job_replica, &metrics, pipeline)?;
+        let exporter = crate::exports::Exporter {
+            store: store.clone(),
+            blobs: blobs.clone(),
+            hub: realtime.hub.clone(),
+            keep: std::time::Duration::from_secs(settings.export_keep_secs),
+            max_attempts: settings.job_settings().max_attempts,
+        };
+        let jobs = start_jobs(
+            &settings,
+            &store,
+            &job_replica,
+            &metrics,
+            pipeline,
+            exporter,
+        )?;
         let scheduler = Scheduler::start(
             jobs.clone(),
             crate::upkeep::periodic(&settings),

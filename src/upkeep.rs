@@ -50,6 +50,11 @@ pub fn periodic(settings: &Settings) -> Vec<Periodic> {
             &settings.play_sweep_schedule,
             &crate::ingest::SWEEP,
         ),
+        (
+            crate::exports::EXPIRE_JOB,
+            &settings.exports_sweep_schedule,
+            &crate::exports::EXPIRE,
+        ),
     ] {
         match Every::parse(schedule) {
             Ok(every) => periodic.push(Periodic::new(name, every, kind)),

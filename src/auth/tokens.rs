@@ -43,6 +43,9 @@ pub struct TokenKeys {
     /// Keys the HMAC that derives a refresh token's successor from it (see
     /// [`successor_of`](Self::successor_of)).
     successor: Hmac<Sha256>,
+    /// Keys the HMAC that signs download links the hub serves itself (see
+    /// [`sign_link`](Self::sign_link)).
+    links: Hmac<Sha256>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +83,41 @@ impl TokenKeys {
             .chain_update(b"segue refresh-token successor\0")
             .chain_update(secret)
             .finalize();
+        let links_key = Sha512::new()
+            .chain_update(b"segue download link\0")
+            .chain_update(secret)
+            .finalize();
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
             ttl,
             successor: <Hmac<Sha256> as KeyInit>::new(&successor_key),
+            links: <Hmac<Sha256> as KeyInit>::new(&links_key),
         }
+    }
+
+    /// The signature of a download link for `what` valid until `expires` (Unix seconds):
+    /// URL-safe base64 of an HMAC with a key of its own.
+    pub fn sign_link(&self, what: &str, expires: u64) -> String {
+        let mut mac = self.links.clone();
+        mac.update(what.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether `signature` signs `what` until `expires`, and `expires` is not past `now`
+    /// (compared in constant time).
+    pub fn verify_link(&self, what: &str, expires: u64, signature: &str, now: u64) -> bool {
+        let Ok(presented) = URL_SAFE_NO_PAD.decode(signature) else {
+            return false;
+        };
+        let mut mac = self.links.clone();
+        mac.update(what.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        expires >= now && mac.verify_slice(&presented).is_ok()
     }
 
     /// The refresh token that succeeds `presented` when it is spent: an HMAC of it, so that
@@ -208,6 +239,32 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, TokenKeysError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_signature_holds_for_its_target_until_it_expires() {
+        let keys = keys();
+        let signature = keys.sign_link("exp_1", 1_000);
+        assert!(keys.verify_link("exp_1", 1_000, &signature, 999));
+        assert!(keys.verify_link("exp_1", 1_000, &signature, 1_000));
+        assert!(
+            !keys.verify_link("exp_1", 1_000, &signature, 1_001),
+            "expired"
+        );
+        assert!(
+            !keys.verify_link("exp_2", 1_000, &signature, 0),
+            "another target"
+        );
+        assert!(
+            !keys.verify_link("exp_1", 2_000, &signature, 0),
+            "another expiry"
+        );
+        assert!(!keys.verify_link("exp_1", 1_000, "not-base64!", 0));
+        assert_ne!(
+            signature,
+            keys.successor_of("exp_1\n1000"),
+            "a key of its own"
+        );
+    }
 
     #[test]
     fn a_successor_is_fixed_by_the_token_and_the_key_and_reveals_neither() {

@@ -181,6 +181,28 @@ impl S3Blobs {
         Ok(keys)
     }
 
+    /// A URL presigned for `ttl` (at most a week) that downloads the object as a file named
+    /// `filename` (never the CDN: downloads are private).
+    pub async fn download_url(
+        &self,
+        key: &BlobKey,
+        ttl: Duration,
+        filename: &str,
+    ) -> Result<String, BlobError> {
+        let presigning = PresigningConfig::expires_in(ttl.min(MAX_PRESIGNED))
+            .map_err(|e| Self::failed("sign a URL for", key.as_str(), e))?;
+        let signed = self
+            .client
+            .get_object()
+            .bucket(&*self.bucket)
+            .key(key.as_str())
+            .response_content_disposition(format!("attachment; filename=\"{filename}\""))
+            .presigned(presigning)
+            .await
+            .map_err(|e| Self::failed("sign a URL for", key.as_str(), e))?;
+        Ok(signed.uri().to_owned())
+    }
+
     /// `<public base>/<key>` when a CDN fronts the bucket, else a URL presigned for `ttl`
     /// (at most a week).
     pub async fn url(&self, key: &BlobKey, ttl: Duration) -> Result<String, BlobError> {

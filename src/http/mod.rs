@@ -6,6 +6,7 @@ mod accounts;
 pub mod admin;
 mod artwork;
 mod catalog;
+mod exports;
 mod extract;
 pub mod guard;
 mod health;
@@ -120,6 +121,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(overlays::create)),
         )
         .service(resource(&["/overlays/{id}"], "DELETE").route(web::delete().to(overlays::revoke)))
+        .service(
+            resource(&["/exports", "/exports/"], "GET, POST")
+                .route(web::get().to(exports::list))
+                .route(web::post().to(exports::create)),
+        )
+        .service(resource(&["/exports/{id}"], "GET").route(web::get().to(exports::get)))
+        .service(
+            resource(&["/exports/{id}/download"], "GET").route(web::get().to(exports::download)),
+        )
         .service(resource(&["/overlay/{token}"], "GET").route(web::get().to(overlays::page)))
         .service(
             resource(&["/overlay/{token}/events"], "GET").route(web::get().to(overlays::events)),

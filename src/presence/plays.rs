@@ -26,9 +26,22 @@ pub fn threshold(duration_ms: Option<i64>) -> i64 {
     }
 }
 
+/// A play that just counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counted {
+    pub track_id: String,
+    /// When the play began, in ms since the epoch.
+    pub started_at: i64,
+    /// How long it had been listened to when it counted.
+    pub listened_ms: i64,
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Play {
     track_id: String,
+    /// When the play began (0 in state saved before this was kept: its first report then).
+    #[serde(default)]
+    started_at: i64,
     progress_ms: i64,
     at: i64,
     is_playing: bool,
@@ -62,7 +75,7 @@ impl PlayTracker {
         report: Option<&NowPlaying>,
         at_ms: i64,
         duration_of: impl Fn(&str) -> Option<i64>,
-    ) -> Option<String> {
+    ) -> Option<Counted> {
         let same_track = match (&self.current, report) {
             (Some(play), Some(report)) => play.track_id == report.track_id,
             _ => false,
@@ -73,6 +86,7 @@ impl PlayTracker {
                 track_id: r.track_id.clone(),
                 progress_ms: r.progress_ms,
                 at: at_ms,
+                started_at: at_ms,
                 is_playing: r.is_playing,
                 listened_ms: 0,
                 recorded: false,
@@ -103,7 +117,7 @@ impl PlayTracker {
         &mut self,
         at_ms: i64,
         duration_of: &impl Fn(&str) -> Option<i64>,
-    ) -> Option<String> {
+    ) -> Option<Counted> {
         let mut play = self.current.take()?;
         if play.is_playing {
             let mut elapsed = (at_ms - play.at).max(0);
@@ -127,10 +141,18 @@ impl PlayTracker {
         })
     }
 
-    fn check(play: &mut Play, duration_of: &impl Fn(&str) -> Option<i64>) -> Option<String> {
+    fn check(play: &mut Play, duration_of: &impl Fn(&str) -> Option<i64>) -> Option<Counted> {
         if !play.recorded && play.listened_ms >= threshold(play.duration(duration_of)) {
             play.recorded = true;
-            return Some(play.track_id.clone());
+            return Some(Counted {
+                track_id: play.track_id.clone(),
+                started_at: if play.started_at > 0 {
+                    play.started_at
+                } else {
+                    play.at
+                },
+                listened_ms: play.listened_ms,
+            });
         }
         None
     }
@@ -171,7 +193,9 @@ mod tests {
             None
         );
         assert_eq!(
-            tracker.report(Some(&at("t", 30_000, true)), 30_000, unknown),
+            tracker
+                .report(Some(&at("t", 30_000, true)), 30_000, unknown)
+                .map(|c| c.track_id),
             Some("t".into())
         );
         assert_eq!(
@@ -194,7 +218,9 @@ mod tests {
             None
         );
         assert_eq!(
-            tracker.report(Some(&at("t", 129_000, true)), 30_000, unknown),
+            tracker
+                .report(Some(&at("t", 129_000, true)), 30_000, unknown)
+                .map(|c| c.track_id),
             Some("t".into())
         );
     }
@@ -216,12 +242,17 @@ mod tests {
         let mut tracker = PlayTracker::default();
         tracker.report(Some(&at("t", 0, true)), 0, unknown);
         assert_eq!(
-            tracker.report(Some(&at("u", 0, true)), 31_000, unknown),
+            tracker
+                .report(Some(&at("u", 0, true)), 31_000, unknown)
+                .map(|c| c.track_id),
             Some("t".into())
         );
         assert_eq!(tracker.report(None, 40_000, unknown), None);
         tracker.report(Some(&at("v", 0, true)), 50_000, unknown);
-        assert_eq!(tracker.finish(85_000, &unknown), Some("v".into()));
+        assert_eq!(
+            tracker.finish(85_000, &unknown).map(|c| c.track_id),
+            Some("v".into())
+        );
     }
 
     #[test]
@@ -230,7 +261,9 @@ mod tests {
         let mut tracker = PlayTracker::default();
         tracker.report(Some(&at("t", 0, true)), 0, short);
         assert_eq!(
-            tracker.report(Some(&at("t", 10_000, true)), 10_000, short),
+            tracker
+                .report(Some(&at("t", 10_000, true)), 10_000, short)
+                .map(|c| c.track_id),
             Some("t".into())
         );
         let mut tracker = PlayTracker::default();
@@ -253,7 +286,9 @@ mod tests {
             None
         );
         assert_eq!(
-            tracker.report(Some(&at("t", 30_000, true)), 61_000, unknown),
+            tracker
+                .report(Some(&at("t", 30_000, true)), 61_000, unknown)
+                .map(|c| c.track_id),
             Some("t".into())
         );
     }
@@ -266,7 +301,9 @@ mod tests {
         tracker.report(Some(&at("short", 0, true)), 0, only("short", 2_000));
         assert_eq!(tracker.expected_end(), Some(2_000));
         assert_eq!(
-            tracker.report(Some(&at("next", 0, true)), 1_200, only("next", 200_000)),
+            tracker
+                .report(Some(&at("next", 0, true)), 1_200, only("next", 200_000))
+                .map(|c| c.track_id),
             Some("short".into())
         );
     }

@@ -14,6 +14,7 @@ pub mod blocking;
 pub mod blocks;
 pub mod catalog;
 pub mod devices;
+pub mod exports;
 pub mod follows;
 pub mod ingests;
 pub mod jobs;

@@ -6,6 +6,7 @@ use diesel_async::RunQueryDsl;
 use super::schema::play_history as ph;
 use super::{Conn, StoreError, run};
 use crate::domain::UserId;
+use crate::presence::plays::Counted;
 
 /// A recorded play.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, serde::Serialize)]
@@ -18,26 +19,29 @@ pub struct Played {
 pub async fn record(
     conn: &mut Conn<'_>,
     user: UserId,
-    track_id: &str,
+    play: &Counted,
     device_id: &str,
 ) -> Result<(), StoreError> {
-    record_at(conn, user, track_id, device_id, super::now()).await
+    record_at(conn, user, play, device_id, super::now()).await
 }
 
-/// Records a play made at `now`.
+/// Records a play that counted at `now`.
 pub async fn record_at(
     conn: &mut Conn<'_>,
     user: UserId,
-    track_id: &str,
+    play: &Counted,
     device_id: &str,
     now: chrono::NaiveDateTime,
 ) -> Result<(), StoreError> {
+    let started = chrono::DateTime::from_timestamp_millis(play.started_at).map(|t| t.naive_utc());
     run!(conn, c => diesel::insert_into(ph::table)
         .values((
             ph::user_id.eq(user.0),
-            ph::track_id.eq(track_id),
+            ph::track_id.eq(&play.track_id),
             ph::device_id.eq(device_id),
             ph::played_at.eq(now),
+            ph::started_at.eq(started),
+            ph::listened_ms.eq(play.listened_ms),
         ))
         .execute(c)
         .await)?;

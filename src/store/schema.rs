@@ -95,6 +95,24 @@ diesel::table! {
         track_id -> Text,
         device_id -> Nullable<Text>,
         played_at -> Timestamp,
+        started_at -> Nullable<Timestamp>,
+        listened_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    exports (id) {
+        id -> Text,
+        user_id -> BigInt,
+        kind -> Text,
+        status -> Text,
+        rows_written -> BigInt,
+        bytes_written -> BigInt,
+        object_key -> Nullable<Text>,
+        error -> Nullable<Text>,
+        created_at -> Timestamp,
+        finished_at -> Nullable<Timestamp>,
+        expires_at -> Nullable<Timestamp>,
     }
 }
 
@@ -140,6 +158,7 @@ diesel::joinable!(tracks -> artwork (artwork_hash));
 
 diesel::allow_tables_to_appear_in_same_query!(
     users,
+    exports,
     track_reports,
     refresh_tokens,
     devices,

@@ -16,6 +16,7 @@ mod bus;
 mod cache;
 mod catalog;
 mod cluster;
+mod exports;
 mod failures;
 mod health;
 mod ingest;

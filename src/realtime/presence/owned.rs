@@ -185,12 +185,12 @@ impl Presence {
         self.send_job(Job::Remove(vec![(key.0, instance)], vec![(key.0, event)]));
     }
 
-    fn record_play(&self, user: UserId, track: String, device: DeviceId) {
+    fn record_play(&self, user: UserId, play: crate::presence::plays::Counted, device: DeviceId) {
         let store = self.store.clone();
         actix::spawn(async move {
             let result = async {
                 let mut pooled = store.conn().await?;
-                plays::record(&mut pooled.conn(), user, &track, device.as_str()).await
+                plays::record(&mut pooled.conn(), user, &play, device.as_str()).await
             }
             .await;
             if let Err(error) = result {
