@@ -66,7 +66,90 @@ on_both_stores!(
     an_object_is_written_read_replaced_and_deleted,
     keys_are_listed_by_prefix,
     a_large_object_round_trips_intact,
+    an_upload_in_parts_is_one_object_once_finished,
+    an_aborted_upload_leaves_nothing,
 );
+
+/// Bytes that differ from part to part, so a part in the wrong place shows.
+fn patterned(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
+}
+
+async fn an_upload_in_parts_is_one_object_once_finished(store: Store) {
+    let blobs = &store.blobs;
+    let k = key("exports/1/exp_parts.csv");
+    let mut upload = blobs.upload(&k, "text/csv").await.unwrap();
+    // Writes of odd sizes that add up to two full parts and a bit.
+    let mut all = Vec::new();
+    for (n, len) in [
+        1,
+        3 * 1024 * 1024 + 7,
+        5 * 1024 * 1024,
+        9 * 1024 * 1024 - 3,
+        1_000,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let chunk = patterned(len, n as u32);
+        upload.write(&chunk).await.unwrap();
+        all.extend(chunk);
+    }
+    assert!(all.len() > 2 * segue::blobs::PART_BYTES);
+    assert!(
+        !blobs.exists(&k).await.unwrap(),
+        "visible only once finished"
+    );
+    assert_eq!(upload.written(), all.len() as u64);
+    assert_eq!(upload.finish().await.unwrap(), all.len() as u64);
+    let back = blobs.get(&k).await.unwrap().unwrap();
+    assert_eq!(back.len(), all.len());
+    assert!(back == all, "the same bytes in the same order");
+    // An empty upload makes an empty object.
+    let empty = key("exports/1/empty.csv");
+    let upload = blobs.upload(&empty, "text/csv").await.unwrap();
+    assert_eq!(upload.finish().await.unwrap(), 0);
+    assert_eq!(blobs.get(&empty).await.unwrap().unwrap().len(), 0);
+}
+
+async fn an_aborted_upload_leaves_nothing(store: Store) {
+    let blobs = &store.blobs;
+    let k = key("exports/1/exp_aborted.csv");
+    // What the store keeps on disk: the S3 server's files, or the local directory's.
+    let files = || match &store._s3 {
+        Some(server) => server.files(),
+        None => {
+            let mut found = Vec::new();
+            let mut dirs = vec![store.dir.clone()];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                    } else {
+                        found.push(path);
+                    }
+                }
+            }
+            found
+        }
+    };
+    let before = files();
+    let mut upload = blobs.upload(&k, "text/csv").await.unwrap();
+    upload
+        .write(&patterned(segue::blobs::PART_BYTES + 10, 1))
+        .await
+        .unwrap();
+    assert!(
+        files().len() > before.len(),
+        "a part is kept while uploading"
+    );
+    upload.abort().await;
+    assert!(!blobs.exists(&k).await.unwrap());
+    assert_eq!(files(), before, "no object, no part, no temporary file");
+}
 
 async fn an_object_is_written_read_replaced_and_deleted(store: Store) {
     let blobs = &store.blobs;

@@ -5,6 +5,8 @@
 -- recorded before this was kept).
 ALTER TABLE play_history ADD COLUMN started_at TIMESTAMP;
 ALTER TABLE play_history ADD COLUMN listened_ms BIGINT;
+-- An export reads a user's plays in pages by id.
+CREATE INDEX play_history_user_id ON play_history (user_id, id);
 
 -- One row per export: built by the export.build job into the blob store under object_key,
 -- downloadable until expires_at, then deleted by the exports.expire job.
