@@ -42,9 +42,11 @@
 pub mod abuse;
 pub mod artwork;
 pub mod auth;
+pub mod backups;
 pub mod blobs;
 pub mod bus;
 pub mod cache;
+pub mod clock;
 pub mod demo;
 pub mod domain;
 pub mod error;

@@ -3,7 +3,9 @@
 //! `segue blocks list | add ADDRESS [--ttl SECS] | remove ADDRESS` lists and changes the
 //! blocked client addresses in the store (running replicas pick changes up within 2 s);
 //! `segue jobs status | dead list | dead retry ID | dead drop ID` reads the job queues in
-//! Redis and handles their dead letters.
+//! Redis and handles their dead letters; `segue backup now | list | restore KEY --into
+//! DATABASE_URL_OR_SQLITE_PATH [--force]` backs the store up and restores it
+//! (`docs/operations.md`).
 
 use std::process::ExitCode;
 
@@ -26,9 +28,10 @@ fn main() -> ExitCode {
         Some("seed-demo") => return seed_demo(settings),
         Some("blocks") => return blocks(settings, std::env::args().skip(2).collect()),
         Some("jobs") => return jobs(settings, std::env::args().skip(2).collect()),
+        Some("backup") => return backup(settings, std::env::args().skip(2).collect()),
         Some(other) => {
             eprintln!(
-                "segue: unknown command {other:?}; commands: serve (the default), seed-demo, blocks, jobs"
+                "segue: unknown command {other:?}; commands: serve (the default), seed-demo, blocks, jobs, backup"
             );
             return ExitCode::from(2);
         }
@@ -259,6 +262,97 @@ fn jobs(settings: Settings, args: Vec<String>) -> ExitCode {
                 true => Ok(format!("dead job {id} dropped")),
                 false => Err(format!("no dead job has id {id}")),
             },
+        }
+    });
+    match outcome {
+        Ok(said) => {
+            println!("segue: {said}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("segue: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const BACKUP_USAGE: &str =
+    "usage: segue backup now | list | restore KEY --into DATABASE_URL_OR_SQLITE_PATH [--force]";
+
+/// What `segue backup` was asked to do.
+#[derive(Debug, PartialEq, Eq)]
+enum BackupCommand {
+    Now,
+    List,
+    Restore {
+        key: String,
+        into: String,
+        force: bool,
+    },
+}
+
+fn parse_backup(args: &[String]) -> Result<BackupCommand, String> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["now"] => Ok(BackupCommand::Now),
+        ["list"] => Ok(BackupCommand::List),
+        ["restore", key, "--into", into] => Ok(BackupCommand::Restore {
+            key: (*key).to_owned(),
+            into: (*into).to_owned(),
+            force: false,
+        }),
+        ["restore", key, "--into", into, "--force"]
+        | ["restore", key, "--force", "--into", into] => Ok(BackupCommand::Restore {
+            key: (*key).to_owned(),
+            into: (*into).to_owned(),
+            force: true,
+        }),
+        _ => Err(BACKUP_USAGE.to_owned()),
+    }
+}
+
+/// `segue backup …`: a backup of the configured store now, the backups kept, or a restore.
+fn backup(settings: Settings, args: Vec<String>) -> ExitCode {
+    let command = match parse_backup(&args) {
+        Ok(command) => command,
+        Err(problem) => {
+            eprintln!("segue: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome: Result<String, String> = actix_web::rt::System::new().block_on(async move {
+        let metrics = segue::telemetry::Metrics::new().map_err(|e| chain(&e))?;
+        let backups = settings.backups(metrics.backups).map_err(|e| chain(&e))?;
+        match command {
+            BackupCommand::Now => {
+                let done = backups
+                    .run(chrono::Utc::now())
+                    .await
+                    .map_err(|e| chain(&e))?;
+                for deleted in &done.deleted {
+                    println!("deleted {deleted}");
+                }
+                Ok(format!(
+                    "backed up to {} ({} bytes in {:.1} s)",
+                    done.key,
+                    done.bytes,
+                    done.took.as_secs_f64()
+                ))
+            }
+            BackupCommand::List => {
+                let found = backups.list().await.map_err(|e| chain(&e))?;
+                for backup in &found {
+                    println!("{}\t{}", backup.key, backup.taken_at.and_utc().to_rfc3339());
+                }
+                Ok(format!("{} backups", found.len()))
+            }
+            BackupCommand::Restore { key, into, force } => {
+                backups
+                    .restore(&key, &into, force)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                Ok(format!("restored {key} into the target"))
+            }
         }
     });
     match outcome {

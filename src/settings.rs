@@ -202,6 +202,24 @@ pub struct Settings {
     /// How often plays of players that fell silent mid-track are ended (and counted): an
     /// interval (`90s`, `15m`, `6h`) or `daily HH:MM` in UTC.
     pub play_sweep_schedule: String,
+    /// `on` (default): the store is backed up nightly into the blob store; `off`: only by
+    /// hand (`segue backup now`).
+    pub backup: String,
+    /// When the nightly backup runs, `HH:MM` in UTC.
+    pub backup_at: String,
+    /// A bucket of its own for backups (same endpoint and credentials as `S3_BUCKET`);
+    /// unset: the hub's blob store.
+    pub backup_bucket: Option<String>,
+    /// Where in the blob store backups go (ends with `/`).
+    pub backup_prefix: String,
+    /// Backups kept: the newest of each of the last this many days, ISO weeks and months.
+    pub backup_keep_daily: u32,
+    pub backup_keep_weekly: u32,
+    pub backup_keep_monthly: u32,
+    /// The wall clock periodic jobs are scheduled by: the system's, shifted only by tests
+    /// (not a setting).
+    #[serde(skip)]
+    pub clock: crate::clock::Clock,
     /// How long a finished export is kept (seconds), then deleted.
     pub export_keep_secs: u64,
     /// How long an export's download link works (seconds).
@@ -294,6 +312,14 @@ impl Default for Settings {
             scheduler_lease_ms: 10_000,
             upkeep_schedule: "daily 04:00".into(),
             play_sweep_schedule: "1m".into(),
+            backup: "on".into(),
+            backup_at: "03:00".into(),
+            backup_bucket: None,
+            backup_prefix: "backups/".into(),
+            backup_keep_daily: 7,
+            backup_keep_weekly: 4,
+            backup_keep_monthly: 12,
+            clock: crate::clock::Clock::system(),
             export_keep_secs: 7 * 86_400,
             export_link_secs: 15 * 60,
             exports_sweep_schedule: "15m".into(),
@@ -487,6 +513,30 @@ impl Settings {
             .map_err(|e| SettingsError::new("SEGUE_PLAY_SWEEP_SCHEDULE", e.to_string()))?;
         crate::jobs::scheduler::Every::parse(&self.exports_sweep_schedule)
             .map_err(|e| SettingsError::new("SEGUE_EXPORTS_SWEEP_SCHEDULE", e.to_string()))?;
+        if !matches!(self.backup.as_str(), "on" | "off") {
+            return Err(SettingsError::new("SEGUE_BACKUP", "must be on or off"));
+        }
+        self.backup_schedule()?;
+        let prefix_ok = self.backup_prefix.ends_with('/')
+            && crate::blobs::BlobKey::parse(&format!("{}x", self.backup_prefix)).is_ok();
+        if !prefix_ok {
+            return Err(SettingsError::new(
+                "SEGUE_BACKUP_PREFIX",
+                "must be /-separated segments of [A-Za-z0-9._-] ending with /",
+            ));
+        }
+        if self.backup_bucket.is_some() && self.s3_bucket.is_none() {
+            return Err(SettingsError::new(
+                "SEGUE_BACKUP_BUCKET",
+                "needs S3_BUCKET's endpoint and credentials (set S3_BUCKET too)",
+            ));
+        }
+        if self.backup_keep_daily + self.backup_keep_weekly + self.backup_keep_monthly == 0 {
+            return Err(SettingsError::new(
+                "SEGUE_BACKUP_KEEP_DAILY",
+                "keeping no backup at all: keep at least one daily, weekly or monthly",
+            ));
+        }
         // A presigned S3 link lasts at most a week.
         if !(1..=7 * 86_400).contains(&self.export_link_secs) {
             return Err(SettingsError::new(
@@ -677,6 +727,44 @@ impl Settings {
             render_timeout: std::time::Duration::from_millis(self.artwork_render_timeout_ms),
             verified_for: std::time::Duration::from_secs(self.artwork_verified_secs),
         }
+    }
+
+    /// Where backups go: `SEGUE_BACKUP_BUCKET` when set, else the hub's blob store.
+    pub fn backup_blobs(&self) -> Result<crate::blobs::Blobs, SettingsError> {
+        match (&self.backup_bucket, self.s3_settings()?) {
+            (Some(bucket), Some(mut s3)) => {
+                s3.bucket.clone_from(bucket);
+                s3.public_base_url = None;
+                Ok(crate::blobs::Blobs::S3(crate::blobs::S3Blobs::new(&s3)))
+            }
+            _ => self.blobs(),
+        }
+    }
+
+    /// When the nightly backup runs.
+    pub fn backup_schedule(&self) -> Result<crate::jobs::scheduler::Every, SettingsError> {
+        crate::jobs::scheduler::Every::parse(&format!("daily {}", self.backup_at))
+            .map_err(|_| SettingsError::new("SEGUE_BACKUP_AT", "must be HH:MM (UTC)"))
+    }
+
+    /// What the backups work with (the metrics are the hub's).
+    pub fn backups(
+        &self,
+        metrics: crate::telemetry::BackupMetrics,
+    ) -> Result<crate::backups::Backups, SettingsError> {
+        let keep = |n: u32| n as usize;
+        Ok(crate::backups::Backups {
+            database: self.database()?,
+            blobs: self.backup_blobs()?,
+            prefix: self.backup_prefix.clone(),
+            retention: crate::backups::Retention {
+                daily: keep(self.backup_keep_daily),
+                weekly: keep(self.backup_keep_weekly),
+                monthly: keep(self.backup_keep_monthly),
+            },
+            nightly: self.backup_schedule()?,
+            metrics,
+        })
     }
 
     pub fn blobs(&self) -> Result<crate::blobs::Blobs, SettingsError> {

@@ -122,9 +122,10 @@ fn start_jobs(
     metrics: &Metrics,
     pipeline: crate::ingest::Pipeline,
     exporter: crate::exports::Exporter,
+    backups: crate::backups::Backups,
 ) -> Result<Jobs, StartupError> {
-    let handlers = exporter
-        .handlers(pipeline.handlers(crate::upkeep::handlers(store.clone(), settings.clone())));
+    let handlers = crate::upkeep::handlers(store.clone(), settings.clone());
+    let handlers = backups.handlers(exporter.handlers(pipeline.handlers(handlers)));
     let job_settings = settings.job_settings();
     Ok(match &settings.redis_url {
         Some(url) => {
@@ -285,6 +286,7 @@ impl Application {
             &metrics,
             pipeline,
             exporter,
+            settings.backups(metrics.backups.clone())?,
         )?;
         let scheduler = Scheduler::start(
             jobs.clone(),
@@ -294,6 +296,7 @@ impl Application {
                 ttl: std::time::Duration::from_millis(settings.scheduler_lease_ms),
             },
             metrics.jobs.clone(),
+            settings.clock.clone(),
         );
         let drain = std::time::Duration::from_secs(settings.jobs_drain_secs);
         tracing::info!(%addr, port, store = store.backend_name(), bus = bus_kind, jobs = jobs.backend(), blobs = blobs.backend(), "segue starting");

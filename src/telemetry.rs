@@ -9,8 +9,8 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::web;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -77,6 +77,18 @@ pub struct Metrics {
     pub jobs: crate::jobs::JobMetrics,
     /// The now-playing pipeline's artwork work.
     pub artwork: ArtworkMetrics,
+    /// The store's backups.
+    pub backups: BackupMetrics,
+}
+
+/// The last backup that succeeded (its time, how long it took, its size) and how many
+/// failed.
+#[derive(Clone)]
+pub struct BackupMetrics {
+    pub last_success: Gauge,
+    pub last_duration: Gauge,
+    pub last_bytes: Gauge,
+    pub failures: IntCounter,
 }
 
 /// What the artwork job did: images decoded and rendered, objects uploaded, known artwork
@@ -172,9 +184,30 @@ impl Metrics {
             )?,
             refused,
         };
+        let float = |name: &str, help: &str| -> Result<Gauge, prometheus::Error> {
+            let gauge = Gauge::new(name, help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let backups = BackupMetrics {
+            last_success: float(
+                "backup_last_success_timestamp_seconds",
+                "When the last backup that succeeded was taken (Unix seconds)",
+            )?,
+            last_duration: float(
+                "backup_last_duration_seconds",
+                "How long the last backup that succeeded took",
+            )?,
+            last_bytes: float(
+                "backup_last_bytes",
+                "The size of the last backup that succeeded (compressed)",
+            )?,
+            failures: counter("backup_failures_total", "Backups that failed")?,
+        };
         Ok(Self {
             jobs,
             artwork,
+            backups,
             ws_open: gauge("ws_open", "Open WebSockets")?,
             ws_frames_in: counter("ws_frames_in_total", "Text frames received")?,
             ws_frames_out: counter("ws_frames_out_total", "Frames queued for sockets")?,

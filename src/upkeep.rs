@@ -61,6 +61,16 @@ pub fn periodic(settings: &Settings) -> Vec<Periodic> {
             Err(error) => tracing::error!(%error, name, "not scheduled"),
         }
     }
+    if settings.backup == "on" {
+        match settings.backup_schedule() {
+            Ok(every) => periodic.push(Periodic::new(
+                crate::backups::NIGHTLY_JOB,
+                every,
+                &crate::backups::NIGHTLY,
+            )),
+            Err(error) => tracing::error!(%error, "no nightly backup scheduled"),
+        }
+    }
     periodic
 }
 

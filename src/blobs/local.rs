@@ -80,6 +80,18 @@ impl LocalBlobs {
         .await
     }
 
+    pub async fn download(&self, key: &BlobKey) -> Result<Option<super::Download>, BlobError> {
+        match tokio::fs::File::open(self.path(key)).await {
+            Ok(file) => Ok(Some(super::Download::local(key.clone(), file))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BlobError::Local {
+                op: "read",
+                key: key.as_str().to_owned(),
+                source,
+            }),
+        }
+    }
+
     pub async fn exists(&self, key: &BlobKey) -> Result<bool, BlobError> {
         let path = self.path(key);
         self.blocking("look up", key.as_str(), move |_| {

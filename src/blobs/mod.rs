@@ -8,6 +8,7 @@
 //! Keys are content-addressed by their users (`artwork/<sha256>/<size>.webp`), so writing one
 //! twice is harmless.
 
+mod download;
 mod local;
 mod s3;
 mod upload;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use self::download::Download;
 pub use self::local::LocalBlobs;
 pub use self::s3::{S3Blobs, S3Settings};
 pub use self::upload::{PART_BYTES, Upload};
@@ -138,6 +140,14 @@ impl Blobs {
         match self {
             Self::Local(local) => local.get(key).await,
             Self::S3(s3) => s3.get(key).await,
+        }
+    }
+
+    /// The object to read a chunk at a time (see [`Download`]), or `None` when there is none.
+    pub async fn download(&self, key: &BlobKey) -> Result<Option<Download>, BlobError> {
+        match self {
+            Self::Local(local) => local.download(key).await,
+            Self::S3(s3) => s3.download(key).await,
         }
     }
 

@@ -135,6 +135,21 @@ impl S3Blobs {
         Ok(Some(body.into_bytes()))
     }
 
+    pub async fn download(&self, key: &BlobKey) -> Result<Option<super::Download>, BlobError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&*self.bucket)
+            .key(key.as_str())
+            .send()
+            .await
+        {
+            Ok(object) => Ok(Some(super::Download::s3(key.clone(), object.body))),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => Ok(None),
+            Err(e) => Err(Self::failed("read", key.as_str(), e)),
+        }
+    }
+
     pub async fn exists(&self, key: &BlobKey) -> Result<bool, BlobError> {
         match self
             .client

@@ -11,13 +11,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::clock::Clock;
 
 use super::{JobMetrics, Jobs, Kind, Options, Priority, RedisJobs};
 
@@ -85,6 +87,13 @@ impl Every {
         let period = i64::try_from(self.period.as_millis()).unwrap_or(i64::MAX);
         let offset = i64::try_from(self.offset.as_millis()).unwrap_or(0);
         (now_ms - offset).div_euclid(period)
+    }
+
+    /// When tick `tick` starts (Unix milliseconds).
+    pub fn start_of(&self, tick: i64) -> i64 {
+        let period = i64::try_from(self.period.as_millis()).unwrap_or(i64::MAX);
+        let offset = i64::try_from(self.offset.as_millis()).unwrap_or(0);
+        tick.saturating_mul(period).saturating_add(offset)
     }
 
     /// The schedule in one word (`<period ms>+<offset ms>`): ticks of different schedules
@@ -170,15 +179,19 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts scheduling `periodic` on `jobs`. `replica` names this replica in the lease.
+    /// Ticks are read off `clock` (the system's, but for tests).
     pub fn start(
         jobs: Jobs,
         periodic: Vec<Periodic>,
         replica: String,
         lease: LeaseSettings,
         metrics: JobMetrics,
+        clock: Clock,
     ) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(lead(jobs, periodic, replica, lease, metrics, stopped));
+        let task = tokio::spawn(lead(
+            jobs, periodic, replica, lease, metrics, clock, stopped,
+        ));
         Self { stop, task }
     }
 
@@ -187,12 +200,6 @@ impl Scheduler {
         self.stop.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Where the lease and the last ticks live (one per scheduler: its size does not matter).
@@ -369,6 +376,7 @@ async fn lead(
     replica: String,
     settings: LeaseSettings,
     metrics: JobMetrics,
+    clock: Clock,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut lease = Lease::of(&jobs, &replica);
@@ -417,13 +425,14 @@ async fn lead(
                 if Instant::now() >= deadline {
                     break;
                 }
-                if let Err(error) = enqueue_due(&jobs, &mut lease, job, epoch).await {
+                let now = clock.now_ms();
+                if let Err(error) = enqueue_due(&jobs, &mut lease, job, epoch, now).await {
                     tracing::warn!(job = job.name, %error, "scheduler: enqueueing a tick failed; trying again");
                 }
             }
         }
         // Wake for the next renewal or the next tick, whichever is first.
-        let now = now_ms();
+        let now = clock.now_ms();
         let next_tick = periodic
             .iter()
             .map(|p| p.every.until_next(now))
@@ -449,8 +458,9 @@ async fn enqueue_due(
     lease: &mut Lease,
     job: &Periodic,
     epoch: u64,
+    now_ms: i64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let current = job.every.tick_at(now_ms());
+    let current = job.every.tick_at(now_ms);
     // Ticks are remembered per schedule: after a schedule change the job starts afresh.
     let remembered = format!("{}:{}", job.name, job.every.signature());
     let last = lease.last_tick(&remembered).await?;

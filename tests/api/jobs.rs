@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use segue::clock::Clock;
 use segue::jobs::{
     Failure, Handlers, Job, JobMetrics, JobSettings, Jobs, Kind, MemoryJobs, Options, Priority,
     RedisJobSettings, RedisJobs,
@@ -1148,6 +1149,7 @@ async fn a_lengthened_schedule_keeps_running() {
         "a".into(),
         lease,
         metrics(),
+        Clock::system(),
     );
     until("a tick ran on the 1 s schedule", || {
         !ticks.lock().unwrap().is_empty()
@@ -1156,7 +1158,14 @@ async fn a_lengthened_schedule_keeps_running() {
     scheduler.stop().await;
     ticks.lock().unwrap().clear();
     let every_two = Periodic::new("ticked", Every::parse("2s").unwrap(), &TICKED);
-    let scheduler = Scheduler::start(jobs.clone(), vec![every_two], "b".into(), lease, metrics());
+    let scheduler = Scheduler::start(
+        jobs.clone(),
+        vec![every_two],
+        "b".into(),
+        lease,
+        metrics(),
+        Clock::system(),
+    );
     // The first tick of a new schedule is its next one (within 2 s), then every 2 s.
     let deadline = Instant::now() + Duration::from_secs(7);
     while ticks.lock().unwrap().is_empty() {

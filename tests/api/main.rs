@@ -11,6 +11,7 @@ mod wire;
 mod accounts;
 mod artwork;
 mod backpressure;
+mod backups;
 mod blobs;
 mod bus;
 mod cache;
