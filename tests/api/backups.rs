@@ -101,7 +101,17 @@ fn sqlite_tables(path: &Path) -> Vec<(String, String)> {
 
 /// Runs `segue backup …` with the hub's settings as environment.
 fn segue_backup(env: &[(&str, String)], args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_segue"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_segue"));
+    // Only the settings given: none the test run itself has (SEGUE_S3S_FS, say).
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SEGUE_")
+            || name.starts_with("S3_")
+            || matches!(name.as_str(), "DATABASE_URL" | "REDIS_URL")
+        {
+            command.env_remove(name);
+        }
+    }
+    command
         .arg("backup")
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
