@@ -382,3 +382,86 @@ async fn a_failed_backup_leaves_nothing_in_the_store() {
     assert!(backups.list().await.unwrap().is_empty());
     assert_eq!(s3.files(), before, "no object or part is left");
 }
+
+/// Three replicas on one PostgreSQL, Redis and bucket, on a clock the test moves from night
+/// to night: the scheduler runs the nightly backup once a night, named by the night.
+#[actix_web::test]
+async fn three_replicas_take_one_backup_a_night() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    const DAY_MS: i64 = 86_400_000;
+    let s3 = PrivateS3::start("artwork");
+    let endpoint = s3.endpoint();
+    let now = segue::clock::Clock::system().now_ms();
+    // Noon of the next day, far from 03:00: the first sighting of the schedule runs nothing.
+    let noon = (now.div_euclid(DAY_MS) + 1) * DAY_MS + DAY_MS / 2;
+    let shift = Arc::new(AtomicI64::new(noon - now));
+    let clock = segue::clock::Clock::shifted(shift.clone());
+    let replicas = crate::helpers::spawn_cluster_tuned(
+        3,
+        crate::helpers::ClusterBus::Redis(crate::helpers::redis_url()),
+        |s| {
+            s.s3_bucket = Some("artwork".into());
+            s.s3_endpoint = Some(endpoint.clone());
+            s.s3_access_key_id = Some(crate::helpers::S3_ACCESS_KEY.into());
+            s.s3_secret_access_key = Some(crate::helpers::S3_SECRET_KEY.into());
+            s.scheduler_lease_ms = 1_500;
+            s.clock = clock.clone();
+        },
+    )
+    .await;
+    let sum = |name: &'static str| {
+        let replicas = &replicas;
+        async move {
+            let mut total = 0.0;
+            for replica in replicas {
+                total += crate::helpers::metric(&replica.address, name).await;
+            }
+            total
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sum("segue_jobs_leader_changes_total").await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "nobody leads");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Let the leader see the schedule once at noon.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let backups = backups_of(&replicas[0].settings);
+    let first_night = noon - DAY_MS / 2 + DAY_MS + 3 * 3_600_000;
+    for night in 0..3 {
+        let at = first_night + night * DAY_MS;
+        // A second before 03:00 of the night.
+        shift.store(
+            at - 1_000 - segue::clock::Clock::system().now_ms(),
+            Ordering::Relaxed,
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let found = backups.list().await.unwrap();
+            if found.len() == usize::try_from(night + 1).unwrap() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "night {night}: {found:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    // Another moment for a second run to show itself, were there one.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let nights: Vec<i64> = backups
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.taken_at.and_utc().timestamp_millis())
+        .collect();
+    assert_eq!(
+        nights,
+        vec![first_night, first_night + DAY_MS, first_night + 2 * DAY_MS]
+    );
+    let runs = sum("segue_jobs_started_total{kind=\"backups.nightly\"}").await;
+    assert_eq!(runs, 3.0, "one run a night across three replicas");
+}
