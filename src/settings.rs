@@ -161,6 +161,8 @@ pub struct Settings {
     /// Now-playing reports per device (REST: shared by every replica; sockets: counted on
     /// the replica that holds them).
     pub rate_limit_ingest_device: Limit,
+    /// Exports asked for (`POST /exports`) per account.
+    pub rate_limit_export_account: Limit,
     /// Socket upgrades per client address.
     pub rate_limit_socket_ip: Limit,
     /// Messages per socket; a socket over it gets error replies, and is closed if it goes on.
@@ -296,6 +298,7 @@ impl Default for Settings {
             rate_limit_account: limit(20, SECOND, 200),
             rate_limit_anonymous_ip: limit(10, SECOND, 100),
             rate_limit_ingest_device: limit(30, MINUTE, 10),
+            rate_limit_export_account: limit(10, HOUR, 3),
             rate_limit_socket_ip: limit(60, MINUTE, 20),
             rate_limit_socket_messages: limit(20, SECOND, 100),
             ip_block_after: limit(20, 10 * MINUTE, 20),
@@ -708,6 +711,7 @@ impl Settings {
             rate_limit_account: Limit(None),
             rate_limit_anonymous_ip: Limit(None),
             rate_limit_ingest_device: Limit(None),
+            rate_limit_export_account: Limit(None),
             rate_limit_socket_ip: Limit(None),
             rate_limit_socket_messages: Limit(None),
             ip_block_after: Limit(None),

@@ -34,6 +34,8 @@ pub enum Rule {
     AnonymousIp,
     /// Now-playing reports per device.
     IngestDevice,
+    /// Exports asked for per account (each reads the whole history).
+    ExportAccount,
     /// Socket upgrades per address.
     SocketIp,
     /// Messages per socket.
@@ -53,6 +55,7 @@ impl Rule {
             Self::Account => "account",
             Self::AnonymousIp => "anonymous_ip",
             Self::IngestDevice => "ingest_device",
+            Self::ExportAccount => "export_account",
             Self::SocketIp => "socket_ip",
             Self::SocketMessages => "socket_messages",
             Self::Violations => "violations",
@@ -68,6 +71,7 @@ impl Rule {
             Self::Account => settings.rate_limit_account,
             Self::AnonymousIp => settings.rate_limit_anonymous_ip,
             Self::IngestDevice => settings.rate_limit_ingest_device,
+            Self::ExportAccount => settings.rate_limit_export_account,
             Self::SocketIp => settings.rate_limit_socket_ip,
             Self::SocketMessages => settings.rate_limit_socket_messages,
             Self::Violations => settings.ip_block_after,

@@ -43,6 +43,11 @@ fn limits_of(req: &ServiceRequest, state: &AppState, address: &str) -> Vec<(Rule
         "/auth/login" if post => limits.push((Rule::LoginIp, address.to_owned())),
         "/auth/register" if post => limits.push((Rule::RegisterIp, address.to_owned())),
         "/socket/websocket" => limits.push((Rule::SocketIp, address.to_owned())),
+        "/exports" if post => {
+            if let Some(identity) = &caller {
+                limits.push((Rule::ExportAccount, identity.user_id.to_string()));
+            }
+        }
         "/now-playing" | "/ingest/plays" if post => {
             if let Some(identity) = &caller {
                 let device = format!("{}/{}", identity.user_id, identity.device_id.as_str());

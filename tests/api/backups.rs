@@ -465,3 +465,135 @@ async fn three_replicas_take_one_backup_a_night() {
     let runs = sum("segue_jobs_started_total{kind=\"backups.nightly\"}").await;
     assert_eq!(runs, 3.0, "one run a night across three replicas");
 }
+
+/// Latencies in milliseconds, summarised.
+fn summary(mut ms: Vec<f64>) -> String {
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    format!(
+        "{} writes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms.len(),
+        at(0.5),
+        at(0.99),
+        ms.last().copied().unwrap_or(0.0)
+    )
+}
+
+/// Queue writes at 500/s go on while a backup of a store with a million plays is taken:
+/// every write succeeds, before and during (the writes run as long as the backup does).
+/// Prints both phases' latencies with `--nocapture` (a debug build's figures: compare the
+/// phases with each other, not with targets).
+#[actix_web::test]
+async fn queue_writes_at_500_a_second_all_succeed_during_a_backup() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let (name, url) = crate::helpers::fresh_postgres_database().await;
+    let _guard = crate::helpers::DatabaseGuard(name);
+    let hub = crate::helpers::HubProcess::start(&[
+        ("DATABASE_URL", url.as_str()),
+        ("SEGUE_RATE_LIMIT_ACCOUNT", "off"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let mut tokens = Vec::new();
+    for _ in 0..10 {
+        let handle: String = crate::helpers::unique("bk")
+            .replace('_', "")
+            .chars()
+            .take(20)
+            .collect();
+        let registered: Value = client
+            .post(format!("{}/auth/register", hub.address))
+            .json(&json!({"handle": handle, "password": "correct horse battery"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        tokens.push(registered["access_token"].as_str().unwrap().to_owned());
+    }
+    let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+    conn.batch_execute(
+        "INSERT INTO play_history (user_id, track_id, device_id, played_at) \
+         SELECT (SELECT min(id) FROM users), 'bulk-' || g, 'dev', \
+                TIMESTAMP '2026-01-01' + g * INTERVAL '1 second' \
+         FROM generate_series(1, 1000000) AS g",
+    )
+    .await
+    .unwrap();
+
+    // 500 writes a second, each timed, until `stop` is set; their latencies.
+    let write_until = |stop: Arc<AtomicBool>| {
+        let (client, address, tokens) = (client.clone(), hub.address.clone(), tokens.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            let mut writes = Vec::new();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                let token = tokens[n % tokens.len()].clone();
+                let (client, address) = (client.clone(), address.clone());
+                writes.push(tokio::spawn(async move {
+                    let state = json!({"track_ids": [format!("t{n}")], "current_index": 0,
+                                       "current_track_id": format!("t{n}"), "shuffle": false,
+                                       "original_order_ids": [format!("t{n}")]});
+                    let asked = Instant::now();
+                    let status = client
+                        .put(format!("{address}/queue/"))
+                        .bearer_auth(token)
+                        .json(&json!({"state": state}))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    (status, asked.elapsed().as_secs_f64() * 1000.0)
+                }));
+            }
+            let mut latencies = Vec::new();
+            for write in writes {
+                let (status, ms) = write.await.unwrap();
+                assert_eq!(status.ok(), Some(200), "a write failed");
+                latencies.push(ms);
+            }
+            latencies
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        timer.store(true, Ordering::Relaxed);
+    });
+    let baseline = write_until(stop).await;
+
+    let dir = crate::helpers::temp_dir("backup-load");
+    let env = vec![
+        ("DATABASE_URL", url.clone()),
+        ("SEGUE_DATA_DIR", dir.display().to_string()),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let backup = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let key = backup_now(&env);
+        done.store(true, Ordering::Relaxed);
+        (key, started.elapsed())
+    });
+    let (during, taken) = tokio::join!(write_until(stop), backup);
+    let (key, took) = taken.unwrap();
+    assert!(!during.is_empty());
+    assert!(key.ends_with(".pgdump.zst"), "{key}");
+    println!("baseline: {}", summary(baseline));
+    println!(
+        "during a backup ({:.1} s, {key}): {}",
+        took.as_secs_f64(),
+        summary(during)
+    );
+}

@@ -492,3 +492,41 @@ async fn a_million_plays_export_in_bounded_memory() {
     let lines = text.iter().filter(|b| **b == b'\n').count() as i64;
     assert_eq!(lines, PLAYS + 1, "a header and one line per play");
 }
+
+/// Exports asked for are limited per account (each reads the whole history): over the
+/// limit, 429 `rate_limited` naming `export_account`, and no export is made.
+#[actix_web::test]
+async fn asking_for_exports_too_often_is_refused_and_makes_none() {
+    let app = TestApp::spawn_tuned(Backend::Sqlite, |s| {
+        s.rate_limit_export_account = segue::ratelimit::Limit(Some("2/h".parse().unwrap()));
+    })
+    .await;
+    let account = app.register().await;
+    request_export(&app, &account, "plays_csv").await;
+    request_export(&app, &account, "account_json").await;
+    let refused = app
+        .client
+        .post(app.url("/exports"))
+        .bearer_auth(&account.access_token)
+        .json(&json!({"kind": "account_json"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        refused.headers()["ratelimit-policy"],
+        "\"export_account\";q=2;w=3600"
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    let listed: Value = app
+        .get_with_token("/exports/", &account.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["exports"].as_array().unwrap().len(), 2, "{listed}");
+    // Another account has its own budget.
+    let other = app.register().await;
+    request_export(&app, &other, "plays_csv").await;
+}
