@@ -767,6 +767,7 @@ impl Settings {
                 monthly: keep(self.backup_keep_monthly),
             },
             nightly: self.backup_schedule()?,
+            clock: self.clock.clone(),
             metrics,
         })
     }

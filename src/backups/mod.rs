@@ -138,6 +138,8 @@ pub struct Backups {
     pub retention: Retention,
     /// When the nightly backup runs (`daily SEGUE_BACKUP_AT`).
     pub nightly: Every,
+    /// The clock nights are told by (the scheduler's).
+    pub clock: crate::clock::Clock,
     pub metrics: crate::telemetry::BackupMetrics,
 }
 
@@ -146,10 +148,22 @@ impl Backups {
     pub fn handlers(self, handlers: Handlers) -> Handlers {
         handlers.on(&NIGHTLY, move |job: Job<Tick>| {
             let backups = self.clone();
+            let tick = job.payload.tick;
             // Named by the night it belongs to, so a retry replaces its own try's object.
-            let night = DateTime::from_timestamp_millis(backups.nightly.start_of(job.payload.tick))
+            let night = DateTime::from_timestamp_millis(backups.nightly.start_of(tick))
                 .unwrap_or_else(Utc::now);
+            let tonight = backups.nightly.tick_at(backups.clock.now_ms());
             async move {
+                // A night nobody led through (caught up later) would be today's data under
+                // an old night's name, and would push real older backups out of the retention.
+                if tick < tonight {
+                    tracing::warn!(
+                        tick,
+                        tonight,
+                        "a missed night's backup is skipped: tonight's stands for it"
+                    );
+                    return Ok(());
+                }
                 match backups.run(night).await {
                     Ok(done) => {
                         tracing::info!(
@@ -187,10 +201,7 @@ impl Backups {
     pub async fn run(&self, now: DateTime<Utc>) -> Result<Done, BackupError> {
         let started = Instant::now();
         let key = self.key_at(now);
-        let blob_key = BlobKey::parse(&key).map_err(|e| BackupError::NotABackup(e.0))?;
-        let upload = self.blobs.upload(&blob_key, "application/zstd").await?;
-        let outcome = self.write_into(upload).await;
-        let bytes = match outcome {
+        let bytes = match self.take(&key).await {
             Ok(bytes) => bytes,
             Err(error) => {
                 self.metrics.failures.inc();
@@ -198,16 +209,37 @@ impl Backups {
             }
         };
         let took = started.elapsed();
-        self.metrics.last_success.set(now.timestamp() as f64);
+        self.metrics
+            .last_success
+            .set(self.clock.now_ms() as f64 / 1000.0);
         self.metrics.last_duration.set(took.as_secs_f64());
         self.metrics.last_bytes.set(bytes as f64);
-        let deleted = self.apply_retention().await?;
+        // The backup is safe now: a retention that fails is logged and tried again after the
+        // next backup, never a reason to take this one again.
+        let deleted = match self.apply_retention().await {
+            Ok(deleted) => deleted,
+            Err(error) => {
+                let why = crate::error::chain(&error);
+                tracing::warn!(
+                    error = why,
+                    "backup retention failed; the next backup tries again"
+                );
+                Vec::new()
+            }
+        };
         Ok(Done {
             key,
             bytes,
             took,
             deleted,
         })
+    }
+
+    /// Writes a backup under `key`; its compressed size.
+    async fn take(&self, key: &str) -> Result<u64, BackupError> {
+        let blob_key = BlobKey::parse(key).map_err(|e| BackupError::NotABackup(e.0))?;
+        let upload = self.blobs.upload(&blob_key, "application/zstd").await?;
+        self.write_into(upload).await
     }
 
     /// The backups in the store, oldest first.
@@ -287,7 +319,10 @@ impl Backups {
         }
         // Closing the channel stops a maker still writing.
         drop(rx);
-        let made = maker.await.map_err(std::io::Error::other)?;
+        // A maker that panicked made nothing whole: abort as for any failure.
+        let made = maker
+            .await
+            .unwrap_or_else(|panic| Err(std::io::Error::other(panic).into()));
         match (stored, made) {
             (Ok(()), Ok(())) => Ok(upload.finish().await?),
             (Err(error), _) => {
@@ -422,6 +457,8 @@ fn dump_postgres(url: &SecretString, out: &mut impl Write) -> Result<(), BackupE
         .args([
             "--format=custom",
             "--compress=0",
+            // A lock held by a migration fails the backup (retried) rather than hanging it.
+            "--lock-wait-timeout=60000",
             "--no-owner",
             "--no-privileges",
             "--dbname",
@@ -482,7 +519,13 @@ fn restore_postgres(input: ChannelReader, into: &str, force: bool) -> Result<(),
     }
     let mut decoder = zstd::stream::read::Decoder::new(input)?;
     let mut command = std::process::Command::new("pg_restore");
-    command.args(["--no-owner", "--no-privileges", "--exit-on-error"]);
+    // One transaction: a restore that fails half-way leaves the target as it was.
+    command.args([
+        "--no-owner",
+        "--no-privileges",
+        "--exit-on-error",
+        "--single-transaction",
+    ]);
     if force {
         command.args(["--clean", "--if-exists"]);
     }
@@ -553,11 +596,26 @@ fn restore_sqlite(input: ChannelReader, into: &Path, force: bool) -> Result<(), 
         let _ = std::fs::remove_file(&temp);
         return Err(error.into());
     }
-    // A restored database replaces the old one whole, with no stale journal beside it.
+    // A restored database replaces the old one whole, with no stale journal beside it; the
+    // old journal is kept aside until the new database is in place, and put back if not.
+    let mut aside = Vec::new();
     for stale in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{stale}", into.display()));
+        let journal = PathBuf::from(format!("{}{stale}", into.display()));
+        let kept = PathBuf::from(format!("{}{stale}", temp.display()));
+        if std::fs::rename(&journal, &kept).is_ok() {
+            aside.push((journal, kept));
+        }
     }
-    std::fs::rename(&temp, into)?;
+    if let Err(error) = std::fs::rename(&temp, into) {
+        for (journal, kept) in aside {
+            let _ = std::fs::rename(kept, journal);
+        }
+        let _ = std::fs::remove_file(&temp);
+        return Err(error.into());
+    }
+    for (_, kept) in aside {
+        let _ = std::fs::remove_file(kept);
+    }
     Ok(())
 }
 

@@ -284,6 +284,7 @@ async fn a_sqlite_store_backed_up_locally_restores_whole() {
     assert_eq!(before, after);
     let again = segue_backup(&env, &["restore", &key, "--into", target.to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 
     let settings = crate::helpers::test_settings(&dir);
     let hub = TestApp::spawn_with(settings, dir, None).await;
@@ -464,6 +465,40 @@ async fn three_replicas_take_one_backup_a_night() {
     );
     let runs = sum("segue_jobs_started_total{kind=\"backups.nightly\"}").await;
     assert_eq!(runs, 3.0, "one run a night across three replicas");
+
+    // Two nights nobody led through: the leader catches their ticks up, but only tonight's
+    // backup is taken (the missed ones would be today's data under old names).
+    let tonight = first_night + 5 * DAY_MS;
+    // A second past 03:00: the ticks of nights 3, 4 and 5 are all due at once.
+    shift.store(
+        tonight + 1_000 - segue::clock::Clock::system().now_ms(),
+        Ordering::Relaxed,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while sum("segue_jobs_started_total{kind=\"backups.nightly\"}").await < 6.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the missed nights are not caught up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while backups.list().await.unwrap().len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tonight's backup is not taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let last: Vec<i64> = backups
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.taken_at.and_utc().timestamp_millis())
+        .collect();
+    assert_eq!(last.last(), Some(&tonight));
+    assert_eq!(last.len(), 4, "no backup for the missed nights: {last:?}");
 }
 
 /// Latencies in milliseconds, summarised.
@@ -536,7 +571,10 @@ async fn queue_writes_at_500_a_second_all_succeed_during_a_backup() {
             let mut tick = tokio::time::interval(Duration::from_millis(2));
             let mut writes = Vec::new();
             let mut n = 0usize;
-            while !stop.load(Ordering::Relaxed) {
+            // Bounded, so that a backup that fails (and never says it is done) fails the test
+            // instead of hanging it.
+            let began = Instant::now();
+            while !stop.load(Ordering::Relaxed) && began.elapsed() < Duration::from_secs(120) {
                 tick.tick().await;
                 n += 1;
                 let token = tokens[n % tokens.len()].clone();
