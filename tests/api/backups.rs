@@ -538,21 +538,7 @@ async fn queue_writes_at_500_a_second_all_succeed_during_a_backup() {
     let client = reqwest::Client::new();
     let mut tokens = Vec::new();
     for _ in 0..10 {
-        let handle: String = crate::helpers::unique("bk")
-            .replace('_', "")
-            .chars()
-            .take(20)
-            .collect();
-        let registered: Value = client
-            .post(format!("{}/auth/register", hub.address))
-            .json(&json!({"handle": handle, "password": "correct horse battery"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        tokens.push(registered["access_token"].as_str().unwrap().to_owned());
+        tokens.push(hub.register().await.access_token);
     }
     let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
     conn.batch_execute(

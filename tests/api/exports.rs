@@ -412,21 +412,7 @@ async fn a_million_plays_export_in_bounded_memory() {
     let _guard = crate::helpers::DatabaseGuard(name);
     let hub = crate::helpers::HubProcess::start(&[("DATABASE_URL", url.as_str())]).await;
     let client = reqwest::Client::new();
-    let handle: String = crate::helpers::unique("exp")
-        .replace('_', "")
-        .chars()
-        .take(20)
-        .collect();
-    let registered: Value = client
-        .post(format!("{}/auth/register", hub.address))
-        .json(&json!({"handle": handle, "password": "correct horse battery"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let account = crate::helpers::account_from(&registered, &handle, "correct horse battery");
+    let account = hub.register().await;
     const PLAYS: i64 = 1_000_000;
     let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
     conn.batch_execute(&format!(

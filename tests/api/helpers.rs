@@ -778,6 +778,22 @@ pub struct HubProcess {
 }
 
 impl HubProcess {
+    /// Registers a fresh account on this hub.
+    pub async fn register(&self) -> Account {
+        let handle: String = unique("hp").replace('_', "").chars().take(20).collect();
+        let password = "correct horse battery";
+        let registered: Value = reqwest::Client::new()
+            .post(format!("{}/auth/register", self.address))
+            .json(&json!({"handle": handle, "password": password}))
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("json body");
+        account_from(&registered, &handle, password)
+    }
+
     /// Starts the binary on a free port with `env` (and a fresh data directory), and waits
     /// until `/healthz` answers.
     pub async fn start(env: &[(&str, &str)]) -> Self {
