@@ -59,6 +59,7 @@ pub struct Metrics {
     pub bus_lost: IntCounter,
     /// Times the bus connection came back.
     pub bus_restored: IntCounter,
+    pub bus_missed: IntCounter,
     /// Requests and messages refused by a rate limit, by rule (a fixed set of names).
     pub rate_limited: IntCounterVec,
     /// Rate-limit decisions made in process because Redis did not answer in time.
@@ -221,6 +222,10 @@ impl Metrics {
             bus_heard: counter("bus_heard_total", "Events heard from other replicas")?,
             bus_lost: counter("bus_lost_total", "Times the bus connection was lost")?,
             bus_restored: counter("bus_restored_total", "Times the bus connection came back")?,
+            bus_missed: counter(
+                "bus_missed_total",
+                "Times another replica said some of its messages were not published",
+            )?,
             rate_limit_fail_open: counter(
                 "rate_limit_fail_open_total",
                 "Rate-limit decisions made in process because Redis did not answer in time",

@@ -75,6 +75,12 @@ pub enum BusNotice {
     /// The connection is back and every live channel is subscribed again; anything derived
     /// from bus messages should be refreshed.
     Restored,
+    /// Another replica failed to publish some messages (its link to the bus was down while
+    /// this replica's was not): anything derived from bus messages should be refreshed.
+    Missed {
+        /// The replica whose messages were lost.
+        origin: ReplicaId,
+    },
 }
 
 /// The stream of notices a bus hands to its replica's relay.

@@ -3,9 +3,17 @@
 //! Two background tasks per replica:
 //! * the **publisher** sends queued messages in call order, pipelining whatever has queued up
 //!   while the previous batch was in flight (one round trip for many messages);
+//!   A batch that fails leaves a *gap*: until a notice of it reaches the replica-wide gap
+//!   channel, the publisher keeps retrying that notice, and every other replica that hears it
+//!   refreshes what it derived from the bus (`Missed`);
 //! * the **subscriber** owns the pub/sub connection. It keeps the set of live channels, so
 //!   that when the connection drops it can reconnect with backoff, subscribe them all again,
-//!   and tell the replica (`Lost`, then `Restored`).
+//!   and tell the replica (`Lost`, then `Restored`). A connection can also die silently (a
+//!   Redis that hangs, a half-open link): when the subscription has heard nothing for
+//!   [`PROBE_WHEN_IDLE`], the subscriber publishes a probe to a channel of its own, and when
+//!   no echo comes within [`PROBE_TIMEOUT`] it rebuilds the connection as if it had dropped.
+//!   Every step of setting a connection up and every (un)subscribe is bounded by
+//!   [`SUBSCRIBE_TIMEOUT`], so a hung Redis cannot wedge the subscriber either.
 //!
 //! Wire format of a message: the publishing replica's id, a newline, the opaque body.
 
@@ -28,8 +36,23 @@ const MAX_PUBLISH_BATCH: usize = 512;
 /// First wait before reconnecting the subscriber; doubled after each failure.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 
-/// Longest wait between reconnection attempts.
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest wait between reconnection attempts. Short, so the bus is back within about a
+/// second of Redis (a subscriber is one connection per replica: retrying often costs little).
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long the subscription may hear nothing before the subscriber checks it with a probe.
+pub const PROBE_WHEN_IDLE: Duration = Duration::from_secs(1);
+
+/// How long the subscriber waits for its probe's echo before it rebuilds the connection. A
+/// silently dead subscription is therefore noticed at most `PROBE_WHEN_IDLE + PROBE_TIMEOUT`
+/// (2 s) after it last heard anything.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bound on connecting the subscriber and on each SUBSCRIBE or UNSUBSCRIBE being confirmed.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the publisher retries the notice of a gap until it goes through.
+const GAP_RETRY: Duration = Duration::from_millis(250);
 
 /// Where a message goes.
 #[derive(Clone, Copy)]
@@ -58,18 +81,24 @@ pub struct RedisBus {
     control: mpsc::UnboundedSender<Control>,
 }
 
-/// Channel names: `<ns>:user:<id>`, and `<ns>:replicas` for the replica-wide channel.
+/// Channel names: `<ns>:user:<id>`, `<ns>:replicas` for the replica-wide channel,
+/// `<ns>:gaps` for notices of failed publishes, and `<ns>:probe:<replica>` for one replica's
+/// liveness probes.
 #[derive(Clone)]
 struct Channels {
     prefix: String,
     replicas: String,
+    gaps: String,
+    probe: String,
 }
 
 impl Channels {
-    fn new(namespace: &str) -> Self {
+    fn new(namespace: &str, replica: &ReplicaId) -> Self {
         Self {
             prefix: format!("{namespace}:user:"),
             replicas: format!("{namespace}:replicas"),
+            gaps: format!("{namespace}:gaps"),
+            probe: format!("{namespace}:probe:{replica}"),
         }
     }
 
@@ -97,17 +126,27 @@ impl RedisBus {
         namespace: &str,
         replica: ReplicaId,
     ) -> (Self, BusNotices) {
-        let channels = Channels::new(namespace);
+        let channels = Channels::new(namespace, &replica);
         let (publish, publish_queue) = mpsc::unbounded_channel();
         let (control, control_queue) = mpsc::unbounded_channel();
         let (notify, notices) = mpsc::unbounded_channel();
         tokio::spawn(run_publisher(
-            pool,
+            pool.clone(),
             channels.clone(),
             replica.clone(),
             publish_queue,
         ));
-        tokio::spawn(run_subscriber(client, channels, control_queue, notify));
+        tokio::spawn(run_subscriber(Subscriber {
+            client,
+            pool,
+            channels,
+            replica,
+            control: control_queue,
+            notify,
+            live: HashSet::new(),
+            lost: false,
+            probes_sent: 0,
+        }));
         (Self { publish, control }, notices)
     }
 
@@ -178,8 +217,30 @@ async fn run_publisher(
     mut queue: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut batch = Vec::with_capacity(MAX_PUBLISH_BATCH);
-    while queue.recv_many(&mut batch, MAX_PUBLISH_BATCH).await > 0 {
+    // Whether some batch failed and the other replicas have not been told yet.
+    let mut gap = false;
+    loop {
+        if gap {
+            tokio::select! {
+                biased;
+                received = queue.recv_many(&mut batch, MAX_PUBLISH_BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(GAP_RETRY) => {}
+            }
+        } else if queue.recv_many(&mut batch, MAX_PUBLISH_BATCH).await == 0 {
+            return;
+        }
         let mut pipe = redis::pipe();
+        if gap {
+            // First, so the others refresh no earlier than what this batch carries.
+            pipe.cmd("PUBLISH")
+                .arg(&channels.gaps)
+                .arg(encode(&replica, b""))
+                .ignore();
+        }
         for message in &batch {
             pipe.cmd("PUBLISH")
                 .arg(channels.of(message.target))
@@ -193,8 +254,18 @@ async fn run_publisher(
                 .map_err(|e| PublishError::Unavailable(e.to_string())),
             Err(e) => Err(PublishError::Unavailable(e.to_string())),
         };
-        if let Err(error) = &result {
-            tracing::warn!(%error, messages = batch.len(), "bus publish failed");
+        match &result {
+            Ok(()) if gap => {
+                gap = false;
+                tracing::info!("bus publishing is back; the other replicas were told of the gap");
+            }
+            Ok(()) => {}
+            Err(error) => {
+                if !gap {
+                    tracing::warn!(%error, messages = batch.len(), "bus publish failed");
+                }
+                gap = true;
+            }
         }
         for message in batch.drain(..) {
             let _ = message.done.send(result.clone());
@@ -205,29 +276,21 @@ async fn run_publisher(
 /// State of the subscriber between connections.
 struct Subscriber {
     client: redis::Client,
+    /// For publishing the liveness probe.
+    pool: RedisPool,
     channels: Channels,
+    replica: ReplicaId,
     control: mpsc::UnboundedReceiver<Control>,
     notify: mpsc::UnboundedSender<BusNotice>,
     /// Channels that should be subscribed, whether or not the connection is up.
     live: HashSet<UserId>,
     /// Whether the replica has been told the bus was lost and not yet that it is back.
     lost: bool,
+    /// Probes published so far; each carries its number.
+    probes_sent: u64,
 }
 
-async fn run_subscriber(
-    client: redis::Client,
-    channels: Channels,
-    control: mpsc::UnboundedReceiver<Control>,
-    notify: mpsc::UnboundedSender<BusNotice>,
-) {
-    let mut subscriber = Subscriber {
-        client,
-        channels,
-        control,
-        notify,
-        live: HashSet::new(),
-        lost: false,
-    };
+async fn run_subscriber(mut subscriber: Subscriber) {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
         match subscriber.connected().await {
@@ -236,87 +299,156 @@ async fn run_subscriber(
             Ended::Failed => {}
         }
         subscriber.mark_lost();
-        if !subscriber.wait_offline(backoff).await {
+        if !subscriber.wait_offline(jittered(backoff)).await {
             return;
         }
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
 }
 
+/// Somewhere in the upper half of `backoff`, so replicas that lost Redis together do not
+/// all come back in the same millisecond.
+fn jittered(backoff: Duration) -> Duration {
+    use rand::Rng;
+    let half = backoff / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
 /// How a connection of the subscriber ended.
 enum Ended {
     /// The bus handle was dropped: stop for good.
     Shutdown,
-    /// It was up and serving, then dropped.
+    /// It was up and serving, then dropped (or was found dead).
     Served,
     /// It could not be set up.
     Failed,
 }
 
 impl Subscriber {
-    /// Connects, resubscribes every live channel, then serves until the connection drops.
+    /// Connects, resubscribes every live channel, then serves until the connection drops or
+    /// is found silently dead.
     async fn connected(&mut self) -> Ended {
-        let pubsub = match self.client.get_async_pubsub().await {
-            Ok(pubsub) => pubsub,
-            Err(error) => {
-                tracing::debug!(%error, "bus subscriber could not connect");
+        let pubsub =
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.get_async_pubsub()).await {
+                Ok(Ok(pubsub)) => pubsub,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "bus subscriber could not connect");
+                    return Ended::Failed;
+                }
+                Err(_) => {
+                    tracing::debug!("bus subscriber timed out connecting");
+                    return Ended::Failed;
+                }
+            };
+        let (mut sink, mut stream) = pubsub.split();
+        let names: Vec<String> = [
+            self.channels.replicas.clone(),
+            self.channels.gaps.clone(),
+            self.channels.probe.clone(),
+        ]
+        .into_iter()
+        .chain(self.live.iter().map(|u| self.channels.name(*u)))
+        .collect();
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(names)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "bus resubscribe failed");
                 return Ended::Failed;
             }
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        let names: Vec<String> = std::iter::once(self.channels.replicas.clone())
-            .chain(self.live.iter().map(|u| self.channels.name(*u)))
-            .collect();
-        if let Err(error) = sink.subscribe(names).await {
-            tracing::warn!(%error, "bus resubscribe failed");
-            return Ended::Failed;
+            Err(_) => {
+                tracing::warn!("bus resubscribe timed out");
+                return Ended::Failed;
+            }
         }
         if self.lost {
             self.lost = false;
             tracing::info!(channels = self.live.len(), "bus connection restored");
             let _ = self.notify.send(BusNotice::Restored);
         }
+        let mut last_heard = tokio::time::Instant::now();
+        // The deadline of the probe in flight, if one is.
+        let mut awaiting_echo: Option<tokio::time::Instant> = None;
         loop {
+            let wake = awaiting_echo.unwrap_or(last_heard + PROBE_WHEN_IDLE);
             tokio::select! {
                 message = stream.next() => {
                     let Some(message) = message else { return Ended::Served };
+                    // Anything heard proves the subscription alive, the echo included.
+                    last_heard = tokio::time::Instant::now();
+                    awaiting_echo = None;
                     self.forward(&message);
                 }
                 request = self.control.recv() => {
                     let Some(request) = request else { return Ended::Shutdown };
-                    let ok = match request {
-                        Control::Subscribe(user, done) => {
-                            self.live.insert(user);
-                            let result = sink.subscribe(self.channels.name(user)).await;
-                            let ok = result.is_ok();
-                            let _ = done.send(result.map_err(|e| SubscribeError::Unavailable(e.to_string())));
-                            ok
-                        }
-                        Control::Unsubscribe(user, done) => {
-                            self.live.remove(&user);
-                            let result = sink.unsubscribe(self.channels.name(user)).await;
-                            let ok = result.is_ok();
-                            let _ = done.send(result.map_err(|e| SubscribeError::Unavailable(e.to_string())));
-                            ok
-                        }
+                    let (user, subscribe, done) = match request {
+                        Control::Subscribe(user, done) => (user, true, done),
+                        Control::Unsubscribe(user, done) => (user, false, done),
                     };
+                    let channel = self.channels.name(user);
+                    let confirmed = if subscribe {
+                        self.live.insert(user);
+                        tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(channel)).await
+                    } else {
+                        self.live.remove(&user);
+                        tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(channel)).await
+                    };
+                    let result = match confirmed {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(error)) => Err(SubscribeError::Unavailable(error.to_string())),
+                        Err(_) => Err(SubscribeError::Unavailable("Redis did not confirm in time".into())),
+                    };
+                    let ok = result.is_ok();
+                    let _ = done.send(result);
                     if !ok {
                         return Ended::Served;
                     }
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    if awaiting_echo.is_some() {
+                        tracing::warn!(
+                            silent_for_ms = last_heard.elapsed().as_millis() as u64,
+                            "bus subscription heard nothing, not even its own probe; rebuilding it"
+                        );
+                        return Ended::Served;
+                    }
+                    awaiting_echo = Some(tokio::time::Instant::now() + PROBE_TIMEOUT);
+                    self.send_probe();
                 }
             }
         }
     }
 
+    /// Publishes a probe on this replica's own channel, through the command pool, without
+    /// waiting for it: its echo (or the lack of one) is what counts.
+    fn send_probe(&mut self) {
+        self.probes_sent += 1;
+        let (pool, channel) = (self.pool.clone(), self.channels.probe.clone());
+        let body = encode(&self.replica, self.probes_sent.to_string().as_bytes());
+        tokio::spawn(async move {
+            if let Ok(mut conn) = pool.get().await {
+                let _: Result<(), _> = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(body)
+                    .query_async(&mut *conn)
+                    .await;
+            }
+        });
+    }
+
     /// Hands a heard message to the replica.
     fn forward(&self, message: &redis::Msg) {
         let channel = message.get_channel_name();
+        if channel == self.channels.probe {
+            return;
+        }
         let Some((origin, body)) = decode(message.get_payload_bytes()) else {
             tracing::warn!(channel, "unreadable bus message dropped");
             return;
         };
         let notice = if channel == self.channels.replicas {
             BusNotice::Broadcast { origin, body }
+        } else if channel == self.channels.gaps {
+            BusNotice::Missed { origin }
         } else if let Some(user) = self.channels.user(channel) {
             BusNotice::Message(BusMessage { user, origin, body })
         } else {
@@ -380,8 +512,9 @@ mod tests {
 
     #[test]
     fn channel_names_map_back_to_users() {
-        let channels = Channels::new("segue");
+        let channels = Channels::new("segue", &ReplicaId("r1".into()));
         assert_eq!(channels.of(Target::Replicas), "segue:replicas");
+        assert_eq!(channels.probe, "segue:probe:r1");
         assert_eq!(channels.name(UserId(42)), "segue:user:42");
         assert_eq!(channels.user("segue:user:42"), Some(UserId(42)));
         assert_eq!(channels.user("other:user:42"), None);

@@ -516,6 +516,39 @@ impl Handler<BusRestored> for Hub {
 
     fn handle(&mut self, _: BusRestored, ctx: &mut Context<Self>) {
         self.metrics.bus_restored.inc();
+        self.resync(ctx);
+    }
+}
+
+/// Another replica could not publish some of its messages while this replica's bus was up:
+/// what this replica derived from the bus may be stale, as after a loss of its own.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BusMissed;
+
+impl Handler<BusMissed> for Hub {
+    type Result = ();
+
+    fn handle(&mut self, _: BusMissed, ctx: &mut Context<Self>) {
+        self.metrics.bus_missed.inc();
+        if let Some(queues) = &self.queues {
+            queues.bus_lost();
+        }
+        self.resync(ctx);
+    }
+}
+
+/// Store reads in flight at once while a resync sends every session its queue: a resync of
+/// thousands of sessions must not take every pooled connection (requests need them too).
+const RESYNC_CONCURRENCY: usize = 4;
+
+impl Hub {
+    /// Refreshes everything derived from bus messages that may have been missed: cached login
+    /// answers, presence, and every local user's queue, sent again as the store has it (a
+    /// device already at that revision drops it).
+    fn resync(&mut self, ctx: &mut Context<Self>) {
+        use futures_util::StreamExt;
+
         self.logins.trust_cache_again();
         // Presence heard meanwhile was missed too: the presence actor rewrites its own
         // entries and re-reads every view.
@@ -526,22 +559,26 @@ impl Handler<BusRestored> for Hub {
             return;
         };
         queues.bus_restored();
-        // Changes made elsewhere while the bus was away were missed: send every user here
-        // their queue as the store has it (a device already at that revision drops it).
-        for (user, entry) in &self.sessions {
-            let (queues, session, user) = (queues.clone(), entry.session.clone(), *user);
-            ctx.spawn(
-                async move {
-                    match queues.read(user).await {
-                        Ok(view) => {
-                            session.do_send(session::Deliver(changed_event(user, &view, None)))
+        let sessions: Vec<(UserId, Addr<UserSession>)> = self
+            .sessions
+            .iter()
+            .map(|(user, entry)| (*user, entry.session.clone()))
+            .collect();
+        ctx.spawn(
+            futures_util::stream::iter(sessions)
+                .for_each_concurrent(RESYNC_CONCURRENCY, move |(user, session)| {
+                    let queues = queues.clone();
+                    async move {
+                        match queues.read(user).await {
+                            Ok(view) => {
+                                session.do_send(session::Deliver(changed_event(user, &view, None)))
+                            }
+                            Err(error) => tracing::warn!(%error, %user, "queue resync failed"),
                         }
-                        Err(error) => tracing::warn!(%error, %user, "queue resync failed"),
                     }
-                }
+                })
                 .into_actor(self),
-            );
-        }
+        );
     }
 }
 

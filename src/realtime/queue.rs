@@ -184,9 +184,35 @@ impl Queues {
         };
         let current = Arc::new(self.load(user).await?);
         if subscribed && self.inner.bus_up.load(Ordering::Acquire) {
-            self.inner.queues.insert(user, current.clone());
+            self.remember(user, current.clone());
         }
         Ok(current)
+    }
+
+    /// The store's queue after a lost compare-and-swap: the cache was behind (the winner's
+    /// push is on its way). The cached entry stays until something later replaces it, so reads
+    /// keep being served from memory even if the store fails now.
+    async fn reload(&self, user: UserId) -> Result<Arc<Current>, QueueError> {
+        let fresh = Arc::new(self.load(user).await?);
+        if self.inner.queues.contains_key(&user) {
+            self.remember(user, fresh.clone());
+        }
+        Ok(fresh)
+    }
+
+    /// Caches `next` as the user's queue unless the cache holds a later revision already (a
+    /// push heard while this replica was reading the store must not be undone by the older
+    /// read).
+    fn remember(&self, user: UserId, next: Arc<Current>) {
+        use moka::ops::compute::Op;
+        let _ = self
+            .inner
+            .queues
+            .entry(user)
+            .and_compute_with(|cached| match cached {
+                Some(entry) if entry.value().revision >= next.revision => Op::Nop,
+                _ => Op::Put(next.clone()),
+            });
     }
 
     /// The store's queue and the user's `auto_advance`.
@@ -310,7 +336,7 @@ impl Queues {
                 Some(view) => return Ok(view),
                 // Someone else wrote in between: with If-Match that is a conflict (unless the
                 // store still says otherwise); without, last write wins on top of theirs.
-                None => current = Arc::new(self.load(user).await?),
+                None => current = self.reload(user).await?,
             }
         }
     }
@@ -334,7 +360,7 @@ impl Queues {
             if let Some(view) = self.swap(user, &current, state, device).await? {
                 return Ok((view, skipped));
             }
-            current = Arc::new(self.load(user).await?);
+            current = self.reload(user).await?;
         }
         loop {
             if let Some(done) = self.apply_locked(user, ops, device, &mut rng).await? {
@@ -397,8 +423,7 @@ impl Queues {
     }
 
     /// One compare-and-swap on top of `base`. On success the cache holds the new state and
-    /// the change is pushed to the user's devices; on a lost race the cached entry is dropped
-    /// and `None` returned.
+    /// the change is pushed to the user's devices; on a lost race `None`.
     async fn swap(
         &self,
         user: UserId,
@@ -419,7 +444,6 @@ impl Queues {
         .await?;
         drop(pooled);
         let Written::Stored(revision) = written else {
-            self.inner.queues.invalidate(&user);
             return Ok(None);
         };
         self.stored(user, state, revision, device).await.map(Some)
@@ -435,7 +459,7 @@ impl Queues {
         device: &DeviceId,
     ) -> Result<QueueView, QueueError> {
         if self.inner.queues.contains_key(&user) {
-            self.inner.queues.insert(
+            self.remember(
                 user,
                 Arc::new(Current {
                     state: state.clone(),
@@ -443,7 +467,24 @@ impl Queues {
                 }),
             );
         }
-        let view = self.view(state, revision).await?;
+        // The write is committed: it is acknowledged and pushed whatever happens next. Should
+        // the store fail the track lookup now (it went away just after the commit), the view
+        // carries the tracks this replica has cached.
+        let view = match self.view(state.clone(), revision).await {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::warn!(%error, %user, revision, "tracks of a stored queue could not be read; sending the cached ones");
+                QueueView {
+                    tracks: state
+                        .track_ids
+                        .iter()
+                        .filter_map(|id| self.inner.tracks.get(id))
+                        .collect(),
+                    state,
+                    revision,
+                }
+            }
+        };
         self.inner.hub.do_send(Publish {
             user,
             event: changed_event(user, &view, Some(device)),
@@ -451,9 +492,8 @@ impl Queues {
         Ok(view)
     }
 
-    /// A `queue_changed` heard from another replica: the next revision updates the cached
-    /// queue; a later one means revisions were missed, so the entry goes (the next read asks
-    /// the store); an older one changes nothing.
+    /// A `queue_changed` heard from another replica: a later revision replaces the cached
+    /// queue (the push carries the whole state); an older one changes nothing.
     pub fn observe(&self, user: UserId, revision: i64, payload: &Value) {
         let Some(current) = self.inner.queues.get(&user) else {
             return;
@@ -461,20 +501,37 @@ impl Queues {
         if revision <= current.revision {
             return;
         }
-        let next = (revision == current.revision + 1)
-            .then(|| {
-                serde_json::from_value::<QueueState>(
-                    payload.get("state").cloned().unwrap_or_default(),
-                )
-                .ok()
-            })
-            .flatten();
+        // A push carries the whole state at its revision, so a later one replaces the cached
+        // entry even when revisions in between were not heard (with writers on several
+        // replicas, another's change can arrive before this replica's own is cached).
+        let next =
+            serde_json::from_value::<QueueState>(payload.get("state").cloned().unwrap_or_default())
+                .ok();
         match next {
-            Some(state) => self
-                .inner
-                .queues
-                .insert(user, Arc::new(Current { state, revision })),
+            Some(state) => {
+                self.learn_tracks(&state.track_ids, payload.get("tracks"));
+                self.remember(user, Arc::new(Current { state, revision }));
+            }
             None => self.inner.queues.invalidate(&user),
+        }
+    }
+
+    /// Remembers what another replica's change says of its tracks (those it sent are known,
+    /// the other ids of the queue are not in the catalog), so this replica can serve the queue
+    /// without asking the store, even while the store is away. Only fills gaps: what this
+    /// replica cached itself stays.
+    fn learn_tracks(&self, ids: &[String], tracks: Option<&Value>) {
+        let sent: Vec<TrackView> = tracks
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default();
+        for id in ids {
+            if self.knows_track(id) {
+                continue;
+            }
+            match sent.iter().find(|track| track.id == *id) {
+                Some(track) => self.inner.tracks.insert(id.clone(), track.clone()),
+                None => self.inner.unknown_tracks.insert(id.clone(), ()),
+            }
         }
     }
 

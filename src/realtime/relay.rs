@@ -3,7 +3,7 @@
 
 use actix::prelude::*;
 
-use super::hub::{BusLost, BusRestored, Heard, HeardBroadcast, Hub};
+use super::hub::{BusLost, BusMissed, BusRestored, Heard, HeardBroadcast, Hub};
 use crate::bus::{BusNotice, BusNotices, ReplicaId};
 
 pub struct Relay {
@@ -44,6 +44,8 @@ impl StreamHandler<BusNotice> for Relay {
             BusNotice::Broadcast { body, .. } => self.hub.do_send(HeardBroadcast { body }),
             BusNotice::Lost => self.hub.do_send(BusLost),
             BusNotice::Restored => self.hub.do_send(BusRestored),
+            BusNotice::Missed { origin } if origin == self.replica => {}
+            BusNotice::Missed { .. } => self.hub.do_send(BusMissed),
         }
     }
 }

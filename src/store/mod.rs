@@ -13,6 +13,7 @@ pub mod artwork;
 pub mod blocking;
 pub mod blocks;
 pub mod catalog;
+mod deadline;
 pub mod devices;
 pub mod exports;
 pub mod follows;
@@ -74,6 +75,9 @@ pub enum StoreError {
     /// No connection could be had within the connect timeout.
     #[error("the database is unreachable")]
     Unavailable(#[source] bb8::RunError<PoolError>),
+    /// The server did not answer a round trip within this long.
+    #[error("the database did not answer within {0:?}")]
+    Unresponsive(Duration),
     /// A query failed.
     #[error("a database query failed")]
     Query(#[from] DieselError),
@@ -92,15 +96,23 @@ impl StoreError {
     /// True when the failure is the database being away rather than a bad query; the HTTP
     /// layer answers 503 for these.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::Unavailable(_)
-                | Self::Query(DieselError::DatabaseError(
-                    DatabaseErrorKind::ClosedConnection,
-                    _
-                ))
-                | Self::Query(DieselError::BrokenTransactionManager)
-        )
+        match self {
+            Self::Unavailable(_) | Self::Unresponsive(_) => true,
+            Self::Query(DieselError::BrokenTransactionManager) => true,
+            Self::Query(DieselError::DatabaseError(kind, info)) => match kind {
+                // The connection died under the query (the server went away, or its reply
+                // was overdue).
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
+                    true
+                }
+                // The server ending the session (restart, `pg_terminate_backend`, crash of
+                // another backend): SQLSTATE class 57P, which Diesel reports without its code,
+                // only by message.
+                DatabaseErrorKind::Unknown => info.message().starts_with("terminating connection"),
+                _ => false,
+            },
+            _ => false,
+        }
     }
 
     /// True when an insert hit a unique constraint.
@@ -144,6 +156,9 @@ enum Pools {
 #[derive(Clone)]
 pub struct Store {
     pools: Pools,
+    /// Raised when a connection found the server unresponsive (PostgreSQL only).
+    suspicion: deadline::Suspicion,
+    connect_timeout: Duration,
 }
 
 /// A borrowed connection of either backend, as store functions take it.
@@ -222,14 +237,24 @@ impl Store {
         }
         run_migrations(target.clone()).await?;
 
+        let suspicion = deadline::Suspicion::default();
+        let connect_timeout = settings.db_connect_timeout();
         let pools = match target {
             DatabaseTarget::Postgres(url) => {
                 let statement_timeout = settings.db_statement_timeout_ms;
+                // A reply may take as long as the server lets a statement run, plus the time a
+                // round trip may take on a slow link.
+                let reply_limit =
+                    Duration::from_millis(statement_timeout) + settings.db_connect_timeout();
+                let on_setup = suspicion.clone();
                 let mut config = ManagerConfig::<AsyncPgConnection>::default();
                 config.recycling_method = RecyclingMethod::Fast;
                 config.custom_setup = Box::new(move |url| {
+                    let suspicion = on_setup.clone();
                     async move {
-                        let mut conn = AsyncPgConnection::establish(url).await?;
+                        let mut conn =
+                            deadline::establish(url, connect_timeout, reply_limit, suspicion)
+                                .await?;
                         // A runaway query must not hold a pooled connection for ever.
                         conn.batch_execute(&format!("SET statement_timeout = {statement_timeout}"))
                             .await
@@ -270,7 +295,11 @@ impl Store {
                 )
             }
         };
-        Ok(Self { pools })
+        Ok(Self {
+            pools,
+            suspicion,
+            connect_timeout,
+        })
     }
 
     /// Which backend is live, for logs and readiness output.
@@ -282,15 +311,39 @@ impl Store {
     }
 
     /// Checks a connection out of the pool, waiting at most the configured connect timeout.
+    ///
+    /// A PostgreSQL connection the server has closed while it sat in the pool (a restart,
+    /// `pg_terminate_backend`) is discarded here rather than handed out to fail its first
+    /// query. While the store is suspect (a reply was overdue), the connection must first
+    /// answer one round trip within the connect timeout, so requests to a server that stopped
+    /// answering fail within that timeout too.
     pub async fn conn(&self) -> Result<PooledConn, StoreError> {
-        Ok(match &self.pools {
+        match &self.pools {
             Pools::Postgres(pool) => {
-                PooledConn::Postgres(pool.get_owned().await.map_err(StoreError::Unavailable)?)
+                let mut pooled = loop {
+                    let mut pooled = pool.get_owned().await.map_err(StoreError::Unavailable)?;
+                    if !diesel_async::pooled_connection::PoolableConnection::is_broken(&mut *pooled)
+                    {
+                        break pooled;
+                    }
+                    // Dropped: the pool sees it is broken and closes it.
+                };
+                if self.suspicion.is_raised() {
+                    let probe = diesel::sql_query("SELECT 1").execute(&mut *pooled);
+                    match tokio::time::timeout(self.connect_timeout, probe).await {
+                        Ok(Ok(_)) => self.suspicion.clear(),
+                        Ok(Err(error)) => return Err(StoreError::Query(error)),
+                        Err(_) => {
+                            return Err(StoreError::Unresponsive(self.connect_timeout));
+                        }
+                    }
+                }
+                Ok(PooledConn::Postgres(pooled))
             }
-            Pools::Sqlite(pool) => {
-                PooledConn::Sqlite(pool.get_owned().await.map_err(StoreError::Unavailable)?)
-            }
-        })
+            Pools::Sqlite(pool) => Ok(PooledConn::Sqlite(
+                pool.get_owned().await.map_err(StoreError::Unavailable)?,
+            )),
+        }
     }
 
     /// One round trip to the database, for readiness checks.

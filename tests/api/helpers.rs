@@ -333,6 +333,15 @@ pub async fn spawn_cluster_tuned(
     bus: ClusterBus,
     tune: impl Fn(&mut Settings),
 ) -> Vec<TestApp> {
+    spawn_cluster_each(count, bus, |_, settings| tune(settings)).await
+}
+
+/// Like [`spawn_cluster`], with `tune(index, settings)` applied to each replica's settings.
+pub async fn spawn_cluster_each(
+    count: usize,
+    bus: ClusterBus,
+    tune: impl Fn(usize, &mut Settings),
+) -> Vec<TestApp> {
     let (name, url) = fresh_postgres_database().await;
     let namespace = unique("segue_test");
     let network = MemoryNetwork::new();
@@ -345,7 +354,7 @@ pub async fn spawn_cluster_tuned(
         if let ClusterBus::Redis(redis) = &bus {
             settings.redis_url = Some(redis.clone().into());
         }
-        tune(&mut settings);
+        tune(index, &mut settings);
         // The first replica drops the shared database when the test ends.
         let owner = (index == 0).then(|| name.clone());
         replicas.push(TestApp::spawn_on(settings, data_dir, owner, network.clone()).await);
@@ -656,6 +665,41 @@ impl PrivatePostgres {
         assert!(status.success(), "pg_ctl start failed");
     }
 
+    /// Restarts the server in `mode` (`fast`: sessions are ended cleanly; `immediate`: as a
+    /// crash, with recovery at start).
+    pub fn restart(&self, mode: &str) {
+        let status = as_postgres_user(&pg_binary("pg_ctl"))
+            .args(["-m", mode, "-w", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run pg_ctl stop");
+        assert!(status.success(), "pg_ctl stop -m {mode} failed");
+        self.resume();
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the server and every process it runs.
+    pub fn signal_all(&self, signal: &str) {
+        let pid_file = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid"))
+            .expect("postmaster.pid");
+        let postmaster = pid_file.lines().next().expect("pid line").trim().to_owned();
+        let status = Command::new("pkill")
+            .args([&format!("-{signal}"), "-P", &postmaster])
+            .status()
+            .expect("pkill");
+        assert!(
+            status.success(),
+            "pkill -{signal} found no server processes"
+        );
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &postmaster])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {postmaster} failed");
+    }
+
     /// Stops the server at once (as a crash would).
     pub fn halt(&self) {
         let _ = as_postgres_user(&pg_binary("pg_ctl"))
@@ -670,6 +714,17 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        // A test that failed while the server was paused must not leave pg_ctl waiting on it.
+        if let Ok(pid_file) = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid"))
+            && let Some(postmaster) = pid_file.lines().next()
+        {
+            let _ = Command::new("pkill")
+                .args(["-CONT", "-P", postmaster.trim()])
+                .status();
+            let _ = Command::new("kill")
+                .args(["-CONT", postmaster.trim()])
+                .status();
+        }
         self.halt();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -710,6 +765,16 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Runs one command with `redis-cli` and returns what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Starts (or restarts) the server on the same port and waits until it answers.
     pub fn resume(&mut self) {
         let mut args: Vec<String> = [
@@ -719,6 +784,9 @@ impl PrivateRedis {
             "127.0.0.1",
             "--save",
             "",
+            // Fault tests hang the server on purpose with DEBUG SLEEP.
+            "--enable-debug-command",
+            "local",
         ]
         .map(String::from)
         .to_vec();

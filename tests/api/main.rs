@@ -19,6 +19,7 @@ mod catalog;
 mod cluster;
 mod exports;
 mod failures;
+mod faults;
 mod health;
 mod ingest;
 mod ingest_cluster;

@@ -205,6 +205,24 @@ impl PhxClient {
         false
     }
 
+    /// The next frame (kept ones first), or `None` when nothing arrives within `wait` or the
+    /// socket closed.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Some(frame);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    return Some(serde_json::from_str(&text).expect("server frames are JSON"));
+                }
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => return None,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     /// Reads and discards whatever has already arrived.
     pub async fn drain_now(&mut self) {
         self.pending.clear();

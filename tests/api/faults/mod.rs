@@ -1,0 +1,290 @@
+//! Fault injection (issue 15): two replicas on PostgreSQL and a private Redis, a fault while
+//! devices watch and writers write, then the checks every row of `docs/reliability.md`
+//! promises: nothing acknowledged lost, revisions contiguous, every device back on the
+//! store's state. Each test prints the figure it measured (`--nocapture` shows it);
+//! `scripts/faults/` runs the long versions.
+
+mod postgres;
+pub mod proxy;
+mod redis;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::Client;
+use serde_json::{Value, json};
+
+use crate::helpers::{Account, TestApp};
+use crate::phoenix::{PhxClient, connect_url, socket_url};
+
+/// A device of the test's user: a socket joined to `queue:{id}` that remembers the last
+/// state it was sent.
+pub struct Device {
+    socket: PhxClient,
+    topic: String,
+    pub revision: i64,
+    pub state: Value,
+}
+
+impl Device {
+    pub async fn join(app: &TestApp, account: &Account, name: &str) -> Self {
+        let url = socket_url(
+            app,
+            &format!("vsn=2.0.0&token={}&device_id={name}", account.access_token),
+        );
+        let mut socket = connect_url(&url).await.expect("socket connects");
+        let topic = format!("queue:{}", account.id);
+        let (_, reply) = socket.join(&topic, json!({})).await;
+        assert_eq!(reply[4]["status"], "ok", "join {topic}: {reply}");
+        let response = &reply[4]["response"];
+        Self {
+            socket,
+            topic,
+            revision: response["revision"].as_i64().unwrap_or(0),
+            state: response["state"].clone(),
+        }
+    }
+
+    /// Reads `queue_changed` pushes until this device is at `revision` or later; false when
+    /// `within` runs out first. A device is never sent a revision at or below one it has.
+    pub async fn catch_up(&mut self, revision: i64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.revision < revision {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(frame) = self.socket.next_within(left).await else {
+                return false;
+            };
+            if frame[2] != self.topic.as_str() || frame[3] != "queue_changed" {
+                continue;
+            }
+            let pushed = frame[4]["revision"].as_i64().expect("revision");
+            assert!(
+                pushed > self.revision,
+                "a device at revision {} was sent revision {pushed}",
+                self.revision
+            );
+            self.revision = pushed;
+            self.state = frame[4]["state"].clone();
+        }
+        true
+    }
+}
+
+/// What a writer saw: (revision, track it appended) per acknowledged write, and the status
+/// of every refused one.
+#[derive(Default)]
+pub struct Writes {
+    pub acknowledged: Vec<(i64, String)>,
+    pub refused: Vec<u16>,
+    /// The longest a refused write took to be answered.
+    pub slowest_refusal: Duration,
+}
+
+/// Appends one fresh track per request to the user's queue on `base` until `stop` is set.
+pub async fn write_until(
+    base: String,
+    token: String,
+    tag: String,
+    stop: Arc<AtomicBool>,
+) -> Writes {
+    let client = Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let mut writes = Writes::default();
+    let mut n = 0;
+    while !stop.load(Ordering::Acquire) {
+        n += 1;
+        let track = format!("{tag}-{n}");
+        let started = Instant::now();
+        let sent = client
+            .post(format!("{base}/queue/ops"))
+            .bearer_auth(&token)
+            .json(&json!({"ops": [{"op": "append", "track_ids": [track]}]}))
+            .send()
+            .await;
+        let refused_before = writes.refused.len();
+        match sent {
+            Ok(response) if response.status() == 200 => {
+                let body: Value = response.json().await.expect("json body");
+                writes
+                    .acknowledged
+                    .push((body["revision"].as_i64().expect("revision"), track));
+            }
+            Ok(response) => writes.refused.push(response.status().as_u16()),
+            // No answer is not an acknowledgement.
+            Err(_) => writes.refused.push(0),
+        }
+        if writes.refused.len() > refused_before {
+            writes.slowest_refusal = writes.slowest_refusal.max(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writes
+}
+
+/// Writers on every replica, running until [`Writers::finish`].
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Writes>>,
+}
+
+impl Writers {
+    pub fn start(replicas: &[&TestApp], account: &Account) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = replicas
+            .iter()
+            .enumerate()
+            .map(|(index, app)| {
+                tokio::spawn(write_until(
+                    app.address.clone(),
+                    account.access_token.clone(),
+                    format!("w{index}"),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    pub async fn finish(self) -> Writes {
+        self.stop.store(true, Ordering::Release);
+        let mut all = Writes::default();
+        for task in self.tasks {
+            let writes = task.await.expect("writer task");
+            all.acknowledged.extend(writes.acknowledged);
+            all.refused.extend(writes.refused);
+            all.slowest_refusal = all.slowest_refusal.max(writes.slowest_refusal);
+        }
+        all
+    }
+}
+
+/// The user's queue as a replica serves it once it is at `revision` at least.
+pub async fn queue_at_least(app: &TestApp, account: &Account, revision: i64) -> Value {
+    let started = Instant::now();
+    loop {
+        let response = app.get_with_token("/queue/", &account.access_token).await;
+        if response.status() == 200 {
+            let body: Value = response.json().await.expect("json body");
+            if body["revision"].as_i64().unwrap_or(0) >= revision {
+                return body;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{} never served revision {revision}",
+            app.address
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The checks after a fault: every acknowledged write is in the store's queue, each with a
+/// revision of its own, the revisions contiguous, both replicas serve the same queue, and
+/// every device reaches it. Returns how long the slowest device took, from `healed`.
+pub async fn assert_consistent(
+    replicas: &[&TestApp],
+    account: &Account,
+    writes: &Writes,
+    earlier: &[(i64, String)],
+    devices: &mut [Device],
+    healed: Instant,
+) -> Duration {
+    let mut acknowledged: Vec<(i64, String)> = earlier.to_vec();
+    acknowledged.extend(writes.acknowledged.iter().cloned());
+    let last = acknowledged.iter().map(|(r, _)| *r).max().unwrap_or(0);
+    let first = replicas.first().expect("a replica");
+    let stored = queue_at_least(first, account, last).await;
+    let revision = stored["revision"].as_i64().expect("revision");
+    for other in replicas.iter().skip(1) {
+        let there = queue_at_least(other, account, revision).await;
+        assert_eq!(there["state"], stored["state"], "the replicas disagree");
+    }
+    let tracks: Vec<&str> = stored["state"]["track_ids"]
+        .as_array()
+        .expect("track ids")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .map(|(_, t)| t)
+        .filter(|t| !tracks.contains(&t.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // Each acknowledged write has a revision of its own within the history. (A refused write
+    // may still have been applied, as when its answer is lost on the way.)
+    let mut revisions: Vec<i64> = acknowledged.iter().map(|(r, _)| *r).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(
+        revisions.len(),
+        acknowledged.len(),
+        "two writes acknowledged with one revision"
+    );
+    assert!(
+        revisions.iter().all(|r| (1..=revision).contains(r)),
+        "an acknowledged revision is beyond the store's {revision}"
+    );
+    // The history is contiguous: the store's queue holds one entry per applied write.
+    assert_eq!(
+        i64::try_from(tracks.len()).expect("length"),
+        revision,
+        "the store's revision does not count its writes"
+    );
+    let ambiguous = revision - i64::try_from(acknowledged.len()).expect("count");
+    if ambiguous > 0 {
+        println!("{ambiguous} refused write(s) had been applied nonetheless");
+    }
+    let mut slowest = Duration::ZERO;
+    for device in devices.iter_mut() {
+        assert!(
+            device.catch_up(revision, Duration::from_secs(15)).await,
+            "a device stayed at revision {} of {revision}",
+            device.revision
+        );
+        assert_eq!(
+            device.state, stored["state"],
+            "a device ended on another state"
+        );
+        slowest = slowest.max(healed.elapsed());
+    }
+    slowest
+}
+
+/// Writes one track on `app` and returns (revision, track).
+pub async fn append(app: &TestApp, account: &Account, track: &str) -> (i64, String) {
+    let response = app
+        .post_json_authed(
+            "/queue/ops",
+            &account.access_token,
+            &json!({"ops": [{"op": "append", "track_ids": [track]}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json body");
+    (
+        body["revision"].as_i64().expect("revision"),
+        track.to_owned(),
+    )
+}
+
+/// Waits until `app`'s metric `name` reaches `at_least`; how long that took, or `None`
+/// after `within`.
+pub async fn metric_reaches(
+    app: &TestApp,
+    name: &str,
+    at_least: f64,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if app.metric(name).await >= at_least {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
