@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -376,12 +376,51 @@ pub enum DatabaseTarget {
     Sqlite(PathBuf),
 }
 
+/// An environment value as figment reads one: `5` a number, `true` a boolean, `[1, 2]` an
+/// array, anything else text.
+fn env_value(value: &str) -> figment::value::Value {
+    value
+        .parse()
+        .unwrap_or_else(|_| figment::value::Value::from(value.to_owned()))
+}
+
+/// Longest any duration setting may be: far beyond any sensible value, and short enough that
+/// the hub can add it to a clock or to another duration without overflowing.
+const DURATION_MAX_SECS: u64 = 10 * 366 * 86_400;
+
 impl Settings {
     /// Reads the layered settings from the process environment.
     pub fn load() -> Result<Self, SettingsError> {
+        Self::from_vars(std::env::vars_os().map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        }))
+    }
+
+    /// Reads the layered settings from `vars` as if they were the environment: the file named
+    /// by `SEGUE_CONFIG`, then `SEGUE_*`, then the unprefixed names. Values are read as
+    /// figment reads the environment (`5` a number, `true` a boolean, anything else text).
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut prefixed = figment::value::Dict::new();
+        let mut unprefixed = figment::value::Dict::new();
+        let mut config = None;
+        for (key, value) in vars {
+            // As figment's `Env` reads names: trimmed, any case.
+            let upper = key.trim().to_ascii_uppercase();
+            if upper == "SEGUE_CONFIG" {
+                config = Some(PathBuf::from(value));
+            } else if let Some(name) = upper.strip_prefix("SEGUE_").filter(|n| !n.is_empty()) {
+                prefixed.insert(name.to_ascii_lowercase(), env_value(&value));
+            } else if UNPREFIXED.contains(&upper.as_str()) {
+                unprefixed.insert(upper.to_ascii_lowercase(), env_value(&value));
+            }
+        }
         let mut figment = Figment::new();
-        if let Some(path) = std::env::var_os("SEGUE_CONFIG") {
-            let path = PathBuf::from(path);
+        if let Some(path) = config {
             if !path.is_file() {
                 return Err(SettingsError::new(
                     "SEGUE_CONFIG",
@@ -391,8 +430,8 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment
-            .merge(Env::prefixed("SEGUE_").ignore(&["config"]))
-            .merge(Env::raw().only(&UNPREFIXED));
+            .merge(Serialized::defaults(prefixed))
+            .merge(Serialized::defaults(unprefixed));
         let settings: Settings = figment.extract().map_err(|error| {
             let field = error.path.last().cloned().unwrap_or_default();
             SettingsError::new(&env_name(&field), error.kind.to_string())
@@ -401,11 +440,68 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Every duration setting at most [`DURATION_MAX_SECS`] (before, `u64::MAX` was accepted
+    /// and overflowed when added to a clock).
+    fn durations_in_range(&self) -> Result<(), SettingsError> {
+        let seconds = [
+            ("SEGUE_ARTWORK_VERIFIED_SECS", self.artwork_verified_secs),
+            ("SEGUE_ACCESS_TOKEN_TTL_SECS", self.access_token_ttl_secs),
+            ("SEGUE_REFRESH_TOKEN_TTL_SECS", self.refresh_token_ttl_secs),
+            ("SEGUE_REFRESH_GRACE_SECS", self.refresh_grace_secs),
+            ("SEGUE_WS_IDLE_TIMEOUT_SECS", self.ws_idle_timeout_secs),
+            ("SEGUE_WS_TOKEN_GRACE_SECS", self.ws_token_grace_secs),
+            ("SEGUE_SESSION_LINGER_SECS", self.session_linger_secs),
+            ("SEGUE_QUEUE_CACHE_TTL_SECS", self.queue_cache_ttl_secs),
+            ("SEGUE_PRESENCE_TTL_SECS", self.presence_ttl_secs),
+            ("SEGUE_IP_BLOCK_SECS", self.ip_block_secs),
+            ("SEGUE_JOBS_DRAIN_SECS", self.jobs_drain_secs),
+            ("SEGUE_EXPORT_KEEP_SECS", self.export_keep_secs),
+            ("SEGUE_EXPORT_LINK_SECS", self.export_link_secs),
+        ];
+        let milliseconds = [
+            (
+                "SEGUE_ARTWORK_RENDER_TIMEOUT_MS",
+                self.artwork_render_timeout_ms,
+            ),
+            ("SEGUE_PASSWORD_HASH_WAIT_MS", self.password_hash_wait_ms),
+            ("SEGUE_DB_CONNECT_TIMEOUT_MS", self.db_connect_timeout_ms),
+            (
+                "SEGUE_DB_STATEMENT_TIMEOUT_MS",
+                self.db_statement_timeout_ms,
+            ),
+            (
+                "SEGUE_PRESENCE_LEAVE_DELAY_MS",
+                self.presence_leave_delay_ms,
+            ),
+            ("SEGUE_JOBS_BACKOFF_BASE_MS", self.jobs_backoff_base_ms),
+            ("SEGUE_JOBS_BACKOFF_CAP_MS", self.jobs_backoff_cap_ms),
+            ("SEGUE_JOBS_VISIBILITY_MS", self.jobs_visibility_ms),
+            ("SEGUE_JOBS_SWEEP_MS", self.jobs_sweep_ms),
+            ("SEGUE_SCHEDULER_LEASE_MS", self.scheduler_lease_ms),
+        ];
+        let too_long = seconds
+            .iter()
+            .find(|(_, value)| *value > DURATION_MAX_SECS)
+            .or_else(|| {
+                milliseconds
+                    .iter()
+                    .find(|(_, value)| *value > DURATION_MAX_SECS * 1_000)
+            });
+        match too_long {
+            Some((name, _)) => Err(SettingsError::new(
+                name,
+                format!("must be at most {DURATION_MAX_SECS} seconds (ten years)"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Checks the values a type alone cannot; `load` calls it, tests building settings by
     /// hand may too.
     pub fn validate(&self) -> Result<(), SettingsError> {
         self.bind_addr()?;
         self.database()?;
+        self.durations_in_range()?;
         if let Some(url) = &self.redis_url {
             let url = url.expose_secret();
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {

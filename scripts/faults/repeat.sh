@@ -20,16 +20,24 @@ export RUST_BACKTRACE=0
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-tests=$(cargo test --quiet --test api -- --list "$filter" 2>/dev/null | sed -n 's/: test$//p')
+# Built once and copied, so a build started meanwhile cannot swap the binary mid-run.
+built=$(cargo test --test api --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "api":
+        print(m["executable"])')
+cp "$built" "$out/api"
+tests=$("$out/api" --list "$filter" 2>/dev/null | sed -n 's/: test$//p')
 [ -n "$tests" ] || { echo "no test matches $filter" >&2; exit 1; }
 for round in $(seq 1 "$rounds"); do
   for test in $tests; do
-    if ! cargo test --quiet --test api -- --exact "$test" --nocapture > "$out/run.log" 2>&1; then
+    if ! "$out/api" --exact "$test" --nocapture > "$out/run.log" 2>&1; then
       echo "round $round: $test failed" >&2
       cat "$out/run.log" >&2
       exit 1
     fi
-    grep -E '^(fault |silent Redis|one replica|paused database)' "$out/run.log" >> "$out/figures.log" || true
+    grep -E '^(fault |silent Redis|silent subscription|one replica|paused database)' "$out/run.log" >> "$out/figures.log" || true
   done
   echo "round $round of $rounds done" >&2
 done
@@ -55,6 +63,10 @@ for line in open(sys.argv[1]):
     if m:
         rows["silent Redis"]["probe noticed ms"].append(int(m.group(2)))
         continue
+    m = re.match(r"silent subscription: replica noticed it after (\d+) ms", line)
+    if m:
+        rows["silent subscription"]["probe noticed ms"].append(int(m.group(1)))
+        continue
     m = re.match(r"one replica cut off from Redis: .* (\d+) ms", line)
     if m:
         rows["one replica cut off"]["converged ms"].append(int(m.group(1)))
@@ -62,6 +74,9 @@ for line in open(sys.argv[1]):
     m = re.match(r"paused database: a cached queue read answered in (\d+) ms", line)
     if m:
         rows["SIGSTOP for 6 s"]["cached read ms"].append(int(m.group(1)))
+    m = re.match(r"paused database: a write once the store was suspect was refused in (\d+) ms", line)
+    if m:
+        rows["SIGSTOP for 6 s"]["later write refused ms"].append(int(m.group(1)))
 
 print(f"\n{sys.argv[2]} rounds per fault; min / median / max\n")
 for name in sorted(rows):

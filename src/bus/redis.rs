@@ -11,7 +11,10 @@
 //!   and tell the replica (`Lost`, then `Restored`). A connection can also die silently (a
 //!   Redis that hangs, a half-open link): when the subscription has heard nothing for
 //!   [`PROBE_WHEN_IDLE`], the subscriber publishes a probe to a channel of its own, and when
-//!   no echo comes within [`PROBE_TIMEOUT`] it rebuilds the connection as if it had dropped.
+//!   no echo comes within [`PROBE_TIMEOUT`] (or Redis says it reached no subscriber) it
+//!   rebuilds the connection as if it had dropped. When the PUBLISH itself fails (the
+//!   command pool is what is broken), the subscription connection is asked with a PING
+//!   instead, so a healthy subscription is not torn down for its neighbour's fault.
 //!   Every step of setting a connection up and every (un)subscribe is bounded by
 //!   [`SUBSCRIBE_TIMEOUT`], so a hung Redis cannot wedge the subscriber either.
 //!
@@ -296,7 +299,9 @@ async fn run_subscriber(mut subscriber: Subscriber) {
         match subscriber.connected().await {
             Ended::Shutdown => return,
             Ended::Served => backoff = RECONNECT_BACKOFF_MIN,
-            Ended::Failed => {}
+            // A connection found dead keeps the backoff growing: should the probe misjudge a
+            // live one, the rebuilds at least slow down.
+            Ended::Failed | Ended::Silent => {}
         }
         subscriber.mark_lost();
         if !subscriber.wait_offline(jittered(backoff)).await {
@@ -318,8 +323,10 @@ fn jittered(backoff: Duration) -> Duration {
 enum Ended {
     /// The bus handle was dropped: stop for good.
     Shutdown,
-    /// It was up and serving, then dropped (or was found dead).
+    /// It was up and serving, then dropped.
     Served,
+    /// It was up, then found silently dead by the probe.
+    Silent,
     /// It could not be set up.
     Failed,
 }
@@ -366,16 +373,21 @@ impl Subscriber {
             let _ = self.notify.send(BusNotice::Restored);
         }
         let mut last_heard = tokio::time::Instant::now();
-        // The deadline of the probe in flight, if one is.
+        // The deadline of the probe in flight, if one is, and what its PUBLISH said.
         let mut awaiting_echo: Option<tokio::time::Instant> = None;
+        let mut published: Option<oneshot::Receiver<Option<i64>>> = None;
         loop {
             let wake = awaiting_echo.unwrap_or(last_heard + PROBE_WHEN_IDLE);
             tokio::select! {
+                // Messages first: an echo that arrived while a (un)subscribe was being
+                // confirmed must count before the probe's deadline does.
+                biased;
                 message = stream.next() => {
                     let Some(message) = message else { return Ended::Served };
                     // Anything heard proves the subscription alive, the echo included.
                     last_heard = tokio::time::Instant::now();
                     awaiting_echo = None;
+                    published = None;
                     self.forward(&message);
                 }
                 request = self.control.recv() => {
@@ -403,36 +415,75 @@ impl Subscriber {
                         return Ended::Served;
                     }
                 }
+                receivers = async {
+                    match published.as_mut() {
+                        Some(answer) => answer.await,
+                        None => std::future::pending().await,
+                    }
+                }, if published.is_some() => {
+                    published = None;
+                    match receivers {
+                        // Redis delivered the probe to nobody: it has lost this subscription.
+                        Ok(Some(0)) => {
+                            tracing::warn!("Redis holds no subscription of this replica's; rebuilding it");
+                            return Ended::Silent;
+                        }
+                        // Delivered: the echo is on its way (or the deadline says otherwise).
+                        Ok(Some(_)) => {}
+                        // The command side failed, which says nothing of this connection: ask
+                        // the subscription connection itself.
+                        Ok(None) | Err(_) => {
+                            let left = awaiting_echo
+                                .map_or(PROBE_TIMEOUT, |d| d.saturating_duration_since(tokio::time::Instant::now()));
+                            match tokio::time::timeout(left, sink.ping::<redis::Value>()).await {
+                                Ok(Ok(_)) => {
+                                    last_heard = tokio::time::Instant::now();
+                                    awaiting_echo = None;
+                                }
+                                _ => {
+                                    tracing::warn!("bus subscription does not answer PING; rebuilding it");
+                                    return Ended::Silent;
+                                }
+                            }
+                        }
+                    }
+                }
                 () = tokio::time::sleep_until(wake) => {
                     if awaiting_echo.is_some() {
                         tracing::warn!(
                             silent_for_ms = last_heard.elapsed().as_millis() as u64,
                             "bus subscription heard nothing, not even its own probe; rebuilding it"
                         );
-                        return Ended::Served;
+                        return Ended::Silent;
                     }
                     awaiting_echo = Some(tokio::time::Instant::now() + PROBE_TIMEOUT);
-                    self.send_probe();
+                    published = Some(self.send_probe());
                 }
             }
         }
     }
 
-    /// Publishes a probe on this replica's own channel, through the command pool, without
-    /// waiting for it: its echo (or the lack of one) is what counts.
-    fn send_probe(&mut self) {
+    /// Publishes a probe on this replica's own channel through the command pool. The answer
+    /// is how many subscribers Redis delivered it to (`None`: the PUBLISH failed); the echo
+    /// itself arrives on the subscription.
+    fn send_probe(&mut self) -> oneshot::Receiver<Option<i64>> {
         self.probes_sent += 1;
         let (pool, channel) = (self.pool.clone(), self.channels.probe.clone());
         let body = encode(&self.replica, self.probes_sent.to_string().as_bytes());
+        let (answer, answered) = oneshot::channel();
         tokio::spawn(async move {
-            if let Ok(mut conn) = pool.get().await {
-                let _: Result<(), _> = redis::cmd("PUBLISH")
+            let receivers = match pool.get().await {
+                Ok(mut conn) => redis::cmd("PUBLISH")
                     .arg(channel)
                     .arg(body)
-                    .query_async(&mut *conn)
-                    .await;
-            }
+                    .query_async::<i64>(&mut *conn)
+                    .await
+                    .ok(),
+                Err(_) => None,
+            };
+            let _ = answer.send(receivers);
         });
+        answered
     }
 
     /// Hands a heard message to the replica.

@@ -39,6 +39,9 @@ use crate::store::{self, Store, StoreError, preferences};
 /// queue row's lock, which cannot lose (ops never fail for contention).
 const OPTIMISTIC_OP_ATTEMPTS: usize = 3;
 
+/// How long a replica keeps trying to read a queue back after a write of unknown outcome.
+const RECONCILE_FOR: Duration = Duration::from_secs(120);
+
 /// Tracks remembered for hydration, and for how long.
 const TRACK_CACHE_CAPACITY: u64 = 100_000;
 const TRACK_CACHE_TTL: Duration = Duration::from_secs(300);
@@ -122,6 +125,8 @@ struct Inner {
     /// False while the bus is lost: nothing may be cached then.
     bus_up: AtomicBool,
     max_entries: usize,
+    /// Users whose queue is being reconciled after a write of unknown outcome.
+    reconciling: std::sync::Mutex<std::collections::HashSet<UserId>>,
 }
 
 /// One replica's queue service; cheap to clone.
@@ -159,6 +164,7 @@ impl Queues {
             queues,
             bus_up: AtomicBool::new(true),
             max_entries: settings.queue_max_entries,
+            reconciling: std::sync::Mutex::default(),
         };
         Self {
             inner: Arc::new(inner),
@@ -296,7 +302,7 @@ impl Queues {
         user: UserId,
         command: QueueCommand,
     ) -> Result<(QueueView, Vec<usize>), QueueError> {
-        match command {
+        let result = match command {
             QueueCommand::Replace {
                 expected,
                 incoming,
@@ -306,7 +312,55 @@ impl Queues {
                 .await
                 .map(|view| (view, Vec::new())),
             QueueCommand::Apply { ops, device } => self.apply_now(user, &ops, &device).await,
+        };
+        if let Err(QueueError::Store(error)) = &result
+            && error.is_unavailable()
+        {
+            self.reconcile_later(user);
         }
+        result
+    }
+
+    /// After a write failed with the store away, its outcome is unknown: the server may still
+    /// commit what it was sent (a paused server does when it wakes). Once the store answers,
+    /// the user's queue is read again and pushed to every device and replica, so none stays
+    /// on the revision before it. One reconciliation per user at a time; it gives up after
+    /// [`RECONCILE_FOR`].
+    fn reconcile_later(&self, user: UserId) {
+        let Ok(mut reconciling) = self.inner.reconciling.lock() else {
+            return;
+        };
+        if !reconciling.insert(user) {
+            return;
+        }
+        drop(reconciling);
+        let queues = self.clone();
+        actix_web::rt::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut wait = Duration::from_millis(250);
+            while started.elapsed() < RECONCILE_FOR {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(4));
+                let Ok(fresh) = queues.load(user).await else {
+                    continue;
+                };
+                let fresh = Arc::new(fresh);
+                if queues.inner.queues.contains_key(&user) {
+                    queues.remember(user, fresh.clone());
+                }
+                let view = queues
+                    .view_or_cached(fresh.state.clone(), fresh.revision)
+                    .await;
+                queues.inner.hub.do_send(Publish {
+                    user,
+                    event: changed_event(user, &view, None),
+                });
+                break;
+            }
+            if let Ok(mut reconciling) = queues.inner.reconciling.lock() {
+                reconciling.remove(&user);
+            }
+        });
     }
 
     async fn replace_now(
@@ -470,21 +524,7 @@ impl Queues {
         // The write is committed: it is acknowledged and pushed whatever happens next. Should
         // the store fail the track lookup now (it went away just after the commit), the view
         // carries the tracks this replica has cached.
-        let view = match self.view(state.clone(), revision).await {
-            Ok(view) => view,
-            Err(error) => {
-                tracing::warn!(%error, %user, revision, "tracks of a stored queue could not be read; sending the cached ones");
-                QueueView {
-                    tracks: state
-                        .track_ids
-                        .iter()
-                        .filter_map(|id| self.inner.tracks.get(id))
-                        .collect(),
-                    state,
-                    revision,
-                }
-            }
-        };
+        let view = self.view_or_cached(state, revision).await;
         self.inner.hub.do_send(Publish {
             user,
             event: changed_event(user, &view, Some(device)),
@@ -549,6 +589,27 @@ impl Queues {
 
     pub fn bus_restored(&self) {
         self.inner.bus_up.store(true, Ordering::Release);
+    }
+
+    /// [`view`](Self::view), or, should the store fail the track lookup, the view with the
+    /// tracks this replica has cached (for a write already committed, which is acknowledged
+    /// and pushed whatever happens next).
+    async fn view_or_cached(&self, state: QueueState, revision: i64) -> QueueView {
+        match self.view(state.clone(), revision).await {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::warn!(%error, revision, "tracks of a stored queue could not be read; using the cached ones");
+                QueueView {
+                    tracks: state
+                        .track_ids
+                        .iter()
+                        .filter_map(|id| self.inner.tracks.get(id))
+                        .collect(),
+                    state,
+                    revision,
+                }
+            }
+        }
     }
 
     /// Hydrates `state` into a view: one track per position, duplicates kept, order kept,

@@ -4,11 +4,16 @@
 //! TCP connection looking healthy: the kernel still acknowledges what the hub sends, and the
 //! reply never comes. `statement_timeout` cannot help (the server enforces it, and it is the
 //! server that is gone), and TCP keepalives take hours. So each connection's socket is wrapped
-//! in [`Deadline`]: once the hub has written a request, a reply must start within a limit (the
-//! statement timeout plus the connect timeout), or the socket fails, the query on it fails as
-//! "unavailable" (503), the connection is discarded, and the store turns *suspect* (see
-//! [`Suspicion`]) so that the next requests find out within the connect timeout instead of
-//! each waiting out the limit.
+//! in [`Deadline`]: while replies are due, the server may not fall silent for longer than a
+//! limit (the statement timeout plus the connect timeout), or the socket fails, the query on
+//! it fails as "unavailable" (503), the connection is discarded, and the store turns
+//! *suspect* (see [`Suspicion`]) so that the next requests find out within the connect
+//! timeout instead of each waiting out the limit.
+//!
+//! The hub opens these sockets itself, so of the URL's connection options it applies the
+//! hosts, `hostaddr`, ports and everything of the session (user, database, options); socket
+//! options (`keepalives*`, `tcp_user_timeout`) and `connect_timeout` are not applied (the
+//! deadline and `SEGUE_DB_CONNECT_TIMEOUT_MS` do their work), and TLS is not offered, as before.
 
 use std::io;
 use std::pin::Pin;
@@ -47,12 +52,78 @@ impl Suspicion {
     }
 }
 
-/// A socket that fails when a reply is due and nothing has been read for `limit`.
+/// Follows a stream of PostgreSQL protocol messages (a type byte, then a big-endian length
+/// that counts itself, then the body) across reads and writes of any size, so [`Deadline`]
+/// knows when replies are due. The client's first message, the start-up message, has no type
+/// byte.
+struct Framing {
+    header: [u8; 5],
+    filled: usize,
+    /// Body bytes of the current message still to pass.
+    skip: u64,
+    /// The next message has no type byte.
+    untyped: bool,
+}
+
+impl Framing {
+    fn new(untyped: bool) -> Self {
+        Self {
+            header: [0; 5],
+            filled: 0,
+            skip: 0,
+            untyped,
+        }
+    }
+
+    /// Passes `bytes`, calling `seen` with the type of each message whose header completes
+    /// (`None` for the untyped start-up message).
+    fn feed(&mut self, mut bytes: &[u8], mut seen: impl FnMut(Option<u8>)) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let passed = usize::try_from(self.skip).map_or(bytes.len(), |s| s.min(bytes.len()));
+                self.skip -= passed as u64;
+                bytes = bytes.get(passed..).unwrap_or_default();
+                continue;
+            }
+            let need = if self.untyped { 4 } else { 5 };
+            let take = (need - self.filled).min(bytes.len());
+            let (head, rest) = bytes.split_at(take);
+            if let Some(slot) = self.header.get_mut(self.filled..self.filled + take) {
+                slot.copy_from_slice(head);
+            }
+            self.filled += take;
+            bytes = rest;
+            if self.filled == need {
+                let (kind, length) = if self.untyped {
+                    (None, self.header.get(..4))
+                } else {
+                    (self.header.first().copied(), self.header.get(1..5))
+                };
+                let length = length
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(4, u32::from_be_bytes);
+                self.skip = u64::from(length).saturating_sub(4);
+                self.filled = 0;
+                self.untyped = false;
+                seen(kind);
+            }
+        }
+    }
+}
+
+/// A socket that fails when replies are due and nothing has been read for `limit`.
+///
+/// It counts the requests that end in ReadyForQuery (the start-up message, simple queries,
+/// and every Sync of the extended protocol) against the ReadyForQuery messages read. While
+/// some are outstanding, every byte read restarts the clock (a large reply may take long, as
+/// long as it keeps coming); once none are, silence is fine for ever.
 pub struct Deadline<S> {
     inner: S,
     limit: Duration,
-    /// Set when something was written and nothing has been read since.
-    awaiting: bool,
+    outgoing: Framing,
+    incoming: Framing,
+    /// Requests written whose ReadyForQuery has not been read.
+    outstanding: u64,
     timer: Pin<Box<tokio::time::Sleep>>,
     suspicion: Suspicion,
 }
@@ -62,10 +133,21 @@ impl<S> Deadline<S> {
         Self {
             inner,
             limit,
-            awaiting: false,
+            outgoing: Framing::new(true),
+            incoming: Framing::new(false),
+            outstanding: 0,
             timer: Box::pin(tokio::time::sleep(limit)),
             suspicion,
         }
+    }
+
+    fn restart_clock(&mut self, cx: &mut Context<'_>) {
+        let due = tokio::time::Instant::now() + self.limit;
+        self.timer.as_mut().reset(due);
+        // Registers this task with the timer: the connection's reader may be parked already,
+        // and only a wake-up makes it look at the deadline. (tokio-postgres drives reads and
+        // writes of a connection from one task.)
+        let _ = self.timer.as_mut().poll(cx);
     }
 }
 
@@ -79,12 +161,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Deadline<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    this.awaiting = false;
+                let read = buf.filled().get(before..).unwrap_or_default();
+                if !read.is_empty() {
+                    let mut ready = 0;
+                    this.incoming.feed(read, |kind| {
+                        if kind == Some(b'Z') {
+                            ready += 1;
+                        }
+                    });
+                    this.outstanding = this.outstanding.saturating_sub(ready);
+                    if this.outstanding > 0 {
+                        this.restart_clock(cx);
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.awaiting && this.timer.as_mut().poll(cx).is_ready() => {
+            Poll::Pending if this.outstanding > 0 && this.timer.as_mut().poll(cx).is_ready() => {
                 this.suspicion.raise();
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -107,13 +199,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadline<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) && !this.awaiting {
-            this.awaiting = true;
-            let due = tokio::time::Instant::now() + this.limit;
-            this.timer.as_mut().reset(due);
-            // Registers this task with the timer: the connection's reader may be parked
-            // already, and only a wake-up makes it look at the deadline.
-            let _ = this.timer.as_mut().poll(cx);
+        if let Poll::Ready(Ok(count)) = written {
+            let mut requests = 0;
+            this.outgoing
+                .feed(data.get(..count).unwrap_or_default(), |kind| {
+                    if matches!(kind, None | Some(b'Q' | b'S')) {
+                        requests += 1;
+                    }
+                });
+            if requests > 0 {
+                if this.outstanding == 0 {
+                    this.restart_clock(cx);
+                }
+                this.outstanding += requests;
+            }
         }
         written
     }
@@ -141,7 +240,17 @@ pub async fn establish(
         .map_err(|e: tokio_postgres::Error| ConnectionError::InvalidConnectionUrl(e.to_string()))?;
     let ports = config.get_ports();
     let mut last_error = ConnectionError::BadConnection("the URL names no host".into());
-    for (index, host) in config.get_hosts().iter().enumerate() {
+    // A URL may name addresses alone (`hostaddr`, no `host`).
+    let hosts: Vec<Host> = if config.get_hosts().is_empty() {
+        config
+            .get_hostaddrs()
+            .iter()
+            .map(|address| Host::Tcp(address.to_string()))
+            .collect()
+    } else {
+        config.get_hosts().to_vec()
+    };
+    for (index, host) in hosts.iter().enumerate() {
         // libpq: one port for all hosts, or one per host.
         let port = ports
             .get(index)
@@ -151,7 +260,11 @@ pub async fn establish(
         let attempt = async {
             let client = match host {
                 Host::Tcp(name) => {
-                    let stream = TcpStream::connect((name.as_str(), port)).await?;
+                    // libpq: `hostaddr` names the address to use, `host` the name to present.
+                    let stream = match config.get_hostaddrs().get(index) {
+                        Some(address) => TcpStream::connect((*address, port)).await?,
+                        None => TcpStream::connect((name.as_str(), port)).await?,
+                    };
                     stream.set_nodelay(true)?;
                     let stream = Deadline::new(stream, reply_limit, suspicion.clone());
                     start(&config, stream).await?
@@ -199,16 +312,49 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
+    const LIMIT: Duration = Duration::from_millis(150);
+
+    /// A simple query message.
+    fn query(sql: &str) -> Vec<u8> {
+        let mut message = vec![b'Q'];
+        message.extend_from_slice(&(4 + sql.len() as u32 + 1).to_be_bytes());
+        message.extend_from_slice(sql.as_bytes());
+        message.push(0);
+        message
+    }
+
+    /// A row of `size` bytes, then ReadyForQuery.
+    fn reply(size: usize) -> Vec<u8> {
+        let mut message = vec![b'D'];
+        message.extend_from_slice(&(4 + size as u32).to_be_bytes());
+        message.extend(std::iter::repeat_n(7, size));
+        message.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        message
+    }
+
+    fn pair() -> (
+        Deadline<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+        Suspicion,
+    ) {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let suspicion = Suspicion::default();
+        // Past the start-up message, as a connection in the pool is.
+        let mut stream = Deadline::new(near, LIMIT, suspicion.clone());
+        stream.outgoing = Framing::new(false);
+        (stream, far, suspicion)
+    }
+
     #[tokio::test]
     async fn a_reply_that_never_comes_fails_the_read_and_raises_suspicion() {
-        let (near, _far) = tokio::io::duplex(64);
-        let suspicion = Suspicion::default();
-        let mut stream = Deadline::new(near, Duration::from_millis(100), suspicion.clone());
-        stream.write_all(b"query").await.unwrap();
+        let (mut stream, _far, suspicion) = pair();
+        stream.write_all(&query("SELECT 1")).await.unwrap();
         let mut buf = [0_u8; 8];
         let error = stream.read(&mut buf).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
@@ -216,32 +362,107 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_connection_with_nothing_due_never_times_out() {
-        let (near, mut far) = tokio::io::duplex(64);
-        let suspicion = Suspicion::default();
-        let mut stream = Deadline::new(near, Duration::from_millis(100), suspicion.clone());
-        stream.write_all(b"query").await.unwrap();
-        far.write_all(b"reply").await.unwrap();
-        let mut buf = [0_u8; 5];
+    async fn once_every_reply_is_in_silence_is_fine() {
+        let (mut stream, mut far, suspicion) = pair();
+        stream.write_all(&query("SELECT 1")).await.unwrap();
+        let answer = reply(3);
+        far.write_all(&answer).await.unwrap();
+        let mut buf = vec![0_u8; answer.len()];
         stream.read_exact(&mut buf).await.unwrap();
-        // Nothing written since the reply: silence well past the limit is fine.
-        let read = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await;
+        let read = tokio::time::timeout(LIMIT * 4, stream.read(&mut buf)).await;
         assert!(read.is_err(), "the idle read should still be waiting");
         assert!(!suspicion.is_raised());
     }
 
     #[tokio::test]
-    async fn a_slow_reply_within_the_limit_is_read() {
-        let (near, mut far) = tokio::io::duplex(64);
-        let mut stream = Deadline::new(near, Duration::from_millis(400), Suspicion::default());
-        stream.write_all(b"query").await.unwrap();
+    async fn a_reply_that_stops_halfway_fails() {
+        let (mut stream, mut far, _) = pair();
+        stream.write_all(&query("SELECT big")).await.unwrap();
+        let answer = reply(100_000);
+        far.write_all(answer.get(..20_000).unwrap()).await.unwrap();
+        let mut buf = vec![0_u8; answer.len()];
+        let error = stream.read_exact(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_long_reply_that_keeps_coming_is_read() {
+        let (mut stream, mut far, _) = pair();
+        stream.write_all(&query("SELECT slow")).await.unwrap();
+        let answer = reply(4_000);
+        let sent = answer.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            far.write_all(b"late").await.unwrap();
+            // Four pieces, each well within the limit, together far beyond it.
+            for piece in sent.chunks(sent.len() / 4 + 1) {
+                tokio::time::sleep(LIMIT * 2 / 3).await;
+                far.write_all(piece).await.unwrap();
+            }
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let mut buf = [0_u8; 4];
+        let mut buf = vec![0_u8; answer.len()];
         stream.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"late");
+        assert_eq!(buf, answer);
+    }
+
+    #[tokio::test]
+    async fn the_second_of_two_pipelined_queries_is_still_due_after_the_first_reply() {
+        let (mut stream, mut far, _) = pair();
+        let mut both = query("SELECT 1");
+        both.extend(query("SELECT 2"));
+        stream.write_all(&both).await.unwrap();
+        let first = reply(3);
+        far.write_all(&first).await.unwrap();
+        let mut buf = vec![0_u8; first.len()];
+        stream.read_exact(&mut buf).await.unwrap();
+        let error = stream.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// tokio-postgres parks its reader, then writes, in one task: the write must arm a timer
+    /// that wakes that task.
+    #[tokio::test]
+    async fn a_reader_parked_before_the_write_is_woken_by_the_deadline() {
+        let (mut stream, _far, _) = pair();
+        let message = query("SELECT 1");
+        let mut wrote = false;
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(3),
+            poll_fn(|cx| {
+                let mut space = [0_u8; 8];
+                let mut buf = ReadBuf::new(&mut space);
+                let read = Pin::new(&mut stream).poll_read(cx, &mut buf);
+                if !wrote {
+                    assert!(read.is_pending());
+                    assert!(Pin::new(&mut stream).poll_write(cx, &message).is_ready());
+                    wrote = true;
+                    return Poll::Pending;
+                }
+                read
+            }),
+        )
+        .await;
+        let error = outcome.expect("finished").unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        // Woken by the deadline itself, not by the outer timeout polling it at the end.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the parked reader was not woken by its deadline"
+        );
+    }
+
+    #[test]
+    fn framing_follows_messages_split_anywhere() {
+        let mut stream = vec![0, 0, 0, 8, 0, 3, 0, 0];
+        stream.extend(query("SELECT 1"));
+        stream.extend([b'S', 0, 0, 0, 4]);
+        for cut in 0..stream.len() {
+            let mut framing = Framing::new(true);
+            let mut kinds = Vec::new();
+            let (a, b) = stream.split_at(cut);
+            framing.feed(a, |k| kinds.push(k));
+            framing.feed(b, |k| kinds.push(k));
+            assert_eq!(kinds, vec![None, Some(b'Q'), Some(b'S')], "cut at {cut}");
+        }
     }
 }

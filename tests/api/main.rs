@@ -20,6 +20,7 @@ mod cluster;
 mod exports;
 mod failures;
 mod faults;
+mod fuzz;
 mod health;
 mod ingest;
 mod ingest_cluster;

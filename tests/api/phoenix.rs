@@ -80,6 +80,11 @@ impl PhxClient {
         self.ws.send(message).await.expect("send");
     }
 
+    /// Sends a text frame; false when the socket is closed.
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        self.ws.send(Message::text(text)).await.is_ok()
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.expect("send frame");
     }

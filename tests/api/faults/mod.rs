@@ -198,6 +198,17 @@ pub async fn assert_consistent(
     let first = replicas.first().expect("a replica");
     let stored = queue_at_least(first, account, last).await;
     let revision = stored["revision"].as_i64().expect("revision");
+    // What the replica serves is what the store holds (not a cache that stopped moving).
+    let (in_store, store_tracks) = read_store(first, account).await;
+    assert_eq!(
+        in_store, revision,
+        "the replica serves another revision than the store's"
+    );
+    assert_eq!(
+        Value::from(store_tracks),
+        stored["state"]["track_ids"],
+        "the replica serves other tracks than the store's"
+    );
     for other in replicas.iter().skip(1) {
         let there = queue_at_least(other, account, revision).await;
         assert_eq!(there["state"], stored["state"], "the replicas disagree");
@@ -252,6 +263,45 @@ pub async fn assert_consistent(
         slowest = slowest.max(healed.elapsed());
     }
     slowest
+}
+
+/// The user's queue revision and track ids, read from `app`'s PostgreSQL database itself.
+pub async fn read_store(app: &TestApp, account: &Account) -> (i64, Vec<String>) {
+    use diesel::sql_types::{BigInt, Text};
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    use secrecy::ExposeSecret;
+
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        revision: i64,
+        #[diesel(sql_type = Text)]
+        state: String,
+    }
+    let url = app
+        .settings
+        .database_url
+        .as_ref()
+        .expect("a PostgreSQL replica")
+        .expose_secret()
+        .to_owned();
+    let user = account.id;
+    let row = crate::helpers::block_on_thread(async move {
+        let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
+        diesel::sql_query("SELECT revision, state FROM queue_state WHERE user_id = $1")
+            .bind::<BigInt, _>(user)
+            .get_result::<Row>(&mut conn)
+            .await
+            .expect("the user's queue row")
+    });
+    let state: Value = serde_json::from_str(&row.state).expect("stored state is JSON");
+    let tracks = state["track_ids"]
+        .as_array()
+        .expect("track ids")
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    (row.revision, tracks)
 }
 
 /// Writes one track on `app` and returns (revision, track).

@@ -202,6 +202,19 @@ async fn a_paused_server_is_refused_quickly_and_cached_reads_keep_answering() {
                 "paused database: a cached queue read answered in {} ms",
                 started.elapsed().as_millis()
             );
+            let started = Instant::now();
+            let write = app
+                .post_json_authed(
+                    "/queue/ops",
+                    &rig.account.access_token,
+                    &serde_json::json!({"ops": [{"op": "next"}]}),
+                )
+                .await;
+            assert_eq!(write.status(), 503);
+            println!(
+                "paused database: a write once the store was suspect was refused in {} ms",
+                started.elapsed().as_millis()
+            );
         }
         let left = Duration::from_secs(6).saturating_sub(paused.elapsed());
         tokio::time::sleep(left).await;
@@ -212,7 +225,7 @@ async fn a_paused_server_is_refused_quickly_and_cached_reads_keep_answering() {
 
 #[actix_web::test]
 async fn the_network_to_postgres_cut_and_restored() {
-    survives("network cut", async |rig| {
+    survives("network to PostgreSQL cut", async |rig| {
         rig.link.sever();
         tokio::time::sleep(Duration::from_secs(3)).await;
         rig.link.pass();

@@ -24,6 +24,8 @@ use tokio::sync::watch;
 enum Mode {
     Pass,
     Blackhole,
+    /// Black-holes only Redis pub/sub connections (those that sent SUBSCRIBE).
+    BlackholeSubscribers,
     Sever,
 }
 
@@ -86,6 +88,12 @@ impl Link {
         self.shared.mode.send_replace(Mode::Blackhole);
     }
 
+    /// Like [`blackhole`](Self::blackhole), for Redis pub/sub connections alone: the
+    /// subscription goes silent while commands keep working.
+    pub fn blackhole_subscribers(&self) {
+        self.shared.mode.send_replace(Mode::BlackholeSubscribers);
+    }
+
     pub fn sever(&self) {
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
         self.shared.mode.send_replace(Mode::Sever);
@@ -121,14 +129,23 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
     }
 }
 
+/// What both directions of one connection know of it.
+#[derive(Default)]
+struct Connection {
+    /// Bytes vanished: it stays silent for good.
+    dead: AtomicBool,
+    /// The client sent SUBSCRIBE on it (a Redis pub/sub connection).
+    subscriber: AtomicBool,
+}
+
 /// Copies both ways until either side closes or the link is severed.
 async fn relay(client: TcpStream, server: TcpStream, shared: &Shared, born: u64) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let dead = AtomicBool::new(false);
+    let state = Connection::default();
     tokio::select! {
-        () = pump(client_read, server_write, shared, born, &dead) => {}
-        () = pump(server_read, client_write, shared, born, &dead) => {}
+        () = pump(client_read, server_write, shared, born, &state, true) => {}
+        () = pump(server_read, client_write, shared, born, &state, false) => {}
     }
 }
 
@@ -138,7 +155,8 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     shared: &Shared,
     born: u64,
-    dead: &AtomicBool,
+    connection: &Connection,
+    from_client: bool,
 ) {
     let severed = || shared.generation.load(Ordering::SeqCst) > born;
     let mut watcher = shared.mode.subscribe();
@@ -161,12 +179,22 @@ async fn pump(
             return;
         }
         let mode = *watcher.borrow_and_update();
-        if mode == Mode::Blackhole {
+        let chunk = buffer.get(..count).unwrap_or_default();
+        if from_client
+            && chunk
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+        {
+            connection.subscriber.store(true, Ordering::SeqCst);
+        }
+        if mode == Mode::Blackhole
+            || (mode == Mode::BlackholeSubscribers && connection.subscriber.load(Ordering::SeqCst))
+        {
             // Once bytes have vanished the connection can never carry a protocol again: it
             // stays open and silent for good, as a half-open connection does.
-            dead.store(true, Ordering::SeqCst);
+            connection.dead.store(true, Ordering::SeqCst);
         }
-        if dead.load(Ordering::SeqCst) {
+        if connection.dead.load(Ordering::SeqCst) {
             continue;
         }
         let Some(chunk) = buffer.get(..count) else {

@@ -165,6 +165,13 @@ async fn redis_hung_for_five_seconds() {
 #[actix_web::test]
 async fn redis_that_never_answers_is_found_out_by_the_probe() {
     survives("silent Redis", async |rig| {
+        for app in rig.apps() {
+            assert_eq!(
+                app.metric("segue_bus_lost_total").await,
+                0.0,
+                "lost before the fault"
+            );
+        }
         for link in &rig.links {
             link.blackhole();
         }
@@ -187,9 +194,41 @@ async fn redis_that_never_answers_is_found_out_by_the_probe() {
     .await;
 }
 
+/// Only the subscription goes silent (as when a proxy or a failover drops it without a word)
+/// while commands keep working: PING-free traffic cannot tell, the probe's echo can.
+#[actix_web::test]
+async fn a_subscription_that_alone_goes_silent_is_found_out_by_the_probe() {
+    survives("silent subscription", async |rig| {
+        for app in rig.apps() {
+            assert_eq!(
+                app.metric("segue_bus_lost_total").await,
+                0.0,
+                "lost before the fault"
+            );
+        }
+        for link in &rig.links {
+            link.blackhole_subscribers();
+        }
+        let started = Instant::now();
+        for app in rig.apps() {
+            let noticed = metric_reaches(app, "segue_bus_lost_total", 1.0, Duration::from_secs(10))
+                .await
+                .expect("the silent subscription was never noticed");
+            println!(
+                "silent subscription: replica noticed it after {} ms",
+                noticed.max(started.elapsed()).as_millis()
+            );
+        }
+        for link in &rig.links {
+            link.pass();
+        }
+    })
+    .await;
+}
+
 #[actix_web::test]
 async fn the_network_to_redis_cut_and_restored() {
-    survives("network cut", async |rig| {
+    survives("network to Redis cut", async |rig| {
         for link in &rig.links {
             link.sever();
         }
