@@ -111,6 +111,8 @@ pub struct Application {
     scheduler: Scheduler,
     /// How long jobs running at a shutdown may take to finish.
     drain: std::time::Duration,
+    /// Told to close every socket when a shutdown starts.
+    hub: actix::Addr<crate::realtime::hub::Hub>,
 }
 
 /// This replica's background jobs: on Redis Streams when `REDIS_URL` is set, else in
@@ -229,6 +231,7 @@ impl Application {
             metrics.clone(),
         ));
         let queues = web::Data::new(realtime.queues.clone());
+        let hub = realtime.hub.clone();
         let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind {
             addr: addr.to_string(),
             source,
@@ -435,6 +438,7 @@ impl Application {
             jobs,
             scheduler,
             drain,
+            hub,
         })
     }
 
@@ -458,6 +462,7 @@ impl Application {
             jobs,
             scheduler,
             drain,
+            hub,
             ..
         } = self;
         let handle = server.handle();
@@ -467,6 +472,12 @@ impl Application {
             () = stop_signal() => None,
         };
         tracing::info!("segue stopping");
+        // Sockets first: they would otherwise hold the graceful stop for its whole grace,
+        // silent, and their clients would learn of it only when the process is gone.
+        match hub.send(crate::realtime::hub::Drain).await {
+            Ok(sockets) => tracing::info!(sockets, "closing sockets (1012, service restart)"),
+            Err(error) => tracing::warn!(%error, "could not close the sockets"),
+        }
         let stop_jobs = async {
             scheduler.stop().await;
             jobs.shutdown(drain).await;

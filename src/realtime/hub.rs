@@ -582,6 +582,25 @@ impl Hub {
     }
 }
 
+/// The replica is shutting down: every socket here is closed with 1012 (service restart),
+/// so clients reconnect, to another replica, at once instead of when the process is gone.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Drain;
+
+impl Handler<Drain> for Hub {
+    type Result = usize;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> usize {
+        for entry in self.sessions.values() {
+            entry
+                .session
+                .do_send(session::CloseAll(super::transport::CloseKind::Restarting));
+        }
+        self.sessions.values().map(|entry| entry.sockets).sum()
+    }
+}
+
 /// Gives the hub the queue service (built after the hub, which it needs).
 #[derive(Message)]
 #[rtype(result = "()")]

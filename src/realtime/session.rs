@@ -149,6 +149,21 @@ impl Handler<Deliver> for UserSession {
     }
 }
 
+/// Closes every socket of this user here with `kind` (the replica is shutting down).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseAll(pub CloseKind);
+
+impl Handler<CloseAll> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, CloseAll(kind): CloseAll, _: &mut Context<Self>) {
+        for member in self.members.values() {
+            member.recipient.do_send(ToSocket::Close(kind));
+        }
+    }
+}
+
 /// A queue write for this user. Handled atomically: the next one starts only when this one
 /// is stored and pushed, so a replica's writes for a user never race each other.
 #[derive(Debug, Clone, Message)]

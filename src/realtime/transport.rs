@@ -65,6 +65,8 @@ pub enum CloseKind {
     RateLimited,
     /// The socket's client address was blocked (1008, reason `address blocked`).
     AddressBlocked,
+    /// This replica is shutting down (1012, service restart): reconnect, to another replica.
+    Restarting,
 }
 
 /// What the connection actor writes.
@@ -229,6 +231,7 @@ fn close_reason(kind: CloseKind) -> CloseReason {
         CloseKind::TokenExpired => (CloseCode::Policy, Some("token expired")),
         CloseKind::RateLimited => (CloseCode::Policy, Some("rate limited")),
         CloseKind::AddressBlocked => (CloseCode::Policy, Some("address blocked")),
+        CloseKind::Restarting => (CloseCode::Restart, Some("service restart")),
     };
     CloseReason {
         code,

@@ -842,6 +842,8 @@ impl Drop for PrivateRedis {
 pub struct HubProcess {
     pub child: Child,
     pub address: String,
+    /// The `DATABASE_URL` it was started with, if any.
+    pub database_url: Option<String>,
     data_dir: PathBuf,
 }
 
@@ -883,6 +885,10 @@ impl HubProcess {
         let this = Self {
             child,
             address: format!("http://127.0.0.1:{port}"),
+            database_url: env
+                .iter()
+                .find(|(key, _)| *key == "DATABASE_URL")
+                .map(|(_, value)| (*value).to_owned()),
             data_dir,
         };
         let client = Client::new();

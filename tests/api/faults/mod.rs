@@ -7,6 +7,7 @@
 mod postgres;
 pub mod proxy;
 mod redis;
+mod replica;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +16,42 @@ use std::time::{Duration, Instant};
 use reqwest::Client;
 use serde_json::{Value, json};
 
-use crate::helpers::{Account, TestApp};
-use crate::phoenix::{PhxClient, connect_url, socket_url};
+use crate::helpers::{Account, HubProcess, TestApp};
+use crate::phoenix::{PhxClient, connect_url};
+
+/// A hub the fault tests talk to: in this process ([`TestApp`]) or a process of its own
+/// ([`HubProcess`], for faults that kill or pause it).
+pub trait Replica {
+    fn base(&self) -> &str;
+    /// The PostgreSQL database it uses.
+    fn database_url(&self) -> String;
+}
+
+impl Replica for TestApp {
+    fn base(&self) -> &str {
+        &self.address
+    }
+
+    fn database_url(&self) -> String {
+        use secrecy::ExposeSecret;
+        self.settings
+            .database_url
+            .as_ref()
+            .expect("a PostgreSQL replica")
+            .expose_secret()
+            .to_owned()
+    }
+}
+
+impl Replica for HubProcess {
+    fn base(&self) -> &str {
+        &self.address
+    }
+
+    fn database_url(&self) -> String {
+        self.database_url.clone().expect("a PostgreSQL replica")
+    }
+}
 
 /// A device of the test's user: a socket joined to `queue:{id}` that remembers the last
 /// state it was sent.
@@ -28,10 +63,11 @@ pub struct Device {
 }
 
 impl Device {
-    pub async fn join(app: &TestApp, account: &Account, name: &str) -> Self {
-        let url = socket_url(
-            app,
-            &format!("vsn=2.0.0&token={}&device_id={name}", account.access_token),
+    pub async fn join(app: &(impl Replica + ?Sized), account: &Account, name: &str) -> Self {
+        let url = format!(
+            "{}/socket/websocket?vsn=2.0.0&token={}&device_id={name}",
+            app.base().replacen("http", "ws", 1),
+            account.access_token
         );
         let mut socket = connect_url(&url).await.expect("socket connects");
         let topic = format!("queue:{}", account.id);
@@ -43,6 +79,62 @@ impl Device {
             topic,
             revision: response["revision"].as_i64().unwrap_or(0),
             state: response["state"].clone(),
+        }
+    }
+
+    /// Opens a new socket on `app` and joins again with the revision it has, as a client whose
+    /// socket dropped does; what the join brings may not be older than what it had.
+    pub async fn rejoin(&mut self, app: &(impl Replica + ?Sized), account: &Account, name: &str) {
+        let url = format!(
+            "{}/socket/websocket?vsn=2.0.0&token={}&device_id={name}",
+            app.base().replacen("http", "ws", 1),
+            account.access_token
+        );
+        let mut socket = connect_url(&url).await.expect("socket connects");
+        let (_, reply) = socket
+            .join(&self.topic, json!({"revision": self.revision}))
+            .await;
+        assert_eq!(reply[4]["status"], "ok", "rejoin {}: {reply}", self.topic);
+        let response = &reply[4]["response"];
+        let revision = response["revision"].as_i64().expect("revision");
+        assert!(
+            revision >= self.revision,
+            "a rejoin brought revision {revision} to a device at {}",
+            self.revision
+        );
+        if response["unchanged"] != true {
+            self.state = response["state"].clone();
+        }
+        self.revision = revision;
+        self.socket = socket;
+    }
+
+    /// Sends a Phoenix heartbeat, as a client does every few seconds (presence counts a device
+    /// online while it is heard from); the reply is read, and dropped, with later frames.
+    pub async fn heartbeat(&mut self) {
+        let frame = json!([null, "hb", "phoenix", "heartbeat", {}]).to_string();
+        let _ = self.socket.try_send_text(&frame).await;
+    }
+
+    /// The code of the close frame the hub sends within `within` (`None`: closed without one).
+    pub async fn close_code(&mut self, within: Duration) -> Option<u16> {
+        self.socket
+            .closed(within)
+            .await
+            .map(|frame| u16::from(frame.code))
+    }
+
+    /// Whether the socket was closed within `within` (frames meanwhile are read and dropped).
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if self.socket.next_within(left).await.is_none() {
+                return Instant::now() < deadline;
+            }
         }
     }
 
@@ -131,14 +223,14 @@ pub struct Writers {
 }
 
 impl Writers {
-    pub fn start(replicas: &[&TestApp], account: &Account) -> Self {
+    pub fn start(replicas: &[&dyn Replica], account: &Account) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = replicas
             .iter()
             .enumerate()
             .map(|(index, app)| {
                 tokio::spawn(write_until(
-                    app.address.clone(),
+                    app.base().to_owned(),
                     account.access_token.clone(),
                     format!("w{index}"),
                     stop.clone(),
@@ -162,10 +254,16 @@ impl Writers {
 }
 
 /// The user's queue as a replica serves it once it is at `revision` at least.
-pub async fn queue_at_least(app: &TestApp, account: &Account, revision: i64) -> Value {
+pub async fn queue_at_least(app: &dyn Replica, account: &Account, revision: i64) -> Value {
     let started = Instant::now();
+    let client = Client::new();
     loop {
-        let response = app.get_with_token("/queue/", &account.access_token).await;
+        let response = client
+            .get(format!("{}/queue/", app.base()))
+            .bearer_auth(&account.access_token)
+            .send()
+            .await
+            .expect("queue read");
         if response.status() == 200 {
             let body: Value = response.json().await.expect("json body");
             if body["revision"].as_i64().unwrap_or(0) >= revision {
@@ -175,7 +273,7 @@ pub async fn queue_at_least(app: &TestApp, account: &Account, revision: i64) -> 
         assert!(
             started.elapsed() < Duration::from_secs(15),
             "{} never served revision {revision}",
-            app.address
+            app.base()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -185,7 +283,7 @@ pub async fn queue_at_least(app: &TestApp, account: &Account, revision: i64) -> 
 /// revision of its own, the revisions contiguous, both replicas serve the same queue, and
 /// every device reaches it. Returns how long the slowest device took, from `healed`.
 pub async fn assert_consistent(
-    replicas: &[&TestApp],
+    replicas: &[&dyn Replica],
     account: &Account,
     writes: &Writes,
     earlier: &[(i64, String)],
@@ -196,10 +294,10 @@ pub async fn assert_consistent(
     acknowledged.extend(writes.acknowledged.iter().cloned());
     let last = acknowledged.iter().map(|(r, _)| *r).max().unwrap_or(0);
     let first = replicas.first().expect("a replica");
-    let stored = queue_at_least(first, account, last).await;
+    let stored = queue_at_least(*first, account, last).await;
     let revision = stored["revision"].as_i64().expect("revision");
     // What the replica serves is what the store holds (not a cache that stopped moving).
-    let (in_store, store_tracks) = read_store(first, account).await;
+    let (in_store, store_tracks) = read_store(*first, account).await;
     assert_eq!(
         in_store, revision,
         "the replica serves another revision than the store's"
@@ -210,7 +308,7 @@ pub async fn assert_consistent(
         "the replica serves other tracks than the store's"
     );
     for other in replicas.iter().skip(1) {
-        let there = queue_at_least(other, account, revision).await;
+        let there = queue_at_least(*other, account, revision).await;
         assert_eq!(there["state"], stored["state"], "the replicas disagree");
     }
     let tracks: Vec<&str> = stored["state"]["track_ids"]
@@ -266,11 +364,9 @@ pub async fn assert_consistent(
 }
 
 /// The user's queue revision and track ids, read from `app`'s PostgreSQL database itself.
-pub async fn read_store(app: &TestApp, account: &Account) -> (i64, Vec<String>) {
+pub async fn read_store(app: &dyn Replica, account: &Account) -> (i64, Vec<String>) {
     use diesel::sql_types::{BigInt, Text};
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-    use secrecy::ExposeSecret;
-
     #[derive(diesel::QueryableByName)]
     struct Row {
         #[diesel(sql_type = BigInt)]
@@ -278,13 +374,7 @@ pub async fn read_store(app: &TestApp, account: &Account) -> (i64, Vec<String>) 
         #[diesel(sql_type = Text)]
         state: String,
     }
-    let url = app
-        .settings
-        .database_url
-        .as_ref()
-        .expect("a PostgreSQL replica")
-        .expose_secret()
-        .to_owned();
+    let url = app.database_url();
     let user = account.id;
     let row = crate::helpers::block_on_thread(async move {
         let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
@@ -304,15 +394,63 @@ pub async fn read_store(app: &TestApp, account: &Account) -> (i64, Vec<String>) 
     (row.revision, tracks)
 }
 
+/// The user's devices `app` shows online (`GET /devices/`).
+pub async fn online_devices(app: &dyn Replica, account: &Account) -> Vec<String> {
+    let listed: Value = Client::new()
+        .get(format!("{}/devices/", app.base()))
+        .bearer_auth(&account.access_token)
+        .send()
+        .await
+        .expect("devices")
+        .json()
+        .await
+        .expect("json");
+    listed["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .filter(|d| d["online"] == true)
+        .filter_map(|d| d["device_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until `app` shows exactly `expected` of `watched` online; how long it took.
+pub async fn presence_settles(
+    app: &dyn Replica,
+    account: &Account,
+    watched: &[&str],
+    expected: &[&str],
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let online = online_devices(app, account).await;
+        let shown: Vec<&str> = watched
+            .iter()
+            .copied()
+            .filter(|d| online.iter().any(|o| o == d))
+            .collect();
+        if shown == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{} shows {shown:?} online, not {expected:?}",
+            app.base()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Writes one track on `app` and returns (revision, track).
-pub async fn append(app: &TestApp, account: &Account, track: &str) -> (i64, String) {
-    let response = app
-        .post_json_authed(
-            "/queue/ops",
-            &account.access_token,
-            &json!({"ops": [{"op": "append", "track_ids": [track]}]}),
-        )
-        .await;
+pub async fn append(app: &dyn Replica, account: &Account, track: &str) -> (i64, String) {
+    let response = Client::new()
+        .post(format!("{}/queue/ops", app.base()))
+        .bearer_auth(&account.access_token)
+        .json(&json!({"ops": [{"op": "append", "track_ids": [track]}]}))
+        .send()
+        .await
+        .expect("append");
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("json body");
     (
@@ -324,14 +462,14 @@ pub async fn append(app: &TestApp, account: &Account, track: &str) -> (i64, Stri
 /// Waits until `app`'s metric `name` reaches `at_least`; how long that took, or `None`
 /// after `within`.
 pub async fn metric_reaches(
-    app: &TestApp,
+    app: &dyn Replica,
     name: &str,
     at_least: f64,
     within: Duration,
 ) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < within {
-        if app.metric(name).await >= at_least {
+        if crate::helpers::metric(app.base(), name).await >= at_least {
             return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

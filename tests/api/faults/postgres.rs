@@ -9,7 +9,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use serde_json::Value;
 
 use super::proxy::Link;
-use super::{Device, Writers, append, assert_consistent};
+use super::{Device, Replica, Writers, append, assert_consistent};
 use crate::helpers::{
     Account, ClusterBus, PrivatePostgres, TestApp, block_on_thread, redis_url, spawn_cluster_each,
 };
@@ -80,6 +80,10 @@ impl Rig {
         [&self.replicas[0], &self.replicas[1]]
     }
 
+    fn replicas(&self) -> [&dyn Replica; 2] {
+        [&self.replicas[0], &self.replicas[1]]
+    }
+
     /// The admin URL of the private cluster, not through the link.
     fn admin_url(&self) -> String {
         self.pg.url("postgres")
@@ -91,7 +95,7 @@ impl Rig {
 /// recovered without a restart and every device converged; prints the figures.
 async fn survives(name: &str, fault: impl AsyncFnOnce(&mut Rig)) {
     let mut rig = Rig::start().await;
-    let writers = Writers::start(&rig.apps(), &rig.account);
+    let writers = Writers::start(&rig.replicas(), &rig.account);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     fault(&mut rig).await;
@@ -113,7 +117,7 @@ async fn survives(name: &str, fault: impl AsyncFnOnce(&mut Rig)) {
             "{name}: readyz never recovered"
         );
     }
-    let apps = [&rig.replicas[0], &rig.replicas[1]];
+    let apps: [&dyn Replica; 2] = [&rig.replicas[0], &rig.replicas[1]];
     let converged = assert_consistent(
         &apps,
         &rig.account,

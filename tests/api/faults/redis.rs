@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::proxy::Link;
-use super::{Device, Writers, append, assert_consistent, metric_reaches};
+use super::{
+    Device, Replica, Writers, append, assert_consistent, metric_reaches, presence_settles,
+};
 use crate::helpers::{Account, ClusterBus, PrivateRedis, TestApp, spawn_cluster_each};
 
 /// Two replicas on PostgreSQL, each reaching a private Redis through a link of its own; one
@@ -60,6 +62,10 @@ impl Rig {
     fn apps(&self) -> [&TestApp; 2] {
         [&self.replicas[0], &self.replicas[1]]
     }
+
+    fn replicas(&self) -> [&dyn Replica; 2] {
+        [&self.replicas[0], &self.replicas[1]]
+    }
 }
 
 /// Runs `fault` (which returns once Redis is usable again) while writers on both replicas
@@ -67,7 +73,7 @@ impl Rig {
 /// converged; prints the figures.
 async fn survives(name: &str, fault: impl AsyncFnOnce(&mut Rig)) {
     let mut rig = Rig::start().await;
-    let writers = Writers::start(&rig.apps(), &rig.account);
+    let writers = Writers::start(&rig.replicas(), &rig.account);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     fault(&mut rig).await;
@@ -83,7 +89,7 @@ async fn survives(name: &str, fault: impl AsyncFnOnce(&mut Rig)) {
         refused_badly.is_empty(),
         "writes failed other than with 503: {refused_badly:?}"
     );
-    let apps = [&rig.replicas[0], &rig.replicas[1]];
+    let apps: [&dyn Replica; 2] = [&rig.replicas[0], &rig.replicas[1]];
     let converged = assert_consistent(
         &apps,
         &rig.account,
@@ -103,13 +109,27 @@ async fn survives(name: &str, fault: impl AsyncFnOnce(&mut Rig)) {
             "after {name}, a change on one replica no longer reaches the other"
         );
     }
+    // Presence too: each replica shows both devices online again.
+    for app in apps {
+        presence_settles(
+            app,
+            &rig.account,
+            &["device-a", "device-b"],
+            &["device-a", "device-b"],
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    let presence = healed.elapsed();
     println!(
         "fault {name}: lasted {} ms; {} writes acknowledged, {} refused with 503, 0 lost; \
-         every device on the store's state {} ms after Redis was usable",
+         every device on the store's state {} ms after Redis was usable; presence whole again \
+         within {} ms",
         healed.duration_since(started).as_millis(),
         writes.acknowledged.len(),
         writes.refused.len(),
-        converged.as_millis()
+        converged.as_millis(),
+        presence.as_millis()
     );
 }
 
@@ -248,7 +268,7 @@ async fn the_network_to_redis_cut_and_restored() {
 async fn changes_a_replica_could_not_publish_reach_the_others_once_it_can() {
     let mut rig = Rig::start().await;
     rig.links[0].sever();
-    let apps = [&rig.replicas[0], &rig.replicas[1]];
+    let apps: [&dyn Replica; 2] = [&rig.replicas[0], &rig.replicas[1]];
     // Written on A while A alone is cut off from Redis.
     let mut during = Vec::new();
     for n in 0..3 {
