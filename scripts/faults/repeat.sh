@@ -37,7 +37,7 @@ for round in $(seq 1 "$rounds"); do
       cat "$out/run.log" >&2
       exit 1
     fi
-    grep -E '^(fault |silent Redis|silent subscription|one replica|paused database)' "$out/run.log" >> "$out/figures.log" || true
+    grep -E '^(fault |silent Redis|silent subscription|one replica|paused database|paused replica)' "$out/run.log" >> "$out/figures.log" || true
   done
   echo "round $round of $rounds done" >&2
 done
@@ -58,6 +58,28 @@ for line in open(sys.argv[1]):
         rows[name]["refused"].append(int(m.group(4)))
         if m.group(5) is not None:
             rows[name]["slowest refusal ms"].append(int(m.group(5)))
+        p = re.search(r"presence whole again within (\d+) ms", line)
+        if p:
+            rows[name]["presence whole ms"].append(int(p.group(1)))
+        continue
+    m = re.match(r"fault (replica \S+(?: 20 s)?): (.*)", line)
+    if m:
+        name, rest = m.group(1), m.group(2)
+        for label, pattern in [
+            ("acknowledged", r"(\d+) writes acknowledged"),
+            ("refused", r"(\d+) refused"),
+            ("sockets closed ms", r"sockets closed \(1012\) after (\d+) ms"),
+            ("exited ms", r"exited 0 after (\d+) ms"),
+            ("converged ms", r"store's state (\d+) ms"),
+            ("back online ms", r"online again (\d+) ms"),
+        ]:
+            found = re.search(pattern, rest)
+            if found:
+                rows[name][label].append(int(found.group(1)))
+        continue
+    m = re.match(r"paused replica: its device left the other replica's presence after (\d+) ms", line)
+    if m:
+        rows["replica SIGSTOP 20 s"]["presence dropped ms"].append(int(m.group(1)))
         continue
     m = re.match(r"(silent Redis): replica noticed its dead subscription after (\d+) ms", line)
     if m:

@@ -538,21 +538,21 @@ impl Queues {
         let Some(current) = self.inner.queues.get(&user) else {
             return;
         };
-        if revision <= current.revision {
+        let Ok(state) =
+            serde_json::from_value::<QueueState>(payload.get("state").cloned().unwrap_or_default())
+        else {
+            self.inner.queues.invalidate(&user);
             return;
-        }
+        };
+        // Its tracks are worth knowing even when the state is not news: this replica may hold
+        // that state already (read back from the store after a lost race) without its tracks,
+        // and would have to ask the store for them, which may be away.
+        self.learn_tracks(&state.track_ids, payload.get("tracks"));
         // A push carries the whole state at its revision, so a later one replaces the cached
         // entry even when revisions in between were not heard (with writers on several
         // replicas, another's change can arrive before this replica's own is cached).
-        let next =
-            serde_json::from_value::<QueueState>(payload.get("state").cloned().unwrap_or_default())
-                .ok();
-        match next {
-            Some(state) => {
-                self.learn_tracks(&state.track_ids, payload.get("tracks"));
-                self.remember(user, Arc::new(Current { state, revision }));
-            }
-            None => self.inner.queues.invalidate(&user),
+        if revision > current.revision {
+            self.remember(user, Arc::new(Current { state, revision }));
         }
     }
 

@@ -228,6 +228,32 @@ impl PhxClient {
         }
     }
 
+    /// Reads until the reply to `reference`, dropping every other frame (for writers that do
+    /// not care what else the socket carries); `None` when the socket closed or `wait` ran out.
+    pub async fn reply_dropping_others(
+        &mut self,
+        reference: &str,
+        wait: Duration,
+    ) -> Option<Value> {
+        if let Some(index) = self.pending.iter().position(|f| is_reply_to(f, reference)) {
+            return self.pending.remove(index);
+        }
+        self.pending.clear();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let frame: Value = serde_json::from_str(&text).expect("server frames are JSON");
+                    if is_reply_to(&frame, reference) {
+                        return Some(frame);
+                    }
+                }
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => return None,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     /// Reads and discards whatever has already arrived.
     pub async fn drain_now(&mut self) {
         self.pending.clear();
