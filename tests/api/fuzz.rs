@@ -236,22 +236,38 @@ fn sent_op(entries: Vec<String>) -> impl Strategy<Value = Value> {
         object_with(&["track_ids", "entry_id"]),
     )
         .prop_map(|(name, (tracks, entry_id, after, mode, progress), noise)| {
-            let mut op = json!({
-                "op": name,
-                "track_ids": tracks,
-                "track_id": tracks.first(),
-                "entry_id": entry_id,
-                "after_entry_id": after,
-                "mode": mode,
-                "progress_ms": progress,
-            });
-            // Sometimes only the fields the op takes, sometimes extra ones, sometimes noise.
-            if let (Value::Object(op), Value::Object(noise)) = (&mut op, noise)
-                && name.len() % 2 == 0
+            // The fields the op takes (an op refuses any other), now and then with noise on
+            // top so that refusals are exercised too.
+            let fields = [
+                ("track_ids", json!(tracks)),
+                ("track_id", json!(tracks.first())),
+                ("entry_id", entry_id),
+                ("after_entry_id", after),
+                ("mode", mode),
+                ("progress_ms", progress),
+            ];
+            let takes: &[&str] = match name {
+                "append" | "play_next" => &["track_ids"],
+                "play_now" => &["track_id"],
+                "remove" | "jump" => &["entry_id"],
+                "move" => &["entry_id", "after_entry_id"],
+                "set_repeat" => &["mode"],
+                "seek" => &["progress_ms"],
+                _ => &[],
+            };
+            let mut op = Map::new();
+            op.insert("op".to_owned(), json!(name));
+            for (key, value) in fields {
+                if takes.contains(&key) {
+                    op.insert(key.to_owned(), value);
+                }
+            }
+            if let Value::Object(noise) = noise
+                && tracks.len() == 3
             {
                 op.extend(noise);
             }
-            op
+            Value::Object(op)
         })
 }
 
