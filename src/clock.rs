@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A wall clock in Unix milliseconds (the system's unless shifted).
 #[derive(Clone, Default)]
@@ -44,4 +44,13 @@ impl std::fmt::Debug for Clock {
             Some(shift) => write!(f, "Clock::shifted({} ms)", shift.load(Ordering::Relaxed)),
         }
     }
+}
+
+/// Somewhere in the upper half of `wait`, so that retries which began together (replicas that
+/// lost Redis at once, users whose writes failed in one outage) do not all land in the same
+/// millisecond.
+pub fn jittered(wait: Duration) -> Duration {
+    use rand::Rng;
+    let half = wait / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
 }

@@ -113,6 +113,10 @@ pub struct Settings {
     pub ws_idle_timeout_secs: u64,
     /// Frames queued for one socket before it counts as not reading and is closed.
     pub ws_outbound_queue: usize,
+    /// The kernel send buffer of each client connection, in bytes (`SO_SNDBUF`; the kernel
+    /// doubles it for its bookkeeping); 0 leaves it to the kernel's autotuning, which lets a
+    /// client that stops reading pin up to `net.ipv4.tcp_wmem`'s maximum (4 MiB) each.
+    pub tcp_send_buffer_bytes: usize,
     /// Most sockets one account may hold open on this replica.
     pub ws_max_sockets_per_user: usize,
     /// Most sockets one client address may hold open on this replica (behind a proxy that
@@ -279,6 +283,7 @@ impl Default for Settings {
             ws_max_message_bytes: 64 * 1024,
             ws_idle_timeout_secs: 60,
             ws_outbound_queue: 256,
+            tcp_send_buffer_bytes: 128 * 1024,
             ws_token_grace_secs: 30,
             ws_max_sockets_per_user: 64,
             ws_max_sockets_per_ip: 1_024,
@@ -367,6 +372,10 @@ impl SettingsError {
     }
 }
 
+/// Bounds of `SEGUE_TCP_SEND_BUFFER_BYTES` (other than 0).
+const TCP_SEND_BUFFER_MIN: usize = 4 * 1024;
+const TCP_SEND_BUFFER_MAX: usize = 16 * 1024 * 1024;
+
 /// Which database the store talks to, decided once from `DATABASE_URL`.
 #[derive(Debug, Clone)]
 pub enum DatabaseTarget {
@@ -432,9 +441,16 @@ impl Settings {
         figment = figment
             .merge(Serialized::defaults(prefixed))
             .merge(Serialized::defaults(unprefixed));
-        let settings: Settings = figment.extract().map_err(|error| {
-            let field = error.path.last().cloned().unwrap_or_default();
-            SettingsError::new(&env_name(&field), error.kind.to_string())
+        let settings: Settings = figment.extract().map_err(|error| match &error.kind {
+            // Named as it was set (a stray space or dot included), not in serde's words.
+            figment::error::Kind::UnknownField(field, _) => SettingsError::new(
+                &env_name(field),
+                "not a setting (the README's settings table lists them all)",
+            ),
+            kind => {
+                let field = error.path.last().cloned().unwrap_or_default();
+                SettingsError::new(&env_name(&field), kind.to_string())
+            }
         })?;
         settings.validate()?;
         Ok(settings)
@@ -684,6 +700,16 @@ impl Settings {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(SettingsError::new(name, "must be greater than zero"));
+        }
+        if self.tcp_send_buffer_bytes != 0
+            && !(TCP_SEND_BUFFER_MIN..=TCP_SEND_BUFFER_MAX).contains(&self.tcp_send_buffer_bytes)
+        {
+            return Err(SettingsError::new(
+                "SEGUE_TCP_SEND_BUFFER_BYTES",
+                format!(
+                    "must be 0 (the kernel decides) or {TCP_SEND_BUFFER_MIN} to {TCP_SEND_BUFFER_MAX}"
+                ),
+            ));
         }
         let bad_origin = self.allowed_origins.split(',').map(str::trim).find(|o| {
             !o.is_empty() && *o != "*" && !(o.starts_with("http://") || o.starts_with("https://"))

@@ -307,6 +307,7 @@ impl Application {
         let max_body = settings.max_body_bytes;
         let origins = settings.origins();
         let workers = settings.workers;
+        let send_buffer = settings.tcp_send_buffer_bytes;
         let static_dir = settings.static_dir.clone();
         if !static_dir.join("index.html").is_file() {
             tracing::warn!(dir = %static_dir.display(), "no index.html in the static directory: the web page is not served");
@@ -408,8 +409,15 @@ impl Application {
                 let app = app()
                     .into_factory()
                     .map_err(|e: actix_web::Error| e.error_response());
-                fn_service(|io: actix_web::rt::net::TcpStream| async move {
+                fn_service(move |io: actix_web::rt::net::TcpStream| async move {
                     let peer = io.peer_addr().ok();
+                    // A client that stops reading may not pin megabytes of kernel memory.
+                    if send_buffer > 0
+                        && let Err(error) =
+                            socket2::SockRef::from(&io).set_send_buffer_size(send_buffer)
+                    {
+                        tracing::debug!(%error, "could not bound a connection's send buffer");
+                    }
                     Ok::<_, actix_http::error::DispatchError>((AbortableStream::new(io), peer))
                 })
                 .and_then(
@@ -472,8 +480,18 @@ impl Application {
             () = stop_signal() => None,
         };
         tracing::info!("segue stopping");
-        // Sockets first: they would otherwise hold the graceful stop for its whole grace,
-        // silent, and their clients would learn of it only when the process is gone.
+        // No new connections from here on (a balancer sends them to another replica), then
+        // the sockets: they would otherwise hold the graceful stop for its whole grace,
+        // silent, and their clients would learn of it only when the process is gone. A socket
+        // whose upgrade is still in flight is closed by the hub when it attaches.
+        // (The server handles commands only while it is polled.)
+        let mut served = served;
+        if served.is_none() {
+            tokio::select! {
+                () = handle.pause() => {}
+                result = &mut server => served = Some(result),
+            }
+        }
         match hub.send(crate::realtime::hub::Drain).await {
             Ok(sockets) => tracing::info!(sockets, "closing sockets (1012, service restart)"),
             Err(error) => tracing::warn!(%error, "could not close the sockets"),

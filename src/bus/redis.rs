@@ -12,8 +12,8 @@
 //!   Redis that hangs, a half-open link): when the subscription has heard nothing for
 //!   [`PROBE_WHEN_IDLE`], the subscriber publishes a probe to a channel of its own, and when
 //!   no echo comes within [`PROBE_TIMEOUT`] (or Redis says it reached no subscriber) it
-//!   rebuilds the connection as if it had dropped. When the PUBLISH itself fails (the
-//!   command pool is what is broken), the subscription connection is asked with a PING
+//!   rebuilds the connection as if it had dropped. When the PUBLISH itself fails or is slow
+//!   (the command pool is what is broken), the subscription connection is asked with a PING
 //!   instead, so a healthy subscription is not torn down for its neighbour's fault.
 //!   Every step of setting a connection up and every (un)subscribe is bounded by
 //!   [`SUBSCRIBE_TIMEOUT`], so a hung Redis cannot wedge the subscriber either.
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Bus, BusMessage, BusNotice, BusNotices, PublishError, Published, ReplicaId, SubscribeError,
 };
+use crate::clock::jittered;
 use crate::domain::UserId;
 use crate::redis::RedisPool;
 
@@ -50,6 +51,12 @@ pub const PROBE_WHEN_IDLE: Duration = Duration::from_secs(1);
 /// silently dead subscription is therefore noticed at most `PROBE_WHEN_IDLE + PROBE_TIMEOUT`
 /// (2 s) after it last heard anything.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the probe's PUBLISH may take. When it fails or takes longer the subscription is
+/// asked directly (a PING on it, with [`PROBE_TIMEOUT`] of its own), so a silent subscription
+/// whose command side is slow too is noticed within `PROBE_WHEN_IDLE + PROBE_PUBLISH_TIMEOUT +
+/// PROBE_TIMEOUT`.
+const PROBE_PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Bound on connecting the subscriber and on each SUBSCRIBE or UNSUBSCRIBE being confirmed.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -311,14 +318,6 @@ async fn run_subscriber(mut subscriber: Subscriber) {
     }
 }
 
-/// Somewhere in the upper half of `backoff`, so replicas that lost Redis together do not
-/// all come back in the same millisecond.
-fn jittered(backoff: Duration) -> Duration {
-    use rand::Rng;
-    let half = backoff / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
-}
-
 /// How a connection of the subscriber ended.
 enum Ended {
     /// The bus handle was dropped: stop for good.
@@ -432,10 +431,10 @@ impl Subscriber {
                         Ok(Some(_)) => {}
                         // The command side failed, which says nothing of this connection: ask
                         // the subscription connection itself.
+                        // It gets a deadline of its own: the PUBLISH may have used up most
+                        // of the echo's.
                         Ok(None) | Err(_) => {
-                            let left = awaiting_echo
-                                .map_or(PROBE_TIMEOUT, |d| d.saturating_duration_since(tokio::time::Instant::now()));
-                            match tokio::time::timeout(left, sink.ping::<redis::Value>()).await {
+                            match tokio::time::timeout(PROBE_TIMEOUT, sink.ping::<redis::Value>()).await {
                                 Ok(Ok(_)) => {
                                     last_heard = tokio::time::Instant::now();
                                     awaiting_echo = None;
@@ -464,23 +463,29 @@ impl Subscriber {
     }
 
     /// Publishes a probe on this replica's own channel through the command pool. The answer
-    /// is how many subscribers Redis delivered it to (`None`: the PUBLISH failed); the echo
-    /// itself arrives on the subscription.
+    /// is how many subscribers Redis delivered it to (`None`: the PUBLISH failed, or took more
+    /// than [`PROBE_PUBLISH_TIMEOUT`]); the echo itself arrives on the subscription. The answer
+    /// always comes before the echo's deadline, so that a slow command side (a checkout waiting
+    /// on a dead pooled connection) is told apart from a dead subscription.
     fn send_probe(&mut self) -> oneshot::Receiver<Option<i64>> {
         self.probes_sent += 1;
         let (pool, channel) = (self.pool.clone(), self.channels.probe.clone());
         let body = encode(&self.replica, self.probes_sent.to_string().as_bytes());
         let (answer, answered) = oneshot::channel();
         tokio::spawn(async move {
-            let receivers = match pool.get().await {
-                Ok(mut conn) => redis::cmd("PUBLISH")
+            let publish = async {
+                let mut conn = pool.get().await.ok()?;
+                redis::cmd("PUBLISH")
                     .arg(channel)
                     .arg(body)
                     .query_async::<i64>(&mut *conn)
                     .await
-                    .ok(),
-                Err(_) => None,
+                    .ok()
             };
+            let receivers = tokio::time::timeout(PROBE_PUBLISH_TIMEOUT, publish)
+                .await
+                .ok()
+                .flatten();
             let _ = answer.send(receivers);
         });
         answered

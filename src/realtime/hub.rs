@@ -14,11 +14,13 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::connection::ToSocket;
 use super::events::{ReplicaEvent, UserEvent};
 use super::overlays::Overlays;
 use super::presence::{Observed, Presence};
 use super::queue::{Queues, changed_event};
 use super::session::{self, Member, UserSession};
+use super::transport::CloseKind;
 use crate::auth::Sessions;
 use crate::bus::{AnyBus, Bus};
 use crate::domain::UserId;
@@ -85,6 +87,9 @@ pub struct Hub {
     /// Which login sessions have ended, as the HTTP layer and socket upgrades check them.
     logins: Sessions,
     metrics: Metrics,
+    /// Set by [`Drain`]: the replica is stopping, and a socket that arrives now (its upgrade
+    /// was in flight) is closed as the others were.
+    draining: bool,
 }
 
 impl Hub {
@@ -101,6 +106,7 @@ impl Hub {
             overlays: None,
             blocks: None,
             metrics,
+            draining: false,
         }
     }
 
@@ -275,6 +281,11 @@ impl Handler<Attach> for Hub {
     type Result = ();
 
     fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) {
+        if self.draining {
+            msg.member
+                .recipient
+                .do_send(ToSocket::Close(CloseKind::Restarting));
+        }
         let entry = self.entry(msg.user, ctx);
         entry.sockets += 1;
         entry.session.do_send(session::Join(msg.member));
@@ -584,6 +595,7 @@ impl Hub {
 
 /// The replica is shutting down: every socket here is closed with 1012 (service restart),
 /// so clients reconnect, to another replica, at once instead of when the process is gone.
+/// Sockets that attach later (their upgrade was in flight) are closed the same way.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Drain;
@@ -592,10 +604,11 @@ impl Handler<Drain> for Hub {
     type Result = usize;
 
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> usize {
+        self.draining = true;
         for entry in self.sessions.values() {
             entry
                 .session
-                .do_send(session::CloseAll(super::transport::CloseKind::Restarting));
+                .do_send(session::CloseAll(CloseKind::Restarting));
         }
         self.sessions.values().map(|entry| entry.sockets).sum()
     }

@@ -11,6 +11,7 @@
 //!   cached entry when it is the next revision and drops it when revisions were skipped (the
 //!   next read goes to the store). Losing the bus drops every entry.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -42,6 +43,14 @@ const OPTIMISTIC_OP_ATTEMPTS: usize = 3;
 /// How long a replica keeps trying to read a queue back after a write of unknown outcome.
 const RECONCILE_FOR: Duration = Duration::from_secs(120);
 
+/// The first wait before reading it back (doubled after each failed read, up to the most).
+const RECONCILE_FIRST_WAIT: Duration = Duration::from_millis(250);
+const RECONCILE_MOST_WAIT: Duration = Duration::from_secs(4);
+
+/// Read-backs running at once on a replica: after an outage every user who wrote during it
+/// is reconciled, and the store that just came back must not get all of them in one burst.
+const RECONCILE_CONCURRENCY: usize = 8;
+
 /// Tracks remembered for hydration, and for how long.
 const TRACK_CACHE_CAPACITY: u64 = 100_000;
 const TRACK_CACHE_TTL: Duration = Duration::from_secs(300);
@@ -57,6 +66,11 @@ pub struct QueueView {
     pub state: QueueState,
     pub revision: i64,
     pub tracks: Vec<TrackView>,
+    /// Set (and sent, as `"tracks_incomplete": true`) when some tracks could not be read: a
+    /// write that committed as the store went away is pushed with the tracks this replica had
+    /// cached. Missing ones are then not in the catalog's absence, only unread.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tracks_incomplete: bool,
 }
 
 /// A user's current queue as this replica knows it.
@@ -125,8 +139,13 @@ struct Inner {
     /// False while the bus is lost: nothing may be cached then.
     bus_up: AtomicBool,
     max_entries: usize,
-    /// Users whose queue is being reconciled after a write of unknown outcome.
-    reconciling: std::sync::Mutex<std::collections::HashSet<UserId>>,
+    /// Users whose queue is being reconciled after a write of unknown outcome, each with
+    /// whether another such write came while it ran (then it starts over).
+    reconciling: std::sync::Mutex<HashMap<UserId, bool>>,
+    reconcile_slots: tokio::sync::Semaphore,
+    /// How long after the store answers again a write it was sent earlier may still commit
+    /// (a reply is due within the statement and connect timeouts).
+    settle: Duration,
 }
 
 /// One replica's queue service; cheap to clone.
@@ -165,6 +184,12 @@ impl Queues {
             bus_up: AtomicBool::new(true),
             max_entries: settings.queue_max_entries,
             reconciling: std::sync::Mutex::default(),
+            reconcile_slots: tokio::sync::Semaphore::new(RECONCILE_CONCURRENCY),
+            settle: Duration::from_millis(
+                settings
+                    .db_statement_timeout_ms
+                    .saturating_add(settings.db_connect_timeout_ms),
+            ),
         };
         Self {
             inner: Arc::new(inner),
@@ -324,43 +349,97 @@ impl Queues {
     /// After a write failed with the store away, its outcome is unknown: the server may still
     /// commit what it was sent (a paused server does when it wakes). Once the store answers,
     /// the user's queue is read again and pushed to every device and replica, so none stays
-    /// on the revision before it. One reconciliation per user at a time; it gives up after
-    /// [`RECONCILE_FOR`].
+    /// on the revision before it; and read once more after [`Inner::settle`], since the late
+    /// commit can land just after that first read. One reconciliation per user at a time (a
+    /// write of unknown outcome meanwhile makes it start over); it gives up, and says so,
+    /// after [`RECONCILE_FOR`] without the store.
     fn reconcile_later(&self, user: UserId) {
         let Ok(mut reconciling) = self.inner.reconciling.lock() else {
             return;
         };
-        if !reconciling.insert(user) {
+        if let Some(again) = reconciling.get_mut(&user) {
+            *again = true;
             return;
         }
+        reconciling.insert(user, false);
         drop(reconciling);
         let queues = self.clone();
-        actix_web::rt::spawn(async move {
-            let started = std::time::Instant::now();
-            let mut wait = Duration::from_millis(250);
-            while started.elapsed() < RECONCILE_FOR {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(4));
-                let Ok(fresh) = queues.load(user).await else {
-                    continue;
-                };
-                let fresh = Arc::new(fresh);
-                if queues.inner.queues.contains_key(&user) {
-                    queues.remember(user, fresh.clone());
+        actix_web::rt::spawn(async move { queues.reconcile(user).await });
+    }
+
+    async fn reconcile(&self, user: UserId) {
+        let mut started = std::time::Instant::now();
+        let mut wait = RECONCILE_FIRST_WAIT;
+        // Reads that succeeded since the last write of unknown outcome, and what was pushed.
+        let mut reads = 0;
+        let mut pushed = None;
+        loop {
+            let pause = if reads == 0 {
+                crate::clock::jittered(wait)
+            } else {
+                self.inner.settle
+            };
+            tokio::time::sleep(pause).await;
+            match self.read_back(user, pushed).await {
+                Ok(revision) => {
+                    pushed = Some(revision);
+                    reads += 1;
                 }
-                let view = queues
-                    .view_or_cached(fresh.state.clone(), fresh.revision)
-                    .await;
-                queues.inner.hub.do_send(Publish {
-                    user,
-                    event: changed_event(user, &view, None),
-                });
-                break;
+                Err(error) => {
+                    reads = 0;
+                    wait = (wait * 2).min(RECONCILE_MOST_WAIT);
+                    if started.elapsed() >= RECONCILE_FOR {
+                        tracing::warn!(%user, %error, "gave up reconciling a queue after a write of unknown outcome");
+                        break;
+                    }
+                    continue;
+                }
             }
-            if let Ok(mut reconciling) = queues.inner.reconciling.lock() {
-                reconciling.remove(&user);
+            if reads < 2 {
+                continue;
             }
-        });
+            let Ok(mut reconciling) = self.inner.reconciling.lock() else {
+                return;
+            };
+            match reconciling.get_mut(&user) {
+                Some(again) if *again => {
+                    *again = false;
+                    drop(reconciling);
+                    reads = 0;
+                    wait = RECONCILE_FIRST_WAIT;
+                    started = std::time::Instant::now();
+                }
+                _ => {
+                    reconciling.remove(&user);
+                    return;
+                }
+            }
+        }
+        if let Ok(mut reconciling) = self.inner.reconciling.lock() {
+            reconciling.remove(&user);
+        }
+    }
+
+    /// Reads the user's queue from the store into the cache and, unless it is at revision
+    /// `pushed` already, pushes it to every device and replica; returns its revision.
+    async fn read_back(&self, user: UserId, pushed: Option<i64>) -> Result<i64, StoreError> {
+        let fresh = {
+            let _slot = self.inner.reconcile_slots.acquire().await;
+            Arc::new(self.load(user).await?)
+        };
+        if self.inner.queues.contains_key(&user) {
+            self.remember(user, fresh.clone());
+        }
+        if pushed != Some(fresh.revision) {
+            let view = self
+                .view_or_cached(fresh.state.clone(), fresh.revision)
+                .await;
+            self.inner.hub.do_send(Publish {
+                user,
+                event: changed_event(user, &view, None),
+            });
+        }
+        Ok(fresh.revision)
     }
 
     async fn replace_now(
@@ -547,7 +626,8 @@ impl Queues {
         // Its tracks are worth knowing even when the state is not news: this replica may hold
         // that state already (read back from the store after a lost race) without its tracks,
         // and would have to ask the store for them, which may be away.
-        self.learn_tracks(&state.track_ids, payload.get("tracks"));
+        let complete = payload.get("tracks_incomplete") != Some(&Value::Bool(true));
+        self.learn_tracks(&state.track_ids, payload.get("tracks"), complete);
         // A push carries the whole state at its revision, so a later one replaces the cached
         // entry even when revisions in between were not heard (with writers on several
         // replicas, another's change can arrive before this replica's own is cached).
@@ -556,11 +636,11 @@ impl Queues {
         }
     }
 
-    /// Remembers what another replica's change says of its tracks (those it sent are known,
-    /// the other ids of the queue are not in the catalog), so this replica can serve the queue
-    /// without asking the store, even while the store is away. Only fills gaps: what this
-    /// replica cached itself stays.
-    fn learn_tracks(&self, ids: &[String], tracks: Option<&Value>) {
+    /// Remembers what another replica's change says of its tracks (those it sent are known;
+    /// when its list is `complete`, the other ids of the queue are not in the catalog), so
+    /// this replica can serve the queue without asking the store, even while the store is
+    /// away. Only fills gaps: what this replica cached itself stays.
+    fn learn_tracks(&self, ids: &[String], tracks: Option<&Value>, complete: bool) {
         let sent: Vec<TrackView> = tracks
             .and_then(|t| serde_json::from_value(t.clone()).ok())
             .unwrap_or_default();
@@ -570,7 +650,8 @@ impl Queues {
             }
             match sent.iter().find(|track| track.id == *id) {
                 Some(track) => self.inner.tracks.insert(id.clone(), track.clone()),
-                None => self.inner.unknown_tracks.insert(id.clone(), ()),
+                None if complete => self.inner.unknown_tracks.insert(id.clone(), ()),
+                None => {}
             }
         }
     }
@@ -605,6 +686,7 @@ impl Queues {
                         .iter()
                         .filter_map(|id| self.inner.tracks.get(id))
                         .collect(),
+                    tracks_incomplete: !state.track_ids.iter().all(|id| self.knows_track(id)),
                     state,
                     revision,
                 }
@@ -620,6 +702,7 @@ impl Queues {
             state,
             revision,
             tracks,
+            tracks_incomplete: false,
         })
     }
 

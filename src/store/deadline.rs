@@ -14,6 +14,11 @@
 //! hosts, `hostaddr`, ports and everything of the session (user, database, options); socket
 //! options (`keepalives*`, `tcp_user_timeout`) and `connect_timeout` are not applied (the
 //! deadline and `SEGUE_DB_CONNECT_TIMEOUT_MS` do their work), and TLS is not offered, as before.
+//!
+//! Replies are counted as the extended and simple query protocols have them (a `Sync` or a
+//! `Query` is answered by one `ReadyForQuery`). `COPY` is not followed (while the client sends
+//! `COPY` data no reply is due, and the count would misjudge it): the hub never uses it, and
+//! code that starts to must teach [`Framing`] its messages first.
 
 use std::io;
 use std::pin::Pin;

@@ -117,6 +117,22 @@ async fn a_client_that_stops_reading_is_closed_and_memory_stays_flat() {
 /// The send queue of the server's end of the TCP connection from `client_port` to
 /// `server_port`, if that end still exists (`/proc/net/tcp`, IPv4 loopback).
 fn server_side_send_queue(server_port: u16, client_port: u16) -> Option<u64> {
+    tcp_table()
+        .into_iter()
+        .find(|c| c.local_port == server_port && c.remote_port == client_port)
+        .map(|c| c.send_queue)
+}
+
+/// One row of `/proc/net/tcp` (this machine's IPv4 TCP sockets).
+struct TcpRow {
+    local_port: u16,
+    remote_port: u16,
+    /// `01` is established.
+    state: String,
+    send_queue: u64,
+}
+
+fn tcp_table() -> Vec<TcpRow> {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     let port = |field: &str| {
         field
@@ -124,11 +140,233 @@ fn server_side_send_queue(server_port: u16, client_port: u16) -> Option<u64> {
             .next()
             .and_then(|hex| u16::from_str_radix(hex, 16).ok())
     };
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (local, remote, queues) = (fields.get(1)?, fields.get(2)?, fields.get(4)?);
-        (port(local)? == server_port && port(remote)? == client_port)
-            .then(|| u64::from_str_radix(queues.split(':').next()?, 16).ok())
-            .flatten()
-    })
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some(TcpRow {
+                local_port: port(fields.get(1)?)?,
+                remote_port: port(fields.get(2)?)?,
+                state: (*fields.get(3)?).to_owned(),
+                send_queue: u64::from_str_radix(fields.get(4)?.split(':').next()?, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Issue 15: many sockets that stop reading while fan-out runs. The test keeps
+/// `SEGUE_STALLED_SOCKETS` (300; `scripts/faults/stalled.sh` keeps 1,000 for five minutes with
+/// the default queue of 256) stalled sockets open for `SEGUE_STALLED_SECS` (20 s) with a queue
+/// of `SEGUE_STALLED_QUEUE` (32) frames: each joins the fan-out topic, reads its join reply
+/// and never reads again; the hub closes it once its queue is full (or a write waited 10 s),
+/// and the test opens another in its place. (Before the hub bounded its connections' kernel
+/// send buffers, the kernel took everything sent to a stalled socket, 1,176 KiB of it in
+/// 15 s and up to 4 MiB, so none was ever closed: seen failing.)
+/// A reading socket checks that fan-out goes on. Afterwards every descriptor of a stalled
+/// socket must be released; the hub's RSS is sampled and its slope printed (KiB/min over the
+/// second half, after warm-up).
+#[actix_web::test]
+async fn stalled_sockets_under_fan_out_are_closed_and_give_back_their_descriptors() {
+    use std::time::Instant;
+    let sockets: usize = env_or("SEGUE_STALLED_SOCKETS", 300);
+    let run = Duration::from_secs(env_or("SEGUE_STALLED_SECS", 20));
+    let queue: usize = env_or("SEGUE_STALLED_QUEUE", 32);
+    let limit = (sockets * 4).to_string();
+    let queue_setting = queue.to_string();
+    let hub = HubProcess::start(&[
+        ("SEGUE_WS_MAX_SOCKETS_PER_USER", limit.as_str()),
+        ("SEGUE_WS_MAX_SOCKETS_PER_IP", limit.as_str()),
+        ("SEGUE_WS_OUTBOUND_QUEUE", queue_setting.as_str()),
+        ("SEGUE_LOG", "warn"),
+    ])
+    .await;
+    let account = hub.register().await;
+    let topic = format!("echo:{}", account.id);
+    let url = format!(
+        "{}/socket/websocket?vsn=2.0.0&token={}",
+        hub.address.replacen("http", "ws", 1),
+        account.access_token
+    );
+    let hub_addr: std::net::SocketAddr = hub.address.trim_start_matches("http://").parse().unwrap();
+    let baseline_fds = open_fds(hub.pid());
+
+    let mut reader = crate::phoenix::connect_url(&url).await.unwrap();
+    let reader_ref = reader.join_ok(&topic).await;
+    let mut pump = crate::phoenix::connect_url(&url).await.unwrap();
+    let pump_ref = pump.join_ok(&topic).await;
+
+    let mut stalled = Vec::with_capacity(sockets);
+    let mut opened = 0_usize;
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let blob = "x".repeat(2_048);
+    let started = Instant::now();
+    let mut last_sample = started
+        .checked_sub(Duration::from_secs(10))
+        .unwrap_or(started);
+    let mut n = 0_u64;
+    let mut heard = 0_u64;
+    while started.elapsed() < run {
+        // Keep the stalled population whole: the hub closed some, open others.
+        let established = established_ports(hub_addr.port());
+        stalled.retain(|s: &Stalled| established.contains(&s.port));
+        while stalled.len() < sockets {
+            stalled.push(Stalled::open(hub_addr, &url, &topic).await);
+            opened += 1;
+        }
+        // One broadcast at a time, each answered before the next: the hub sets the pace.
+        n += 1;
+        let reference = pump
+            .push(
+                Some(&pump_ref),
+                &topic,
+                "broadcast",
+                json!({"event": "blob", "payload": {"n": n, "blob": blob}}),
+            )
+            .await;
+        assert!(
+            pump.reply_dropping_others(&reference, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "broadcast {n} went unanswered"
+        );
+        while let Some(frame) = reader.next_within(Duration::from_millis(1)).await {
+            heard += u64::from(frame[3] == "blob");
+        }
+        if last_sample.elapsed() >= Duration::from_secs(2) {
+            last_sample = Instant::now();
+            samples.push((started.elapsed().as_secs_f64() / 60.0, hub.rss_kib()));
+        }
+    }
+    let _ = reader_ref;
+    // Fan-out went on for the socket that reads, and the stalled ones were closed in turn.
+    assert!(
+        heard > n / 2,
+        "the reading socket heard {heard} of {n} broadcasts"
+    );
+    let slow_closed = metric(&hub.address, "segue_ws_slow_closed_total").await;
+    let queued: Vec<u64> = stalled
+        .iter()
+        .filter_map(|s| server_side_send_queue(hub_addr.port(), s.port))
+        .collect();
+    println!(
+        "stalled sockets: the hub's kernel holds up to {} KiB for one of them",
+        queued.iter().max().copied().unwrap_or(0) / 1024
+    );
+    assert!(
+        opened > sockets,
+        "no stalled socket was seen closed in {run:?} ({n} broadcasts, {slow_closed} closed for \
+         not reading)"
+    );
+    assert!(
+        slow_closed >= (opened - stalled.len()) as f64,
+        "{opened} stalled sockets opened, {} still open, but only {slow_closed} closed for not reading",
+        stalled.len()
+    );
+    drop(stalled);
+    drop(reader);
+    drop(pump);
+    // Every descriptor comes back.
+    let released = Instant::now();
+    let fds = loop {
+        let fds = open_fds(hub.pid());
+        if fds <= baseline_fds + 2 || released.elapsed() > Duration::from_secs(15) {
+            break fds;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        fds <= baseline_fds + 2,
+        "the hub holds {fds} descriptors, {baseline_fds} before the sockets"
+    );
+    let half: Vec<(f64, u64)> = samples.iter().skip(samples.len() / 2).copied().collect();
+    println!(
+        "stalled sockets: {sockets} kept stalled for {} s under fan-out ({n} broadcasts of 2 KiB, \
+         queue {queue}), \
+         {opened} opened in all, {slow_closed} closed for not reading; RSS {} → {} KiB, slope over \
+         the second half {:.0} KiB/min; descriptors {fds} after (baseline {baseline_fds}), back {} ms \
+         after the clients left",
+        run.as_secs(),
+        samples.first().map_or(0, |s| s.1),
+        samples.last().map_or(0, |s| s.1),
+        slope(&half),
+        released.elapsed().as_millis()
+    );
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+/// Least-squares slope of (x, y).
+fn slope(points: &[(f64, u64)]) -> f64 {
+    let count = points.len() as f64;
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / count;
+    let mean_y = points.iter().map(|p| p.1 as f64).sum::<f64>() / count;
+    let covariance: f64 = points
+        .iter()
+        .map(|p| (p.0 - mean_x) * (p.1 as f64 - mean_y))
+        .sum();
+    let variance: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    if variance == 0.0 {
+        0.0
+    } else {
+        covariance / variance
+    }
+}
+
+/// The local ports of this machine's established IPv4 connections to `server_port` (client
+/// ends). A stalled socket the hub has reset is gone from the list even though its unread
+/// bytes would still be readable.
+fn established_ports(server_port: u16) -> std::collections::HashSet<u16> {
+    tcp_table()
+        .into_iter()
+        .filter(|c| c.state == "01" && c.remote_port == server_port)
+        .map(|c| c.local_port)
+        .collect()
+}
+
+/// A socket joined to the fan-out topic that never reads after its join reply.
+struct Stalled {
+    _ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    port: u16,
+}
+
+impl Stalled {
+    async fn open(hub: std::net::SocketAddr, url: &str, topic: &str) -> Self {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(hub).await.unwrap();
+        let port = stream.local_addr().unwrap().port();
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(url.into_client_request().unwrap(), stream)
+                .await
+                .unwrap();
+        ws.send(Message::text(
+            json!(["1", "1", topic, "phx_join", {}]).to_string(),
+        ))
+        .await
+        .unwrap();
+        // Read up to its join reply (broadcasts may come first), then never again.
+        loop {
+            let frame = ws.next().await.expect("join reply").expect("readable");
+            if frame.to_text().unwrap_or_default().contains("phx_reply") {
+                break;
+            }
+        }
+        Self { _ws: ws, port }
+    }
 }

@@ -665,6 +665,19 @@ impl PrivatePostgres {
         assert!(status.success(), "pg_ctl start failed");
     }
 
+    /// Creates database `name` on it.
+    pub fn create_database(&self, name: &str) {
+        use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+        let admin = self.url("postgres");
+        let statement = format!("CREATE DATABASE {name}");
+        block_on_thread(async move {
+            let mut conn = AsyncPgConnection::establish(&admin)
+                .await
+                .expect("connect private pg");
+            conn.batch_execute(&statement).await.expect("create db");
+        });
+    }
+
     /// Restarts the server in `mode` (`fast`: sessions are ended cleanly; `immediate`: as a
     /// crash, with recovery at start).
     pub fn restart(&self, mode: &str) {

@@ -59,7 +59,7 @@ impl Cluster {
     }
 
     /// Enqueues `count` probes through `hub`; their job ids.
-    async fn probes(&self, hub: &HubProcess, count: u32, work_ms: u64) -> Vec<i64> {
+    pub async fn probes(&self, hub: &HubProcess, count: u32, work_ms: u64) -> Vec<i64> {
         let response = reqwest::Client::new()
             .post(format!("{}/admin/jobs/probes", hub.address))
             .bearer_auth(OPERATOR)
@@ -78,7 +78,7 @@ impl Cluster {
     }
 
     /// Completed runs per probe job id, for those of `ids` that have any.
-    async fn probe_runs(&self, ids: &[i64]) -> BTreeMap<i64, i32> {
+    pub async fn probe_runs(&self, ids: &[i64]) -> BTreeMap<i64, i32> {
         let mut pooled = self.store.conn().await.unwrap();
         segue::store::jobs::probe_runs(&mut pooled.conn(), ids)
             .await
@@ -88,7 +88,7 @@ impl Cluster {
     }
 
     /// Waits until every probe of `ids` has its row (or fails after `within`).
-    async fn all_probes_done(&self, ids: &[i64], within: Duration) -> BTreeMap<i64, i32> {
+    pub async fn all_probes_done(&self, ids: &[i64], within: Duration) -> BTreeMap<i64, i32> {
         let deadline = Instant::now() + within;
         loop {
             let runs = self.probe_runs(ids).await;
@@ -113,7 +113,7 @@ impl Cluster {
     }
 }
 
-async fn status(hub: &HubProcess) -> Value {
+pub async fn status(hub: &HubProcess) -> Value {
     let response = reqwest::Client::new()
         .get(format!("{}/admin/jobs", hub.address))
         .bearer_auth(OPERATOR)
@@ -166,7 +166,7 @@ pub async fn exit_of(
     }
 }
 
-fn pending(status: &Value) -> u64 {
+pub fn pending(status: &Value) -> u64 {
     status["queues"]
         .as_array()
         .unwrap()

@@ -31,7 +31,13 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
         (("SEGUE_MAX_BODY_BYTES", "0"), "SEGUE_MAX_BODY_BYTES"),
         (("SEGUE_LOG_FORMAT", "xml"), "SEGUE_LOG_FORMAT"),
         (("SEGUE_JWT_SECRET", "short"), "SEGUE_JWT_SECRET"),
-        (("SEGUE_NO_SUCH_SETTING", "1"), "no_such_setting"),
+        (
+            ("SEGUE_NO_SUCH_SETTING", "1"),
+            "SEGUE_NO_SUCH_SETTING: not a setting",
+        ),
+        // Near misses are refused, named as they were set, not read as another setting.
+        (("SEGUE_ BIND", "127.0.0.1:1"), "SEGUE_ BIND: not a setting"),
+        (("SEGUE_BIND.", "127.0.0.1:1"), "SEGUE_BIND.: not a setting"),
         (("REDIS_URL", "http://localhost"), "REDIS_URL"),
         (("SEGUE_CONFIG", "/nonexistent/segue.toml"), "SEGUE_CONFIG"),
         (("SEGUE_PRESENCE_TTL_SECS", "0"), "SEGUE_PRESENCE_TTL_SECS"),

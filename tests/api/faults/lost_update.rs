@@ -139,7 +139,14 @@ async fn writer(
                             Some(reply) if reply[4]["status"] == "ok" => {
                                 Ok(reply[4]["response"]["revision"].as_i64().expect("revision"))
                             }
-                            Some(_) => Err(503),
+                            // The reason, in the statuses the REST writers get: the
+                            // replica's store or session was away (503) or the write was
+                            // refused as conflicting (409); anything else fails the check.
+                            Some(reply) => Err(match reply[4]["response"]["reason"].as_str() {
+                                Some("unavailable") => 503,
+                                Some("conflict") => 409,
+                                _ => panic!("a socket write was refused: {reply}"),
+                            }),
                             None => {
                                 socket = None;
                                 Err(0)
@@ -250,6 +257,8 @@ async fn concurrent_writes_of_every_kind_survive_a_redis_restart_and_a_replica_k
         "the replicas never linked"
     );
 
+    // The watchers read all along, as clients do (a socket that stops reading is closed).
+    let following: Vec<_> = devices.into_iter().map(Device::follow).collect();
     let acknowledged = Arc::new(AtomicUsize::new(0));
     let bases = [a.address.clone(), b.address.clone()];
     let mut tasks = Vec::new();
@@ -295,6 +304,10 @@ async fn concurrent_writes_of_every_kind_survive_a_redis_restart_and_a_replica_k
         writes.refused.extend(done.refused);
     }
     let took = started.elapsed();
+    let mut devices = Vec::new();
+    for device in following {
+        devices.push(device.stop().await);
+    }
     let bad: Vec<u16> = writes
         .refused
         .iter()

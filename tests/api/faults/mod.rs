@@ -4,11 +4,14 @@
 //! store's state. Each test prints the figure it measured (`--nocapture` shows it);
 //! `scripts/faults/` runs the long versions.
 
+mod authz;
+mod jobs;
 mod lost_update;
 mod postgres;
 pub mod proxy;
 mod redis;
 mod replica;
+mod storm;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -161,6 +164,43 @@ impl Device {
             self.state = frame[4]["state"].clone();
         }
         true
+    }
+}
+
+/// A [`Device`] reading its pushes in the background, as a client does while others write
+/// (the hub closes a socket that stops reading); [`Following::stop`] hands it back.
+pub struct Following {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Device>,
+}
+
+impl Device {
+    pub fn follow(mut self) -> Following {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let task = tokio::spawn(async move {
+            while !stopping.load(Ordering::Acquire) {
+                let started = Instant::now();
+                // Never reached: reads (checking every push is newer) for 200 ms at a time.
+                self.catch_up(i64::MAX, Duration::from_millis(200)).await;
+                if started.elapsed() < Duration::from_millis(100) {
+                    // Closed: nothing to read until the test moves the device.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            self
+        });
+        Following { stop, task }
+    }
+}
+
+impl Following {
+    pub async fn stop(self) -> Device {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.task
+            .await
+            .expect("a followed device's reader panicked")
     }
 }
 

@@ -33,15 +33,7 @@ struct Rig {
 impl Rig {
     async fn start() -> Self {
         let pg = PrivatePostgres::start();
-        let admin = pg.url("postgres");
-        block_on_thread(async move {
-            let mut conn = AsyncPgConnection::establish(&admin)
-                .await
-                .expect("connect private pg");
-            conn.batch_execute("CREATE DATABASE segue")
-                .await
-                .expect("create db");
-        });
+        pg.create_database("segue");
         let link = Link::start(SocketAddr::from(([127, 0, 0, 1], pg.port)));
         let url = format!("postgres://postgres@127.0.0.1:{}/segue", link.port);
         let replicas = spawn_cluster_each(2, ClusterBus::Redis(redis_url()), |_, settings| {

@@ -26,6 +26,8 @@ enum Mode {
     Blackhole,
     /// Black-holes only Redis pub/sub connections (those that sent SUBSCRIBE).
     BlackholeSubscribers,
+    /// Black-holes every connection but the Redis pub/sub ones.
+    BlackholeCommands,
     Sever,
 }
 
@@ -92,6 +94,11 @@ impl Link {
     /// subscription goes silent while commands keep working.
     pub fn blackhole_subscribers(&self) {
         self.shared.mode.send_replace(Mode::BlackholeSubscribers);
+    }
+
+    /// The converse: command connections go silent, subscriptions keep working.
+    pub fn blackhole_commands(&self) {
+        self.shared.mode.send_replace(Mode::BlackholeCommands);
     }
 
     pub fn sever(&self) {
@@ -187,8 +194,10 @@ async fn pump(
         {
             connection.subscriber.store(true, Ordering::SeqCst);
         }
+        let subscriber = connection.subscriber.load(Ordering::SeqCst);
         if mode == Mode::Blackhole
-            || (mode == Mode::BlackholeSubscribers && connection.subscriber.load(Ordering::SeqCst))
+            || (mode == Mode::BlackholeSubscribers && subscriber)
+            || (mode == Mode::BlackholeCommands && !subscriber)
         {
             // Once bytes have vanished the connection can never carry a protocol again: it
             // stays open and silent for good, as a half-open connection does.

@@ -246,6 +246,34 @@ async fn a_subscription_that_alone_goes_silent_is_found_out_by_the_probe() {
     .await;
 }
 
+/// The converse: commands hang (every pooled connection silent, so a checkout waits out its
+/// timeout) while the subscriptions are fine. The probe's PUBLISH cannot get through, the
+/// PING on the subscription can: nothing is torn down. (Before, the PUBLISH used up the echo's
+/// deadline and every replica rebuilt a live subscription within 2 s: seen failing.)
+#[actix_web::test]
+async fn slow_redis_commands_do_not_tear_down_a_live_subscription() {
+    let rig = Rig::start().await;
+    let lost_before = [
+        rig.replicas[0].metric("segue_bus_lost_total").await,
+        rig.replicas[1].metric("segue_bus_lost_total").await,
+    ];
+    for link in &rig.links {
+        link.blackhole_commands();
+    }
+    // Several probe rounds: idle 1 s, PUBLISH given up after 500 ms, PING answered.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (app, before) in rig.apps().into_iter().zip(lost_before) {
+        assert_eq!(
+            app.metric("segue_bus_lost_total").await,
+            before,
+            "a live subscription was rebuilt because commands were slow"
+        );
+    }
+    for link in &rig.links {
+        link.pass();
+    }
+}
+
 #[actix_web::test]
 async fn the_network_to_redis_cut_and_restored() {
     survives("network to Redis cut", async |rig| {

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use super::{Device, Replica, Writers, append, assert_consistent, online_devices};
 use crate::helpers::{
-    Account, DatabaseGuard, HubProcess, fresh_postgres_database, redis_url, unique,
+    Account, DatabaseGuard, HubProcess, PrivatePostgres, fresh_postgres_database, redis_url, unique,
 };
+use crate::phoenix::connect_url;
 
 /// Presence entries of a replica that stopped vanish from others' views after this.
 const PRESENCE_TTL_SECS: u64 = 2;
@@ -191,11 +192,13 @@ async fn a_replica_paused_for_twenty_seconds_is_handled_as_dead_and_wakes_up_cur
     let writers = Writers::start(&[&rig.a], &rig.account);
     rig.signal(&rig.b, "STOP");
     let paused = Instant::now();
-    // Both clients go on heartbeating (B's socket buffers them); A must drop B's device.
+    // Both clients go on heartbeating (B's socket buffers them) and reading what they are
+    // sent (a client that stops reading is closed); A must drop B's device.
     let mut gone = None;
     while paused.elapsed() < Duration::from_secs(20) {
         for device in &mut rig.devices {
             device.heartbeat().await;
+            device.catch_up(i64::MAX, Duration::from_millis(20)).await;
         }
         if gone.is_none() {
             let online = online_devices(&rig.a, &rig.account).await;
@@ -260,5 +263,49 @@ async fn a_replica_paused_for_twenty_seconds_is_handled_as_dead_and_wakes_up_cur
         writes.acknowledged.len(),
         converged.as_millis(),
         back.as_millis()
+    );
+}
+
+/// A socket whose upgrade is still in flight when SIGTERM arrives (here: waiting on a paused
+/// PostgreSQL to record its device) is closed with 1012 as soon as it opens, like the sockets
+/// that were open, and the replica stops accepting new connections first. (Before, such a
+/// socket stayed open, silent, until the graceful stop's 10 s grace ran out: seen failing.)
+#[actix_web::test]
+async fn a_socket_that_opens_while_its_replica_stops_is_closed_with_1012() {
+    let pg = PrivatePostgres::start();
+    pg.create_database("segue");
+    let database = pg.url("segue");
+    let hub =
+        HubProcess::start(&[("DATABASE_URL", database.as_str()), ("SEGUE_LOG", "warn")]).await;
+    let account = hub.register().await;
+    let url = format!(
+        "{}/socket/websocket?vsn=2.0.0&token={}&device_id=late",
+        hub.address.replacen("http", "ws", 1),
+        account.access_token
+    );
+    pg.signal_all("STOP");
+    let upgrade = tokio::spawn(async move { connect_url(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &hub.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -TERM failed");
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.signal_all("CONT");
+    let mut socket = upgrade
+        .await
+        .expect("upgrade task")
+        .expect("the upgrade in flight completes");
+    let closed = socket.closed(Duration::from_secs(5)).await;
+    assert_eq!(
+        closed.map(|frame| u16::from(frame.code)),
+        Some(1012),
+        "a socket that opened during the stop was not closed with 1012"
+    );
+    println!(
+        "fault replica SIGTERM, upgrade in flight: its socket closed (1012) {} ms after the signal",
+        stopped.elapsed().as_millis()
     );
 }
