@@ -416,7 +416,7 @@ impl Application {
                         && let Err(error) =
                             socket2::SockRef::from(&io).set_send_buffer_size(send_buffer)
                     {
-                        tracing::debug!(%error, "could not bound a connection's send buffer");
+                        tracing::warn!(%error, "could not bound a connection's send buffer");
                     }
                     Ok::<_, actix_http::error::DispatchError>((AbortableStream::new(io), peer))
                 })
@@ -480,10 +480,12 @@ impl Application {
             () = stop_signal() => None,
         };
         tracing::info!("segue stopping");
-        // No new connections from here on (a balancer sends them to another replica), then
-        // the sockets: they would otherwise hold the graceful stop for its whole grace,
-        // silent, and their clients would learn of it only when the process is gone. A socket
-        // whose upgrade is still in flight is closed by the hub when it attaches.
+        // Stop accepting connections (those the kernel queues meanwhile are reset when the
+        // listener closes, and a client or balancer tries another replica), then close the
+        // sockets: they would otherwise hold the graceful stop for its whole grace, silent,
+        // and their clients would learn of it only when the process is gone. A socket whose
+        // upgrade is still in flight (or accepted just before the pause took effect) is
+        // closed by the hub when it attaches.
         // (The server handles commands only while it is polled.)
         let mut served = served;
         if served.is_none() {

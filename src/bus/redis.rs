@@ -52,10 +52,9 @@ pub const PROBE_WHEN_IDLE: Duration = Duration::from_secs(1);
 /// (2 s) after it last heard anything.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long the probe's PUBLISH may take. When it fails or takes longer the subscription is
-/// asked directly (a PING on it, with [`PROBE_TIMEOUT`] of its own), so a silent subscription
-/// whose command side is slow too is noticed within `PROBE_WHEN_IDLE + PROBE_PUBLISH_TIMEOUT +
-/// PROBE_TIMEOUT`.
+/// How long the probe's PUBLISH may take: half the echo's deadline. When it fails or takes
+/// longer the subscription is asked directly (a PING on it, within the rest of the deadline),
+/// so the bound above holds whatever the command side does.
 const PROBE_PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Bound on connecting the subscriber and on each SUBSCRIBE or UNSUBSCRIBE being confirmed.
@@ -430,11 +429,14 @@ impl Subscriber {
                         // Delivered: the echo is on its way (or the deadline says otherwise).
                         Ok(Some(_)) => {}
                         // The command side failed, which says nothing of this connection: ask
-                        // the subscription connection itself.
-                        // It gets a deadline of its own: the PUBLISH may have used up most
-                        // of the echo's.
+                        // the subscription connection itself, within what is left of the echo's
+                        // deadline (the PUBLISH gave up after at most half of it, so at least
+                        // that much is left).
                         Ok(None) | Err(_) => {
-                            match tokio::time::timeout(PROBE_TIMEOUT, sink.ping::<redis::Value>()).await {
+                            let left = awaiting_echo
+                                .map_or(PROBE_TIMEOUT, |d| d.saturating_duration_since(tokio::time::Instant::now()))
+                                .max(PROBE_PUBLISH_TIMEOUT);
+                            match tokio::time::timeout(left, sink.ping::<redis::Value>()).await {
                                 Ok(Ok(_)) => {
                                     last_heard = tokio::time::Instant::now();
                                     awaiting_echo = None;

@@ -389,8 +389,12 @@ impl Queues {
                     reads = 0;
                     wait = (wait * 2).min(RECONCILE_MOST_WAIT);
                     if started.elapsed() >= RECONCILE_FOR {
-                        tracing::warn!(%user, %error, "gave up reconciling a queue after a write of unknown outcome");
-                        break;
+                        if self.finish_reconciling(user) {
+                            tracing::warn!(%user, %error, "gave up reconciling a queue after a write of unknown outcome");
+                            return;
+                        }
+                        // Another write of unknown outcome: its own full time to be read back.
+                        started = std::time::Instant::now();
                     }
                     continue;
                 }
@@ -398,26 +402,27 @@ impl Queues {
             if reads < 2 {
                 continue;
             }
-            let Ok(mut reconciling) = self.inner.reconciling.lock() else {
+            if self.finish_reconciling(user) {
                 return;
-            };
-            match reconciling.get_mut(&user) {
-                Some(again) if *again => {
-                    *again = false;
-                    drop(reconciling);
-                    reads = 0;
-                    wait = RECONCILE_FIRST_WAIT;
-                    started = std::time::Instant::now();
-                }
-                _ => {
-                    reconciling.remove(&user);
-                    return;
-                }
             }
+            reads = 0;
+            wait = RECONCILE_FIRST_WAIT;
+            started = std::time::Instant::now();
         }
-        if let Ok(mut reconciling) = self.inner.reconciling.lock() {
-            reconciling.remove(&user);
+    }
+
+    /// Ends `user`'s reconciliation, unless another write of unknown outcome came meanwhile
+    /// (then it is marked seen and false returned: the caller starts over). Checked and ended
+    /// under one lock, so no such write can slip in between.
+    fn finish_reconciling(&self, user: UserId) -> bool {
+        let Ok(mut reconciling) = self.inner.reconciling.lock() else {
+            return true;
+        };
+        if reconciling.get_mut(&user).is_some_and(std::mem::take) {
+            return false;
         }
+        reconciling.remove(&user);
+        true
     }
 
     /// Reads the user's queue from the store into the cache and, unless it is at revision
@@ -680,13 +685,17 @@ impl Queues {
             Ok(view) => view,
             Err(error) => {
                 tracing::warn!(%error, revision, "tracks of a stored queue could not be read; using the cached ones");
+                let mut tracks = Vec::with_capacity(state.track_ids.len());
+                let mut tracks_incomplete = false;
+                for id in &state.track_ids {
+                    match self.inner.tracks.get(id) {
+                        Some(track) => tracks.push(track),
+                        None => tracks_incomplete |= !self.inner.unknown_tracks.contains_key(id),
+                    }
+                }
                 QueueView {
-                    tracks: state
-                        .track_ids
-                        .iter()
-                        .filter_map(|id| self.inner.tracks.get(id))
-                        .collect(),
-                    tracks_incomplete: !state.track_ids.iter().all(|id| self.knows_track(id)),
+                    tracks,
+                    tracks_incomplete,
                     state,
                     revision,
                 }

@@ -191,8 +191,22 @@ async fn stalled_sockets_under_fan_out_are_closed_and_give_back_their_descriptor
     let hub_addr: std::net::SocketAddr = hub.address.trim_start_matches("http://").parse().unwrap();
     let baseline_fds = open_fds(hub.pid());
 
+    // The reading socket reads on a task of its own, so it never falls behind while the
+    // test is busy opening stalled sockets.
     let mut reader = crate::phoenix::connect_url(&url).await.unwrap();
-    let reader_ref = reader.join_ok(&topic).await;
+    reader.join_ok(&topic).await;
+    let heard = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reading = {
+        let heard = heard.clone();
+        tokio::spawn(async move {
+            // Ends when the socket closes (or is aborted at the end).
+            while let Some(frame) = reader.next_within(Duration::from_secs(3_600)).await {
+                if frame[3] == "blob" {
+                    heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+    };
     let mut pump = crate::phoenix::connect_url(&url).await.unwrap();
     let pump_ref = pump.join_ok(&topic).await;
 
@@ -205,7 +219,6 @@ async fn stalled_sockets_under_fan_out_are_closed_and_give_back_their_descriptor
         .checked_sub(Duration::from_secs(10))
         .unwrap_or(started);
     let mut n = 0_u64;
-    let mut heard = 0_u64;
     while started.elapsed() < run {
         // Keep the stalled population whole: the hub closed some, open others.
         let established = established_ports(hub_addr.port());
@@ -230,16 +243,15 @@ async fn stalled_sockets_under_fan_out_are_closed_and_give_back_their_descriptor
                 .is_some(),
             "broadcast {n} went unanswered"
         );
-        while let Some(frame) = reader.next_within(Duration::from_millis(1)).await {
-            heard += u64::from(frame[3] == "blob");
-        }
         if last_sample.elapsed() >= Duration::from_secs(2) {
             last_sample = Instant::now();
             samples.push((started.elapsed().as_secs_f64() / 60.0, hub.rss_kib()));
         }
     }
-    let _ = reader_ref;
     // Fan-out went on for the socket that reads, and the stalled ones were closed in turn.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let heard = heard.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(!reading.is_finished(), "the reading socket was closed");
     assert!(
         heard > n / 2,
         "the reading socket heard {heard} of {n} broadcasts"
@@ -249,9 +261,12 @@ async fn stalled_sockets_under_fan_out_are_closed_and_give_back_their_descriptor
         .iter()
         .filter_map(|s| server_side_send_queue(hub_addr.port(), s.port))
         .collect();
-    println!(
-        "stalled sockets: the hub's kernel holds up to {} KiB for one of them",
-        queued.iter().max().copied().unwrap_or(0) / 1024
+    // What the kernel holds for one stalled socket is bounded by the hub's send buffer
+    // (128 KiB asked, doubled by the kernel), whatever was sent to it.
+    let most_queued = queued.iter().max().copied().unwrap_or(0);
+    assert!(
+        most_queued <= 2 * 128 * 1024 + 64 * 1024,
+        "the kernel holds {most_queued} bytes for one stalled socket"
     );
     assert!(
         opened > sockets,
@@ -264,29 +279,33 @@ async fn stalled_sockets_under_fan_out_are_closed_and_give_back_their_descriptor
         stalled.len()
     );
     drop(stalled);
-    drop(reader);
+    reading.abort();
     drop(pump);
     // Every descriptor comes back.
     let released = Instant::now();
+    // (Allowing for the SQLite pool having grown to its 4 connections meanwhile.)
+    let allowed = baseline_fds + 8;
     let fds = loop {
         let fds = open_fds(hub.pid());
-        if fds <= baseline_fds + 2 || released.elapsed() > Duration::from_secs(15) {
+        if fds <= allowed || released.elapsed() > Duration::from_secs(15) {
             break fds;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
-        fds <= baseline_fds + 2,
+        fds <= allowed,
         "the hub holds {fds} descriptors, {baseline_fds} before the sockets"
     );
     let half: Vec<(f64, u64)> = samples.iter().skip(samples.len() / 2).copied().collect();
     println!(
         "stalled sockets: {sockets} kept stalled for {} s under fan-out ({n} broadcasts of 2 KiB, \
          queue {queue}), \
-         {opened} opened in all, {slow_closed} closed for not reading; RSS {} → {} KiB, slope over \
+         {opened} opened in all, {slow_closed} closed for not reading, at most {} KiB held by the \
+         kernel for one; RSS {} → {} KiB, slope over \
          the second half {:.0} KiB/min; descriptors {fds} after (baseline {baseline_fds}), back {} ms \
          after the clients left",
         run.as_secs(),
+        most_queued / 1024,
         samples.first().map_or(0, |s| s.1),
         samples.last().map_or(0, |s| s.1),
         slope(&half),

@@ -49,6 +49,15 @@ impl Cluster {
         }
     }
 
+    /// The shared PostgreSQL database.
+    pub fn database_url(&self) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "DATABASE_URL")
+            .map(|(_, v)| v.as_str())
+            .expect("DATABASE_URL")
+    }
+
     pub async fn hub(&self) -> HubProcess {
         let env: Vec<(&str, &str)> = self
             .env

@@ -16,7 +16,12 @@ const WORK_MS: u64 = 100;
 async fn jobs_in_flight_survive_redis_hanging_losing_its_clients_and_being_killed() {
     let mut redis = PrivateRedis::start_durable();
     let url = redis.url();
-    let cluster = Cluster::new(&[("REDIS_URL", url.as_str())]).await;
+    // Ten at a time per replica: the probes take 3 s in all, longer than the faults.
+    let cluster = Cluster::new(&[
+        ("REDIS_URL", url.as_str()),
+        ("SEGUE_JOBS_CONCURRENCY", "10"),
+    ])
+    .await;
     let a = cluster.hub().await;
     let b = cluster.hub().await;
     let ids = cluster.probes(&a, PROBES, WORK_MS).await;

@@ -167,6 +167,31 @@ impl Device {
     }
 }
 
+/// One device of `account` on each replica (`device-a`, `device-b`), and proof that the
+/// replicas hear each other: a write on each reached the other's device. Returns the devices
+/// and those setup writes.
+pub async fn link_devices(
+    replicas: [&dyn Replica; 2],
+    account: &Account,
+) -> (Vec<Device>, Vec<(i64, String)>) {
+    let mut devices = vec![
+        Device::join(replicas[0], account, "device-a").await,
+        Device::join(replicas[1], account, "device-b").await,
+    ];
+    let mut earlier = Vec::new();
+    for (writer, watcher) in [(0, 1), (1, 0)] {
+        let written = append(replicas[writer], account, &format!("setup-{writer}")).await;
+        assert!(
+            devices[watcher]
+                .catch_up(written.0, Duration::from_secs(10))
+                .await,
+            "the replicas never linked"
+        );
+        earlier.push(written);
+    }
+    (devices, earlier)
+}
+
 /// A [`Device`] reading its pushes in the background, as a client does while others write
 /// (the hub closes a socket that stops reading); [`Following::stop`] hands it back.
 pub struct Following {

@@ -9,7 +9,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use serde_json::Value;
 
 use super::proxy::Link;
-use super::{Device, Replica, Writers, append, assert_consistent};
+use super::{Device, Replica, Writers, assert_consistent, link_devices};
 use crate::helpers::{
     Account, ClusterBus, PrivatePostgres, TestApp, block_on_thread, redis_url, spawn_cluster_each,
 };
@@ -43,21 +43,7 @@ impl Rig {
         })
         .await;
         let account = replicas[0].register().await;
-        let mut devices = vec![
-            Device::join(&replicas[0], &account, "device-a").await,
-            Device::join(&replicas[1], &account, "device-b").await,
-        ];
-        let mut earlier = Vec::new();
-        for (writer, watcher) in [(0, 1), (1, 0)] {
-            let written = append(&replicas[writer], &account, &format!("setup-{writer}")).await;
-            assert!(
-                devices[watcher]
-                    .catch_up(written.0, Duration::from_secs(10))
-                    .await,
-                "the replicas never linked"
-            );
-            earlier.push(written);
-        }
+        let (devices, earlier) = link_devices([&replicas[0], &replicas[1]], &account).await;
         Self {
             pg,
             link,

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use super::proxy::Link;
 use super::{
-    Device, Replica, Writers, append, assert_consistent, metric_reaches, presence_settles,
+    Device, Replica, Writers, append, assert_consistent, link_devices, metric_reaches,
+    presence_settles,
 };
 use crate::helpers::{Account, ClusterBus, PrivateRedis, TestApp, spawn_cluster_each};
 
@@ -33,22 +34,7 @@ impl Rig {
         })
         .await;
         let account = replicas[0].register().await;
-        let mut devices = vec![
-            Device::join(&replicas[0], &account, "device-a").await,
-            Device::join(&replicas[1], &account, "device-b").await,
-        ];
-        // Written on A, heard on B: the bus is live both ways.
-        let mut earlier = Vec::new();
-        for (writer, watcher) in [(0, 1), (1, 0)] {
-            let written = append(&replicas[writer], &account, &format!("setup-{writer}")).await;
-            assert!(
-                devices[watcher]
-                    .catch_up(written.0, Duration::from_secs(10))
-                    .await,
-                "the replicas never linked"
-            );
-            earlier.push(written);
-        }
+        let (devices, earlier) = link_devices([&replicas[0], &replicas[1]], &account).await;
         Self {
             redis,
             links,
@@ -180,31 +166,37 @@ async fn redis_hung_for_five_seconds() {
     .await;
 }
 
+/// Silences the links as `silence` does and waits until every replica counted its
+/// subscription lost (found out by the probe); prints how long that took.
+async fn found_out_by_the_probe(rig: &mut Rig, name: &str, silence: fn(&Link)) {
+    for app in rig.apps() {
+        assert_eq!(
+            app.metric("segue_bus_lost_total").await,
+            0.0,
+            "lost before the fault"
+        );
+    }
+    for link in &rig.links {
+        silence(link);
+    }
+    let started = Instant::now();
+    for app in rig.apps() {
+        let noticed = metric_reaches(app, "segue_bus_lost_total", 1.0, Duration::from_secs(10))
+            .await
+            .expect("the silent subscription was never noticed");
+        println!(
+            "{name}: replica noticed its dead subscription after {} ms",
+            noticed.max(started.elapsed()).as_millis()
+        );
+    }
+}
+
 /// A Redis (or a link to it) that keeps every connection open and never answers: nothing
 /// tells the hub the connections are dead. The subscriber finds out by its probe.
 #[actix_web::test]
 async fn redis_that_never_answers_is_found_out_by_the_probe() {
     survives("silent Redis", async |rig| {
-        for app in rig.apps() {
-            assert_eq!(
-                app.metric("segue_bus_lost_total").await,
-                0.0,
-                "lost before the fault"
-            );
-        }
-        for link in &rig.links {
-            link.blackhole();
-        }
-        let started = Instant::now();
-        for app in rig.apps() {
-            let noticed = metric_reaches(app, "segue_bus_lost_total", 1.0, Duration::from_secs(10))
-                .await
-                .expect("the silent subscription was never noticed");
-            println!(
-                "silent Redis: replica noticed its dead subscription after {} ms",
-                noticed.max(started.elapsed()).as_millis()
-            );
-        }
+        found_out_by_the_probe(rig, "silent Redis", Link::blackhole).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         // The connections open meanwhile stay dead (as half-open ones do); new ones work.
         for link in &rig.links {
@@ -219,26 +211,7 @@ async fn redis_that_never_answers_is_found_out_by_the_probe() {
 #[actix_web::test]
 async fn a_subscription_that_alone_goes_silent_is_found_out_by_the_probe() {
     survives("silent subscription", async |rig| {
-        for app in rig.apps() {
-            assert_eq!(
-                app.metric("segue_bus_lost_total").await,
-                0.0,
-                "lost before the fault"
-            );
-        }
-        for link in &rig.links {
-            link.blackhole_subscribers();
-        }
-        let started = Instant::now();
-        for app in rig.apps() {
-            let noticed = metric_reaches(app, "segue_bus_lost_total", 1.0, Duration::from_secs(10))
-                .await
-                .expect("the silent subscription was never noticed");
-            println!(
-                "silent subscription: replica noticed it after {} ms",
-                noticed.max(started.elapsed()).as_millis()
-            );
-        }
+        found_out_by_the_probe(rig, "silent subscription", Link::blackhole_subscribers).await;
         for link in &rig.links {
             link.pass();
         }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Device, Replica, Writers, append, assert_consistent, online_devices};
+use super::{Device, Writers, assert_consistent, link_devices, online_devices};
 use crate::helpers::{
     Account, DatabaseGuard, HubProcess, PrivatePostgres, fresh_postgres_database, redis_url, unique,
 };
@@ -40,22 +40,7 @@ impl Rig {
         let a = HubProcess::start(&env).await;
         let b = HubProcess::start(&env).await;
         let account = a.register().await;
-        let mut devices = vec![
-            Device::join(&a, &account, "device-a").await,
-            Device::join(&b, &account, "device-b").await,
-        ];
-        let mut earlier = Vec::new();
-        let hubs: [&dyn Replica; 2] = [&a, &b];
-        for (writer, watcher) in [(0, 1), (1, 0)] {
-            let written = append(hubs[writer], &account, &format!("setup-{writer}")).await;
-            assert!(
-                devices[watcher]
-                    .catch_up(written.0, Duration::from_secs(10))
-                    .await,
-                "the replicas never linked"
-            );
-            earlier.push(written);
-        }
+        let (devices, earlier) = link_devices([&a, &b], &account).await;
         Self {
             _database: guard,
             a,
@@ -64,6 +49,23 @@ impl Rig {
             devices,
             earlier,
         }
+    }
+
+    /// B's device reconnects to A, as a client whose replica went away does; then both
+    /// devices must end on the store's state. How long after `since` they did.
+    async fn move_to_a_and_converge(&mut self, writes: &super::Writes, since: Instant) -> Duration {
+        self.devices[1]
+            .rejoin(&self.a, &self.account, "device-b")
+            .await;
+        assert_consistent(
+            &[&self.a],
+            &self.account,
+            writes,
+            &self.earlier,
+            &mut self.devices,
+            since,
+        )
+        .await
     }
 
     fn signal(&self, hub: &HubProcess, signal: &str) {
@@ -103,18 +105,7 @@ async fn a_replica_killed_during_writes_and_fan_out_loses_nothing_acknowledged()
         rig.devices[1].closed_within(Duration::from_secs(5)).await,
         "the killed replica's socket stayed open"
     );
-    rig.devices[1]
-        .rejoin(&rig.a, &rig.account, "device-b")
-        .await;
-    let converged = assert_consistent(
-        &[&rig.a],
-        &rig.account,
-        &writes,
-        &rig.earlier,
-        &mut rig.devices,
-        killed,
-    )
-    .await;
+    let converged = rig.move_to_a_and_converge(&writes, killed).await;
     println!(
         "fault replica SIGKILL: {} writes acknowledged, {} refused; both devices on the store's \
          state {} ms after the kill (one of them moved to the survivor)",
@@ -160,18 +151,7 @@ async fn a_replica_stopped_with_sigterm_finishes_what_it_accepted() {
     );
     let writes = writers.finish().await;
     assert_refused_cleanly(&writes.refused);
-    rig.devices[1]
-        .rejoin(&rig.a, &rig.account, "device-b")
-        .await;
-    let converged = assert_consistent(
-        &[&rig.a],
-        &rig.account,
-        &writes,
-        &rig.earlier,
-        &mut rig.devices,
-        stopped,
-    )
-    .await;
+    let converged = rig.move_to_a_and_converge(&writes, stopped).await;
     println!(
         "fault replica SIGTERM: sockets closed (1012) after {} ms, exited 0 after {} ms; {} writes \
          acknowledged, {} refused; both devices on the store's state {} ms after the signal",
@@ -307,5 +287,115 @@ async fn a_socket_that_opens_while_its_replica_stops_is_closed_with_1012() {
     println!(
         "fault replica SIGTERM, upgrade in flight: its socket closed (1012) {} ms after the signal",
         stopped.elapsed().as_millis()
+    );
+}
+
+/// SIGKILL during an export: the replica building a 200,000-play CSV dies mid-way; the export
+/// job is reclaimed by the other replica after the visibility timeout and finished there. The
+/// file behind the link is whole (a header and one line per play, the size the export
+/// reports) and the export is reported done once.
+#[actix_web::test]
+async fn a_replica_killed_during_an_export_leaves_it_to_the_other_which_finishes_it() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    const PLAYS: i64 = 200_000;
+    let s3 = crate::helpers::PrivateS3::start("exports");
+    let endpoint = s3.endpoint();
+    let cluster = crate::jobs_cluster::Cluster::new(&[
+        ("S3_BUCKET", "exports"),
+        ("S3_ENDPOINT", endpoint.as_str()),
+        ("S3_ACCESS_KEY_ID", crate::helpers::S3_ACCESS_KEY),
+        ("S3_SECRET_ACCESS_KEY", crate::helpers::S3_SECRET_KEY),
+    ])
+    .await;
+    let mut doomed = cluster.hub().await;
+    let account = doomed.register().await;
+    let mut conn = AsyncPgConnection::establish(cluster.database_url())
+        .await
+        .expect("connect");
+    conn.batch_execute(&format!(
+        "INSERT INTO play_history (user_id, track_id, device_id, played_at, started_at, listened_ms) \
+         SELECT {user}, 'bulk-' || (g % 5000), '{device}', \
+                TIMESTAMP '2026-01-01' + g * INTERVAL '1 second', \
+                TIMESTAMP '2026-01-01' + g * INTERVAL '1 second' - INTERVAL '40 seconds', \
+                30000 + g % 1000 \
+         FROM generate_series(1, {PLAYS}) AS g",
+        user = account.id,
+        device = account.device_id,
+    ))
+    .await
+    .expect("plays");
+    let client = reqwest::Client::new();
+    let status_of = async |hub: &HubProcess, id: &str| -> serde_json::Value {
+        client
+            .get(format!("{}/exports/{id}", hub.address))
+            .bearer_auth(&account.access_token)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json")
+    };
+    let requested: serde_json::Value = client
+        .post(format!("{}/exports", doomed.address))
+        .bearer_auth(&account.access_token)
+        .json(&serde_json::json!({"kind": "plays_csv"}))
+        .send()
+        .await
+        .expect("export")
+        .json()
+        .await
+        .expect("json");
+    let id = requested["id"].as_str().expect("id").to_owned();
+    let asked = Instant::now();
+    while status_of(&doomed, &id).await["status"] != "running" {
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "the export never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Mid-way: it has been reading and writing for a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let survivor = cluster.hub().await;
+    doomed.child.kill().expect("SIGKILL");
+    doomed.child.wait().expect("reaped");
+    let killed = Instant::now();
+    let done = loop {
+        let body = status_of(&survivor, &id).await;
+        if body["status"] == "done" {
+            break body;
+        }
+        assert_ne!(body["status"], "failed", "{body}");
+        assert!(
+            killed.elapsed() < Duration::from_secs(120),
+            "the export was never finished: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let finished = killed.elapsed();
+    assert_eq!(done["rows"], PLAYS, "{done}");
+    let url = done["url"].as_str().expect("a link");
+    let url = if url.starts_with('/') {
+        format!("{}{url}", survivor.address)
+    } else {
+        url.to_owned()
+    };
+    let file = client
+        .get(url)
+        .send()
+        .await
+        .expect("download")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(file.len() as u64, done["bytes"].as_u64().expect("bytes"));
+    let lines = file.iter().filter(|b| **b == b'\n').count() as i64;
+    assert_eq!(lines, PLAYS + 1, "a header and one line per play");
+    println!(
+        "fault replica SIGKILL mid-export: {PLAYS} plays; finished by the other replica {} ms \
+         after the kill ({} bytes, whole)",
+        finished.as_millis(),
+        file.len()
     );
 }

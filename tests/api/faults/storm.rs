@@ -43,30 +43,43 @@ struct Tally {
     closed_with_1012: AtomicUsize,
     back_on_b: AtomicUsize,
     failed_attempts: AtomicUsize,
+    /// Why attempts failed, and how often.
+    failures: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
-/// Opens a socket at `url` and joins `topic`; the stream, once the join was answered ok.
-async fn join(
-    url: &str,
-    topic: &str,
-) -> Option<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a socket at `url` and joins `topic`; the stream once the join was answered ok, else
+/// why not (an HTTP status the upgrade was refused with, or what went wrong).
+async fn join(url: &str, topic: &str) -> Result<Socket, String> {
+    use tokio_tungstenite::tungstenite::Error;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|error| match error {
+            Error::Http(response) => format!("upgrade refused {}", response.status().as_u16()),
+            Error::Io(error) => format!("connect: {}", error.kind()),
+            other => format!("handshake: {other}"),
+        })?;
     ws.send(Message::text(
         json!(["1", "1", topic, "phx_join", {}]).to_string(),
     ))
     .await
-    .ok()?;
+    .map_err(|_| "send join".to_owned())?;
     loop {
         let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
-            .ok()??
-            .ok()?;
+            .map_err(|_| "join unanswered".to_owned())?
+            .ok_or("closed before the join reply")?
+            .map_err(|_| "closed before the join reply".to_owned())?;
         if let Message::Text(text) = message
             && text.contains("phx_reply")
         {
-            return text.contains(r#""status":"ok""#).then_some(ws);
+            return if text.contains(r#""status":"ok""#) {
+                Ok(ws)
+            } else {
+                Err(format!("join refused: {text}"))
+            };
         }
     }
 }
@@ -103,8 +116,9 @@ async fn device(
             .min(BACKOFF_CAP);
         let wait = window.mul_f64(rand::rng().random::<f64>());
         tokio::time::sleep(wait).await;
-        if let Some(ws) = join(&b, &topic).await {
-            break ws;
+        match join(&b, &topic).await {
+            Ok(ws) => break ws,
+            Err(why) => *tally.failures.lock().unwrap().entry(why).or_default() += 1,
         }
         tally.failed_attempts.fetch_add(1, Ordering::AcqRel);
         attempt += 1;
@@ -284,11 +298,12 @@ async fn a_reconnect_storm_comes_back_to_the_surviving_replica() {
         "reconnect storm: {sockets} sockets ({users} users) joined on A in {} ms; after SIGTERM \
          all back on B in {} ms (full-jitter backoff, first window 1 s), {} failed attempts; \
          Redis {commands} commands in all, peak {peak_rate}/s; store {transactions} transactions \
-         ({:.1} per socket); B's /healthz at worst {} ms",
+         ({:.1} per socket); B's /healthz at worst {} ms; failures {:?}",
         opening_took.as_millis(),
         all_back.as_millis(),
         tally.failed_attempts.load(Ordering::Acquire),
         transactions as f64 / sockets as f64,
-        worst_health.as_millis()
+        worst_health.as_millis(),
+        tally.failures.lock().unwrap()
     );
 }
