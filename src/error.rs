@@ -194,6 +194,21 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// As `From<StoreError>`, for a failure several requests share (one statement that
+    /// carried all of them).
+    pub fn from_shared_store(error: std::sync::Arc<StoreError>) -> Self {
+        if error.is_unavailable() {
+            Self::Unavailable {
+                part: "database",
+                source: Box::new(error),
+            }
+        } else {
+            Self::Internal(Box::new(error))
+        }
+    }
+}
+
 impl From<PasswordError> for ApiError {
     fn from(error: PasswordError) -> Self {
         match error {

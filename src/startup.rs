@@ -352,6 +352,7 @@ impl Application {
             passwords,
             settings,
             sessions,
+            sightings: crate::store::sightings::Sightings::start(store.clone()),
             store,
             keys,
             redis,

@@ -41,6 +41,8 @@ pub struct AppState {
     pub redis: Option<RedisPool>,
     /// What Redis knows of refresh tokens and ended sessions (nothing without Redis).
     pub fast_path: crate::auth::fast_path::FastPath,
+    /// Socket upgrades' device sightings, written in groups.
+    pub sightings: crate::store::sightings::Sightings,
 }
 
 /// A resource at `paths` whose methods are `allow` (as the `Allow` header lists them); any

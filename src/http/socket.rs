@@ -12,7 +12,6 @@ use super::AppState;
 use crate::domain::Device;
 use crate::error::ApiError;
 use crate::realtime::Realtime;
-use crate::store::devices;
 
 /// The only protocol version spoken.
 const PROTOCOL_VERSION: &str = "2.0.0";
@@ -124,9 +123,11 @@ pub async fn upgrade(
                 format!("No more sockets: {cap}. Close one first."),
             )
         })?;
-    let mut pooled = state.store.conn().await?;
-    devices::record(&mut pooled.conn(), identity.user_id, &device).await?;
-    drop(pooled);
+    state
+        .sightings
+        .record(identity.user_id, &device)
+        .await
+        .map_err(ApiError::from_shared_store)?;
 
     realtime
         .accept(&req, body, identity, device, client.0, slot)

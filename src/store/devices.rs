@@ -50,6 +50,35 @@ pub async fn record(conn: &mut Conn<'_>, user: UserId, device: &Device) -> Resul
     .await
 }
 
+/// [`upsert`] for many devices (each at most once): one statement on PostgreSQL; one by one
+/// on SQLite, whose writers are serialised anyway (and diesel has no multi-row upsert for it).
+pub async fn upsert_many(
+    conn: &mut Conn<'_>,
+    sightings: &[DeviceSighting<'_>],
+) -> Result<(), StoreError> {
+    match conn {
+        Conn::Postgres(c) => {
+            diesel::insert_into(devices::table)
+                .values(sightings)
+                .on_conflict((devices::user_id, devices::device_id))
+                .do_update()
+                .set((
+                    devices::name.eq(excluded(devices::name)),
+                    devices::kind.eq(excluded(devices::kind)),
+                    devices::last_seen_at.eq(excluded(devices::last_seen_at)),
+                ))
+                .execute(&mut **c)
+                .await?;
+        }
+        Conn::Sqlite(_) => {
+            for sighting in sightings {
+                upsert(conn, sighting).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Inserts a device or refreshes its name, kind and last-seen time.
 pub async fn upsert(conn: &mut Conn<'_>, device: &DeviceSighting<'_>) -> Result<(), StoreError> {
     run!(conn, c => diesel::insert_into(devices::table)

@@ -25,6 +25,7 @@ pub mod preferences;
 pub mod queue;
 pub mod reports;
 pub mod schema;
+pub mod sightings;
 pub mod tokens;
 pub mod users;
 

@@ -503,3 +503,55 @@ async fn a_fragmented_message_over_the_hard_limit_closes_with_1009() {
     let close = socket.closed(FRAME_WAIT).await.expect("close frame");
     assert_eq!(close.code, CloseCode::Size);
 }
+
+crate::on_both_backends!(sockets_opening_at_once_each_have_their_device_recorded);
+
+/// Upgrades record their devices in groups (one statement for all that arrive together): each
+/// socket's device is stored, with its own name and kind, before the socket opens; a device
+/// that opens two sockets at once is one device.
+async fn sockets_opening_at_once_each_have_their_device_recorded(app: TestApp) {
+    let account = app.register().await;
+    let url = |n: usize| {
+        crate::phoenix::socket_url(
+            &app,
+            &format!(
+                "vsn=2.0.0&token={}&device_id=burst-{}&device_name=Burst%20{n}&device_kind=speaker",
+                account.access_token,
+                n.min(39)
+            ),
+        )
+    };
+    let urls: Vec<String> = (0..41).map(url).collect();
+    let opening: Vec<_> = urls
+        .iter()
+        .map(|u| crate::phoenix::connect_url(u))
+        .collect();
+    let sockets = futures_util::future::join_all(opening).await;
+    assert!(sockets.iter().all(Result::is_ok), "every upgrade succeeded");
+    let listed: Value = app
+        .get_with_token("/devices/", &account.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let burst: Vec<&Value> = listed["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["device_id"].as_str().unwrap().starts_with("burst-"))
+        .collect();
+    assert_eq!(burst.len(), 40, "{listed}");
+    for device in &burst {
+        let id = device["device_id"].as_str().unwrap();
+        let n: usize = id.trim_start_matches("burst-").parse().unwrap();
+        assert_eq!(device["kind"], "speaker", "{device}");
+        assert_eq!(device["online"], true, "{device}");
+        if n < 39 {
+            assert_eq!(device["name"], format!("Burst {n}"), "{device}");
+        } else {
+            // Sockets 39 and 40 are one device; either name may have been seen last.
+            assert!(["Burst 39", "Burst 40"].contains(&device["name"].as_str().unwrap()));
+        }
+    }
+    drop(sockets);
+}
