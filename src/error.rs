@@ -183,14 +183,7 @@ impl From<InvalidInput> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        if error.is_unavailable() {
-            Self::Unavailable {
-                part: "database",
-                source: Box::new(error),
-            }
-        } else {
-            Self::Internal(Box::new(error))
-        }
+        Self::store_failure(error.is_unavailable(), Box::new(error))
     }
 }
 
@@ -198,13 +191,18 @@ impl ApiError {
     /// As `From<StoreError>`, for a failure several requests share (one statement that
     /// carried all of them).
     pub fn from_shared_store(error: std::sync::Arc<StoreError>) -> Self {
-        if error.is_unavailable() {
+        Self::store_failure(error.is_unavailable(), Box::new(error))
+    }
+
+    /// 503 when the store is away, else 500.
+    fn store_failure(unavailable: bool, source: BoxError) -> Self {
+        if unavailable {
             Self::Unavailable {
                 part: "database",
-                source: Box::new(error),
+                source,
             }
         } else {
-            Self::Internal(Box::new(error))
+            Self::Internal(source)
         }
     }
 }

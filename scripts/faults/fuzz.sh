@@ -6,10 +6,7 @@
 #
 #   scripts/faults/fuzz.sh [cases]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/segue-target}"
-export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+source "$(dirname "$0")/env.sh"
 export SEGUE_FUZZ_CASES="${1:-20000}"
 started=$(date +%s)
 cargo test --test api fuzz:: -- --nocapture --test-threads 2

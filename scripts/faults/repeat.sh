@@ -10,12 +10,9 @@
 # Needs what scripts/test.sh sets up (PostgreSQL and Redis on loopback; it starts its own
 # private instances for the faults themselves).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+source "$(dirname "$0")/env.sh"
 rounds=${1:-10}
 filter=${2:-faults::}
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/segue-target}"
-export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 export RUST_BACKTRACE=0
 
 out=$(mktemp -d)

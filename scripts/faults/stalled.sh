@@ -5,10 +5,7 @@
 #
 #   scripts/faults/stalled.sh [sockets] [seconds]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/segue-target}"
-export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+source "$(dirname "$0")/env.sh"
 export SEGUE_STALLED_SOCKETS="${1:-1000}"
 export SEGUE_STALLED_SECS="${2:-300}"
 export SEGUE_STALLED_QUEUE="${SEGUE_STALLED_QUEUE:-256}"

@@ -6,9 +6,6 @@
 #
 #   scripts/faults/storm.sh [sockets]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/segue-target}"
-export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+source "$(dirname "$0")/env.sh"
 export SEGUE_STORM_SOCKETS="${1:-10000}"
 cargo test --test api faults::storm -- --nocapture 2>&1 | grep -E -A3 '^(reconnect storm|test |thread)|panicked'

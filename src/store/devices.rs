@@ -50,6 +50,22 @@ pub async fn record(conn: &mut Conn<'_>, user: UserId, device: &Device) -> Resul
     .await
 }
 
+/// The upsert of `$values` (one sighting or a slice of them): inserted, or name, kind and
+/// last-seen time refreshed.
+macro_rules! upsert_statement {
+    ($values:expr) => {
+        diesel::insert_into(devices::table)
+            .values($values)
+            .on_conflict((devices::user_id, devices::device_id))
+            .do_update()
+            .set((
+                devices::name.eq(excluded(devices::name)),
+                devices::kind.eq(excluded(devices::kind)),
+                devices::last_seen_at.eq(excluded(devices::last_seen_at)),
+            ))
+    };
+}
+
 /// [`upsert`] for many devices (each at most once): one statement on PostgreSQL; one by one
 /// on SQLite, whose writers are serialised anyway (and diesel has no multi-row upsert for it).
 pub async fn upsert_many(
@@ -58,21 +74,11 @@ pub async fn upsert_many(
 ) -> Result<(), StoreError> {
     match conn {
         Conn::Postgres(c) => {
-            diesel::insert_into(devices::table)
-                .values(sightings)
-                .on_conflict((devices::user_id, devices::device_id))
-                .do_update()
-                .set((
-                    devices::name.eq(excluded(devices::name)),
-                    devices::kind.eq(excluded(devices::kind)),
-                    devices::last_seen_at.eq(excluded(devices::last_seen_at)),
-                ))
-                .execute(&mut **c)
-                .await?;
+            upsert_statement!(sightings).execute(&mut **c).await?;
         }
-        Conn::Sqlite(_) => {
+        Conn::Sqlite(c) => {
             for sighting in sightings {
-                upsert(conn, sighting).await?;
+                upsert_statement!(sighting).execute(&mut **c).await?;
             }
         }
     }
@@ -81,17 +87,7 @@ pub async fn upsert_many(
 
 /// Inserts a device or refreshes its name, kind and last-seen time.
 pub async fn upsert(conn: &mut Conn<'_>, device: &DeviceSighting<'_>) -> Result<(), StoreError> {
-    run!(conn, c => diesel::insert_into(devices::table)
-        .values(device)
-        .on_conflict((devices::user_id, devices::device_id))
-        .do_update()
-        .set((
-            devices::name.eq(excluded(devices::name)),
-            devices::kind.eq(excluded(devices::kind)),
-            devices::last_seen_at.eq(excluded(devices::last_seen_at)),
-        ))
-        .execute(c)
-        .await)?;
+    run!(conn, c => upsert_statement!(device).execute(c).await)?;
     Ok(())
 }
 

@@ -402,31 +402,37 @@ async fn export_ready_reaches_a_device_on_another_replica() {
     assert_eq!(ready["rows"], 2);
 }
 
-/// A million plays export in bounded memory: the hub process's resident set grows by less
-/// than 64 MiB while it builds the CSV (pages of 2,000 read by key, 8 MiB parts written as
-/// they fill).
-#[actix_web::test]
-async fn a_million_plays_export_in_bounded_memory() {
+/// Inserts `count` plays of `account` straight into the PostgreSQL store at `url`, one a
+/// second from 2026-01-01, over 5,000 tracks.
+pub async fn bulk_plays(url: &str, account: &Account, count: i64) {
     use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-    let (name, url) = crate::helpers::fresh_postgres_database().await;
-    let _guard = crate::helpers::DatabaseGuard(name);
-    let hub = crate::helpers::HubProcess::start(&[("DATABASE_URL", url.as_str())]).await;
-    let client = reqwest::Client::new();
-    let account = hub.register().await;
-    const PLAYS: i64 = 1_000_000;
-    let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
     conn.batch_execute(&format!(
         "INSERT INTO play_history (user_id, track_id, device_id, played_at, started_at, listened_ms) \
          SELECT {user}, 'bulk-' || (g % 5000), '{device}', \
                 TIMESTAMP '2026-01-01' + g * INTERVAL '1 second', \
                 TIMESTAMP '2026-01-01' + g * INTERVAL '1 second' - INTERVAL '40 seconds', \
                 30000 + g % 1000 \
-         FROM generate_series(1, {PLAYS}) AS g",
+         FROM generate_series(1, {count}) AS g",
         user = account.id,
         device = account.device_id,
     ))
     .await
     .unwrap();
+}
+
+/// A million plays export in bounded memory: the hub process's resident set grows by less
+/// than 64 MiB while it builds the CSV (pages of 2,000 read by key, 8 MiB parts written as
+/// they fill).
+#[actix_web::test]
+async fn a_million_plays_export_in_bounded_memory() {
+    let (name, url) = crate::helpers::fresh_postgres_database().await;
+    let _guard = crate::helpers::DatabaseGuard(name);
+    let hub = crate::helpers::HubProcess::start(&[("DATABASE_URL", url.as_str())]).await;
+    let client = reqwest::Client::new();
+    let account = hub.register().await;
+    const PLAYS: i64 = 1_000_000;
+    bulk_plays(&url, &account, PLAYS).await;
     let before = hub.rss_kib();
     let requested: Value = client
         .post(format!("{}/exports", hub.address))

@@ -296,7 +296,6 @@ async fn a_socket_that_opens_while_its_replica_stops_is_closed_with_1012() {
 /// reports) and the export is reported done once.
 #[actix_web::test]
 async fn a_replica_killed_during_an_export_leaves_it_to_the_other_which_finishes_it() {
-    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
     const PLAYS: i64 = 200_000;
     let s3 = crate::helpers::PrivateS3::start("exports");
     let endpoint = s3.endpoint();
@@ -309,21 +308,7 @@ async fn a_replica_killed_during_an_export_leaves_it_to_the_other_which_finishes
     .await;
     let mut doomed = cluster.hub().await;
     let account = doomed.register().await;
-    let mut conn = AsyncPgConnection::establish(cluster.database_url())
-        .await
-        .expect("connect");
-    conn.batch_execute(&format!(
-        "INSERT INTO play_history (user_id, track_id, device_id, played_at, started_at, listened_ms) \
-         SELECT {user}, 'bulk-' || (g % 5000), '{device}', \
-                TIMESTAMP '2026-01-01' + g * INTERVAL '1 second', \
-                TIMESTAMP '2026-01-01' + g * INTERVAL '1 second' - INTERVAL '40 seconds', \
-                30000 + g % 1000 \
-         FROM generate_series(1, {PLAYS}) AS g",
-        user = account.id,
-        device = account.device_id,
-    ))
-    .await
-    .expect("plays");
+    crate::exports::bulk_plays(cluster.database_url(), &account, PLAYS).await;
     let client = reqwest::Client::new();
     let status_of = async |hub: &HubProcess, id: &str| -> serde_json::Value {
         client
