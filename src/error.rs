@@ -183,26 +183,13 @@ impl From<InvalidInput> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        Self::store_failure(error.is_unavailable(), Box::new(error))
-    }
-}
-
-impl ApiError {
-    /// As `From<StoreError>`, for a failure several requests share (one statement that
-    /// carried all of them).
-    pub fn from_shared_store(error: std::sync::Arc<StoreError>) -> Self {
-        Self::store_failure(error.is_unavailable(), Box::new(error))
-    }
-
-    /// 503 when the store is away, else 500.
-    fn store_failure(unavailable: bool, source: BoxError) -> Self {
-        if unavailable {
+        if error.is_unavailable() {
             Self::Unavailable {
                 part: "database",
-                source,
+                source: Box::new(error),
             }
         } else {
-            Self::Internal(source)
+            Self::Internal(Box::new(error))
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The Redis connection pool, built in one place. Redis is optional: without `REDIS_URL`
 //! the hub runs its in-process bus and registries.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
+use redis::RedisFuture;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 
 /// Pooled Redis connections for commands (not for SUBSCRIBE, which needs its own).
@@ -31,4 +34,110 @@ pub async fn ping(pool: &RedisPool) -> Result<(), Box<dyn std::error::Error + Se
     let mut conn = pool.get().await?;
     let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
     Ok(())
+}
+
+/// A [`ConnectionManager`] that is replaced by a fresh one when a command on it times out.
+/// redis-rs reconnects only when a connection reports that it dropped; one that went silent
+/// (a half-open link, or a proxy or failover that lost it without a word) reports nothing, and
+/// every command on it would time out for ever: the job workers stopped for good after the
+/// link to Redis was black-holed for two seconds
+/// (`faults::jobs::jobs_carry_on_after_the_link_to_redis_went_silent`).
+pub struct Redialing {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The manager in use, and how many times it was replaced.
+    current: RwLock<(u64, ConnectionManager)>,
+}
+
+impl Redialing {
+    /// Connects lazily (the first command connects), as [`ConnectionManager::new_lazy_with_config`].
+    pub fn new_lazy(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+    ) -> Result<Arc<Self>, redis::RedisError> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Arc::new(Self {
+            client,
+            config,
+            current: RwLock::new((0, manager)),
+        }))
+    }
+
+    /// A handle for commands (cheap; it implements `ConnectionLike`).
+    pub fn connection(self: &Arc<Self>) -> Redialed {
+        let (generation, manager) = match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Redialed {
+            owner: self.clone(),
+            generation,
+            manager,
+        }
+    }
+
+    /// A command on manager `generation` timed out: replace it, unless another caller did.
+    fn redial(&self, generation: u64) {
+        let mut current = match self.current.write() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.0 != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                tracing::warn!("a Redis connection stopped answering; replacing it");
+                *current = (generation + 1, fresh);
+            }
+            Err(error) => tracing::warn!(%error, "could not replace a silent Redis connection"),
+        }
+    }
+}
+
+/// A command handle of a [`Redialing`] connection.
+#[derive(Clone)]
+pub struct Redialed {
+    owner: Arc<Redialing>,
+    generation: u64,
+    manager: ConnectionManager,
+}
+
+impl Redialed {
+    fn after<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(error) = &result
+            && error.is_timeout()
+        {
+            self.owner.redial(self.generation);
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Redialed {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let result = self.manager.req_packed_command(cmd).await;
+            self.after(result)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let result = self
+                .manager
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            self.after(result)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.manager.get_db()
+    }
 }

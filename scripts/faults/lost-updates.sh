@@ -5,9 +5,6 @@
 #
 #   scripts/faults/lost-updates.sh [writes]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/segue-target}"
-export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+source "$(dirname "$0")/env.sh"
 export SEGUE_LOST_UPDATE_WRITES="${1:-10000}"
 cargo test --test api faults::lost_update -- --nocapture 2>&1 | grep -E -A3 '^(lost updates|test |thread)|panicked|left|right'

@@ -8,10 +8,13 @@
 //! such news could be missed, so cached "still live" answers are not trusted then, and are
 //! all dropped when the bus is back.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use moka::future::Cache;
 
 use crate::store::{Store, StoreError, tokens};
@@ -22,11 +25,16 @@ const SESSION_CHECK_TTL: Duration = Duration::from_secs(30);
 /// Sessions remembered at most; beyond this the least recently used are asked again.
 const SESSION_CHECK_CAPACITY: u64 = 100_000;
 
+/// A store lookup of one session, awaited by every request that asked while it ran.
+type Lookup = Shared<BoxFuture<'static, Result<bool, Arc<StoreError>>>>;
+
 /// Cached answers to "has this session been revoked?".
 #[derive(Clone)]
 pub struct Sessions {
     store: Store,
     revoked: Cache<String, bool>,
+    /// Lookups under way, by session.
+    inflight: Arc<std::sync::Mutex<HashMap<String, Lookup>>>,
     /// False while the bus is lost: "still live" answers are then read from the store.
     trusted: Arc<AtomicBool>,
 }
@@ -40,6 +48,7 @@ impl Sessions {
         Self {
             store,
             revoked,
+            inflight: Arc::default(),
             trusted: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -58,21 +67,56 @@ impl Sessions {
         {
             return Ok(revoked);
         }
+        let answer = self.lookup(session).await.map_err(StoreError::Shared)?;
+        // A revocation heard while the lookup was in flight (it may have begun before this
+        // request did) wins over the older "live" it read.
+        if !answer && self.revoked.get(session).await == Some(true) {
+            return Ok(true);
+        }
+        Ok(answer)
+    }
+
+    /// The store's answer for `session`, shared by every request that asks while one lookup
+    /// is in flight: a storm of sockets of one login reconnecting at once costs one query.
+    fn lookup(&self, session: &str) -> Lookup {
+        let Ok(mut inflight) = self.inflight.lock() else {
+            return futures_util::future::ready(Err(Arc::new(StoreError::TaskLost)))
+                .boxed()
+                .shared();
+        };
+        if let Some(running) = inflight.get(session) {
+            return running.clone();
+        }
         let (store, revoked, session) =
             (self.store.clone(), self.revoked.clone(), session.to_owned());
-        let lookup = actix_web::rt::spawn(async move {
-            let mut pooled = store.conn().await?;
-            let answer = tokens::family_revoked(&mut pooled.conn(), &session).await?;
-            if answer {
-                revoked.insert(session, true).await;
-            } else {
-                // A revocation heard while this read was in flight must not be overwritten
-                // by the older "live" the read saw.
-                revoked.entry(session).or_insert(false).await;
+        let (running, key) = (self.inflight.clone(), session.clone());
+        let task = actix_web::rt::spawn(async move {
+            let result = async {
+                let mut pooled = store.conn().await?;
+                let answer = tokens::family_revoked(&mut pooled.conn(), &session).await?;
+                if answer {
+                    revoked.insert(session.clone(), true).await;
+                } else {
+                    // A revocation heard while this read was in flight must not be
+                    // overwritten by the older "live" the read saw.
+                    revoked.entry(session.clone()).or_insert(false).await;
+                }
+                Ok::<_, StoreError>(answer)
             }
-            Ok(answer)
+            .await;
+            if let Ok(mut running) = running.lock() {
+                running.remove(&session);
+            }
+            result.map_err(Arc::new)
         });
-        lookup.await.map_err(|_| StoreError::TaskLost)?
+        let shared = async move {
+            task.await
+                .unwrap_or_else(|_| Err(Arc::new(StoreError::TaskLost)))
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, shared.clone());
+        shared
     }
 
     /// The bus is lost: revocations on other replicas may go unheard.

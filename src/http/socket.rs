@@ -127,7 +127,7 @@ pub async fn upgrade(
         .sightings
         .record(identity.user_id, &device)
         .await
-        .map_err(ApiError::from_shared_store)?;
+        .map_err(crate::store::StoreError::Shared)?;
 
     realtime
         .accept(&req, body, identity, device, client.0, slot)

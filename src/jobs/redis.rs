@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
+
+use crate::redis::{Redialed, Redialing};
 use redis::streams::StreamReadReply;
 use redis::{RedisError, Value as RedisValue};
 use serde_json::Value;
@@ -175,11 +177,12 @@ struct Ack {
 
 struct Inner {
     keys: Keys,
-    /// For every command but the blocking read; reconnects by itself.
-    commands: ConnectionManager,
+    /// For every command but the blocking read; reconnects by itself, and is replaced when a
+    /// command times out (a silent connection).
+    commands: Arc<Redialing>,
     /// Only for the blocking read: a blocked connection serves nothing else, and its
-    /// response timeout must outlast the block.
-    blocking: ConnectionManager,
+    /// response timeout must outlast the block (so a timeout means it went silent).
+    blocking: Arc<Redialing>,
     scripts: Scripts,
     consumer: String,
     handlers: Handlers,
@@ -270,7 +273,7 @@ impl RedisJobs {
         timing: RedisJobSettings,
         metrics: JobMetrics,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), RedisError> {
-        let commands = ConnectionManager::new_lazy_with_config(
+        let commands = Redialing::new_lazy(
             client.clone(),
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -278,7 +281,7 @@ impl RedisJobs {
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_secs(1)),
         )?;
-        let blocking = ConnectionManager::new_lazy_with_config(
+        let blocking = Redialing::new_lazy(
             client,
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -322,8 +325,8 @@ impl RedisJobs {
     }
 
     /// A connection for commands (the scheduler shares it).
-    pub fn connection(&self) -> ConnectionManager {
-        self.inner.commands.clone()
+    pub fn connection(&self) -> Redialed {
+        self.inner.commands.connection()
     }
 
     pub(super) async fn enqueue_value(
@@ -356,7 +359,7 @@ impl RedisJobs {
             .arg(delay_ms)
             .arg(IDEMPOTENCY_TTL.as_secs())
             .arg(if idempotency.is_some() { "1" } else { "0" })
-            .invoke_async(&mut self.inner.commands.clone())
+            .invoke_async(&mut self.inner.commands.connection())
             .await?;
         if id.is_some() {
             self.inner
@@ -383,7 +386,7 @@ impl RedisJobs {
             .arg("+")
             .arg("COUNT")
             .arg(limit)
-            .query_async(&mut self.inner.commands.clone())
+            .query_async(&mut self.inner.commands.connection())
             .await?;
         Ok(entries
             .into_iter()
@@ -438,7 +441,7 @@ impl RedisJobs {
             .arg(dead.id)
             .arg(&dead.kind)
             .arg(payload)
-            .invoke_async(&mut self.inner.commands.clone())
+            .invoke_async(&mut self.inner.commands.connection())
             .await?;
         Ok(moved == 1)
     }
@@ -450,7 +453,7 @@ impl RedisJobs {
         let deleted: u32 = redis::cmd("XDEL")
             .arg(&self.inner.keys.dead)
             .arg(entry_id)
-            .query_async(&mut self.inner.commands.clone())
+            .query_async(&mut self.inner.commands.connection())
             .await?;
         Ok(deleted == 1)
     }
@@ -530,7 +533,7 @@ async fn hand_back(inner: &Arc<Inner>) {
             .arg(&inner.consumer)
             .arg(u64::try_from(inner.timing.visibility.as_millis()).unwrap_or(u64::MAX))
             .arg(&ids)
-            .invoke_async(&mut inner.commands.clone())
+            .invoke_async(&mut inner.commands.connection())
             .await;
         match handed {
             Ok(n) => tracing::info!(handed = n, "jobs: handed back entries not started"),
@@ -547,7 +550,7 @@ async fn hand_back(inner: &Arc<Inner>) {
 /// Creates the consumer group on every stream (and the streams), starting from their first
 /// entry so that jobs enqueued before any worker ran are not skipped.
 async fn ensure_groups(inner: &Inner) -> Result<(), RedisError> {
-    let mut conn = inner.commands.clone();
+    let mut conn = inner.commands.connection();
     for queue in &inner.keys.queues {
         let created: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -695,7 +698,7 @@ async fn read(
     permits: &mut Vec<OwnedSemaphorePermit>,
 ) -> Result<Vec<Entry>, RedisError> {
     let count = permits.len();
-    let mut conn = inner.commands.clone();
+    let mut conn = inner.commands.connection();
     for priority in fetch_order() {
         let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
@@ -715,7 +718,7 @@ async fn read(
         }
     }
     permits.truncate(1);
-    let mut blocking = inner.blocking.clone();
+    let mut blocking = inner.blocking.connection();
     let mut stop = inner.stop.subscribe();
     let read = redis::cmd("XREADGROUP")
         .arg("GROUP")
@@ -837,7 +840,7 @@ async fn settle(inner: &Inner, entry: &Entry, outcome: Result<(), Failure>) {
             .arg(entry.priority.index())
             .arg(entry.priority.name())
             .arg(&inner.consumer)
-            .invoke_async(&mut inner.commands.clone())
+            .invoke_async(&mut inner.commands.connection())
             .await;
         match settled {
             Ok(_) => return,
@@ -891,7 +894,10 @@ async fn acknowledge(inner: Arc<Inner>, mut acks: mpsc::UnboundedReceiver<Ack>) 
                 pipe.cmd("XDEL").arg(queue).arg(&ids).ignore();
             }
         }
-        match pipe.query_async::<()>(&mut inner.commands.clone()).await {
+        match pipe
+            .query_async::<()>(&mut inner.commands.connection())
+            .await
+        {
             Ok(()) => batch.clear(),
             Err(error) => {
                 tracing::warn!(%error, pending = batch.len(), "jobs: acknowledging failed; trying again");
@@ -927,7 +933,7 @@ async fn keep_leases(inner: Arc<Inner>) {
                 .key(inner.keys.queue(priority))
                 .arg(&inner.consumer)
                 .arg(&ids)
-                .invoke_async(&mut inner.commands.clone())
+                .invoke_async(&mut inner.commands.connection())
                 .await;
             if let Err(error) = renewed {
                 tracing::warn!(%error, "jobs: renewing leases failed");
@@ -947,7 +953,7 @@ async fn promote(inner: Arc<Inner>) {
             .key(&inner.keys.queues)
             .key(&inner.keys.dead)
             .arg(PROMOTE_BATCH)
-            .invoke_async(&mut inner.commands.clone())
+            .invoke_async(&mut inner.commands.connection())
             .await;
         let pause = match moved {
             Ok(n) if n >= PROMOTE_BATCH => Duration::ZERO,
@@ -992,7 +998,7 @@ async fn reclaim(inner: &Arc<Inner>) -> Result<usize, RedisError> {
                 .arg(RECLAIM_BATCH)
                 .arg(inner.settings.max_attempts)
                 .arg(priority.name())
-                .invoke_async(&mut inner.commands.clone())
+                .invoke_async(&mut inner.commands.connection())
                 .await;
             let (next, batch, dead_kinds) = match reclaimed {
                 Ok(reclaimed) => reclaimed,
@@ -1111,7 +1117,7 @@ async fn sweep(inner: Arc<Inner>) {
             .key(&inner.keys.queues)
             .arg(u64::try_from(FORGET_CONSUMERS_AFTER.as_millis()).unwrap_or(u64::MAX))
             .arg(&inner.consumer)
-            .invoke_async(&mut inner.commands.clone())
+            .invoke_async(&mut inner.commands.connection())
             .await;
         if let Err(error) = forgot {
             tracing::debug!(%error, "jobs: forgetting departed consumers failed");
@@ -1136,7 +1142,7 @@ async fn status(inner: &Inner) -> Result<Status, JobsError> {
     pipe.cmd("GET").arg(&keys.leader);
     // XPENDING on a stream without the group yet is an error: make them first.
     ensure_groups(inner).await?;
-    let replies: Vec<RedisValue> = pipe.query_async(&mut inner.commands.clone()).await?;
+    let replies: Vec<RedisValue> = pipe.query_async(&mut inner.commands.connection()).await?;
     let number = |v: Option<&RedisValue>| -> u64 {
         v.and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
             .unwrap_or(0)

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis::Redialed;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -208,7 +208,7 @@ enum Lease {
     /// In process: always the leader, ticks remembered here.
     Local { last: HashMap<String, i64> },
     Redis {
-        conn: ConnectionManager,
+        conn: Redialed,
         keys: super::redis::Keys,
         token: String,
         scripts: Arc<LeaseScripts>,

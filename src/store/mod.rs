@@ -91,6 +91,9 @@ pub enum StoreError {
     /// A transaction's own check refused what it was about to commit (rolled back).
     #[error("refused by a check inside the transaction")]
     Refused,
+    /// One failure that several callers share (their requests waited on one lookup).
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 impl StoreError {
@@ -99,6 +102,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Unavailable(_) | Self::Unresponsive(_) => true,
+            Self::Shared(inner) => inner.is_unavailable(),
             Self::Query(DieselError::BrokenTransactionManager) => true,
             Self::Query(DieselError::DatabaseError(kind, info)) => match kind {
                 // The connection died under the query (the server went away, or its reply

@@ -199,10 +199,26 @@ async fn stalled_sockets_under_fan_out_are_closed_and_give_back_their_descriptor
     let reading = {
         let heard = heard.clone();
         tokio::spawn(async move {
-            // Ends when the socket closes (or is aborted at the end).
-            while let Some(frame) = reader.next_within(Duration::from_secs(3_600)).await {
-                if frame[3] == "blob" {
-                    heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Ends when the socket closes (or is aborted at the end). It heartbeats as a
+            // client does, or the hub would close it as idle after a minute.
+            let mut beat = std::time::Instant::now();
+            loop {
+                if beat.elapsed() > Duration::from_secs(20) {
+                    beat = std::time::Instant::now();
+                    let frame = json!([null, "hb", "phoenix", "heartbeat", {}]).to_string();
+                    if !reader.try_send_text(&frame).await {
+                        break;
+                    }
+                }
+                let asked = std::time::Instant::now();
+                match reader.next_within(Duration::from_secs(5)).await {
+                    Some(frame) if frame[3] == "blob" => {
+                        heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Some(_) => {}
+                    // Nothing before the wait ran out, or closed (then at once).
+                    None if asked.elapsed() < Duration::from_secs(4) => break,
+                    None => {}
                 }
             }
         })

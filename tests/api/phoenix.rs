@@ -210,6 +210,19 @@ impl PhxClient {
         false
     }
 
+    /// The next text frame as sent, unparsed (frames kept by other readers are not looked
+    /// at), or `None` when nothing arrives within `wait` or the socket closed.
+    pub async fn next_text_within(&mut self, wait: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => return Some(text.as_str().to_owned()),
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => return None,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     /// The next frame (kept ones first), or `None` when nothing arrives within `wait` or the
     /// socket closed.
     pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {

@@ -78,7 +78,8 @@ async fn join(url: &str, topic: &str) -> Result<Socket, String> {
             return if text.contains(r#""status":"ok""#) {
                 Ok(ws)
             } else {
-                Err(format!("join refused: {text}"))
+                let reply: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                Err(format!("join refused: {}", reply[4]["response"]["reason"]))
             };
         }
     }
