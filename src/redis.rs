@@ -63,16 +63,20 @@ impl Redialing {
         }))
     }
 
-    /// A handle for commands (cheap; it implements `ConnectionLike`).
+    /// A handle for commands (cheap; it implements `ConnectionLike`). Each command runs on
+    /// the manager current at the time, so a handle kept for long (the scheduler's) moves on
+    /// with the replacements.
     pub fn connection(self: &Arc<Self>) -> Redialed {
-        let (generation, manager) = match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
         Redialed {
             owner: self.clone(),
-            generation,
-            manager,
+        }
+    }
+
+    /// The manager in use and its generation.
+    fn current(&self) -> (u64, ConnectionManager) {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
@@ -99,16 +103,14 @@ impl Redialing {
 #[derive(Clone)]
 pub struct Redialed {
     owner: Arc<Redialing>,
-    generation: u64,
-    manager: ConnectionManager,
 }
 
 impl Redialed {
-    fn after<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+    fn after<T>(&self, generation: u64, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if let Err(error) = &result
             && error.is_timeout()
         {
-            self.owner.redial(self.generation);
+            self.owner.redial(generation);
         }
         result
     }
@@ -117,8 +119,9 @@ impl Redialed {
 impl ConnectionLike for Redialed {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
         Box::pin(async move {
-            let result = self.manager.req_packed_command(cmd).await;
-            self.after(result)
+            let (generation, mut manager) = self.owner.current();
+            let result = manager.req_packed_command(cmd).await;
+            self.after(generation, result)
         })
     }
 
@@ -129,15 +132,13 @@ impl ConnectionLike for Redialed {
         count: usize,
     ) -> RedisFuture<'a, Vec<redis::Value>> {
         Box::pin(async move {
-            let result = self
-                .manager
-                .req_packed_commands(pipeline, offset, count)
-                .await;
-            self.after(result)
+            let (generation, mut manager) = self.owner.current();
+            let result = manager.req_packed_commands(pipeline, offset, count).await;
+            self.after(generation, result)
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.manager.get_db()
+        self.owner.current().1.get_db()
     }
 }

@@ -33,8 +33,10 @@ type Lookup = Shared<BoxFuture<'static, Result<bool, Arc<StoreError>>>>;
 pub struct Sessions {
     store: Store,
     revoked: Cache<String, bool>,
-    /// Lookups under way, by session.
-    inflight: Arc<std::sync::Mutex<HashMap<String, Lookup>>>,
+    /// Lookups under way, by session, each with its number (so that only it removes itself).
+    inflight: Arc<std::sync::Mutex<HashMap<String, (u64, Lookup)>>>,
+    /// Lookups started so far.
+    lookups: Arc<std::sync::atomic::AtomicU64>,
     /// False while the bus is lost: "still live" answers are then read from the store.
     trusted: Arc<AtomicBool>,
 }
@@ -49,6 +51,7 @@ impl Sessions {
             store,
             revoked,
             inflight: Arc::default(),
+            lookups: Arc::default(),
             trusted: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -78,44 +81,50 @@ impl Sessions {
 
     /// The store's answer for `session`, shared by every request that asks while one lookup
     /// is in flight: a storm of sockets of one login reconnecting at once costs one query.
+    /// The lookup leaves the in-flight map when it ends, however it ends (a panicked or
+    /// cancelled task included), so the next request asks the store afresh.
     fn lookup(&self, session: &str) -> Lookup {
-        let Ok(mut inflight) = self.inflight.lock() else {
-            return futures_util::future::ready(Err(Arc::new(StoreError::TaskLost)))
-                .boxed()
-                .shared();
-        };
-        if let Some(running) = inflight.get(session) {
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, running)) = inflight.get(session) {
             return running.clone();
         }
-        let (store, revoked, session) =
-            (self.store.clone(), self.revoked.clone(), session.to_owned());
-        let (running, key) = (self.inflight.clone(), session.clone());
+        let (store, revoked, key) = (self.store.clone(), self.revoked.clone(), session.to_owned());
         let task = actix_web::rt::spawn(async move {
-            let result = async {
-                let mut pooled = store.conn().await?;
-                let answer = tokens::family_revoked(&mut pooled.conn(), &session).await?;
-                if answer {
-                    revoked.insert(session.clone(), true).await;
-                } else {
-                    // A revocation heard while this read was in flight must not be
-                    // overwritten by the older "live" the read saw.
-                    revoked.entry(session.clone()).or_insert(false).await;
-                }
-                Ok::<_, StoreError>(answer)
+            let mut pooled = store.conn().await?;
+            let answer = tokens::family_revoked(&mut pooled.conn(), &key).await?;
+            if answer {
+                revoked.insert(key, true).await;
+            } else {
+                // A revocation heard while this read was in flight must not be overwritten
+                // by the older "live" the read saw.
+                revoked.entry(key).or_insert(false).await;
             }
-            .await;
-            if let Ok(mut running) = running.lock() {
-                running.remove(&session);
-            }
-            result.map_err(Arc::new)
+            Ok::<_, StoreError>(answer)
         });
+        let id = self.lookups.fetch_add(1, Ordering::Relaxed);
+        let (map, key) = (self.inflight.clone(), session.to_owned());
         let shared = async move {
-            task.await
-                .unwrap_or_else(|_| Err(Arc::new(StoreError::TaskLost)))
+            let result = match task.await {
+                Ok(answer) => answer.map_err(Arc::new),
+                Err(_) => Err(Arc::new(StoreError::TaskLost)),
+            };
+            let mut inflight = map
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if inflight
+                .get(&key)
+                .is_some_and(|(running, _)| *running == id)
+            {
+                inflight.remove(&key);
+            }
+            result
         }
         .boxed()
         .shared();
-        inflight.insert(key, shared.clone());
+        inflight.insert(session.to_owned(), (id, shared.clone()));
         shared
     }
 

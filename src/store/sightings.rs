@@ -7,7 +7,7 @@
 //! the statement that carried its sighting: a socket still opens only once its device is
 //! stored, and a failed statement fails every upgrade it carried (503 when the store is away).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -50,9 +50,25 @@ impl Sightings {
                         Err(_) => break,
                     }
                 }
-                let outcome = write(&store, &batch).await.map_err(Arc::new);
-                for sighting in batch {
-                    let _ = sighting.done.send(outcome.clone());
+                // Upgrades given up meanwhile (their client left) need no sighting.
+                batch.retain(|sighting| !sighting.done.is_closed());
+                if batch.is_empty() {
+                    continue;
+                }
+                match guarded_write(&store, &batch).await {
+                    Ok(()) => answer(batch, &Ok(())),
+                    // The store is away: every upgrade of the batch would have failed alike.
+                    Err(error) if error.is_unavailable() || batch.len() == 1 => {
+                        answer(batch, &Err(error));
+                    }
+                    // One bad row must not fail the others: each on its own, then.
+                    Err(_) => {
+                        for sighting in batch {
+                            let outcome =
+                                guarded_write(&store, std::slice::from_ref(&sighting)).await;
+                            answer(vec![sighting], &outcome);
+                        }
+                    }
                 }
             }
         });
@@ -77,11 +93,30 @@ impl Sightings {
     }
 }
 
+fn answer(batch: Vec<Sighting>, outcome: &Recorded) {
+    for sighting in batch {
+        let _ = sighting.done.send(outcome.clone());
+    }
+}
+
+/// [`write`], with a panic in it answered as an error (the writer goes on serving).
+async fn guarded_write(store: &Store, batch: &[Sighting]) -> Recorded {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(write(store, batch))
+        .catch_unwind()
+        .await
+    {
+        Ok(written) => written.map_err(Arc::new),
+        Err(_) => Err(Arc::new(StoreError::TaskLost)),
+    }
+}
+
 /// One upsert for the batch; a device seen twice in it is written once, as last seen (one
-/// statement may not change a row twice).
+/// statement may not change a row twice). Rows go in key order, so that two replicas writing
+/// overlapping batches lock them in the same order (no deadlock).
 async fn write(store: &Store, batch: &[Sighting]) -> Result<(), StoreError> {
     let now = super::now();
-    let mut latest: HashMap<(i64, &str), &Device> = HashMap::with_capacity(batch.len());
+    let mut latest: BTreeMap<(i64, &str), &Device> = BTreeMap::new();
     for sighting in batch {
         latest.insert(
             (sighting.user.0, sighting.device.id.as_str()),

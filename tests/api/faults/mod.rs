@@ -192,8 +192,9 @@ pub async fn link_devices(
     (devices, earlier)
 }
 
-/// A [`Device`] reading its pushes in the background, as a client does while others write
-/// (the hub closes a socket that stops reading); [`Following::stop`] hands it back.
+/// A [`Device`] reading its pushes in the background and heartbeating, as a client does
+/// while others write (the hub closes a socket that stops reading, or that is silent for a
+/// minute); [`Following::stop`] hands it back.
 pub struct Following {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<Device>,
@@ -220,7 +221,13 @@ impl Device {
                 revision: Option<i64>,
             }
             let mut last = None;
+            // It heartbeats as a client does (the hub closes a socket idle for a minute).
+            let mut beat = Instant::now();
             while !stopping.load(Ordering::Acquire) {
+                if beat.elapsed() > Duration::from_secs(20) {
+                    beat = Instant::now();
+                    self.heartbeat().await;
+                }
                 let Some(text) = self
                     .socket
                     .next_text_within(Duration::from_millis(200))
