@@ -37,6 +37,10 @@ pub struct Sessions {
     inflight: Arc<std::sync::Mutex<HashMap<String, (u64, Lookup)>>>,
     /// Lookups started so far.
     lookups: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped whenever the bus is lost or back: a lookup that read before then does not
+    /// cache its "live" (it may predate a revocation whose notice was missed, in a cache
+    /// that was emptied after the read).
+    epoch: Arc<std::sync::atomic::AtomicU64>,
     /// False while the bus is lost: "still live" answers are then read from the store.
     trusted: Arc<AtomicBool>,
 }
@@ -52,6 +56,7 @@ impl Sessions {
             revoked,
             inflight: Arc::default(),
             lookups: Arc::default(),
+            epoch: Arc::default(),
             trusted: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -92,16 +97,19 @@ impl Sessions {
             return running.clone();
         }
         let (store, revoked, key) = (self.store.clone(), self.revoked.clone(), session.to_owned());
+        let (epochs, started) = (self.epoch.clone(), self.epoch.load(Ordering::Acquire));
         let task = actix_web::rt::spawn(async move {
             let mut pooled = store.conn().await?;
             let answer = tokens::family_revoked(&mut pooled.conn(), &key).await?;
             if answer {
                 revoked.insert(key, true).await;
-            } else {
+            } else if epochs.load(Ordering::Acquire) == started {
                 // A revocation heard while this read was in flight must not be overwritten
                 // by the older "live" the read saw.
                 revoked.entry(key).or_insert(false).await;
             }
+            // Else the bus went or came back meanwhile (a revocation may have been missed
+            // and the cache emptied since this read): its "live" is not kept.
             Ok::<_, StoreError>(answer)
         });
         let id = self.lookups.fetch_add(1, Ordering::Relaxed);
@@ -131,11 +139,13 @@ impl Sessions {
     /// The bus is lost: revocations on other replicas may go unheard.
     pub fn distrust_cache(&self) {
         self.trusted.store(false, Ordering::Release);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The bus is back: forget every cached answer (some revocation may have been missed),
     /// then trust the cache again.
     pub fn trust_cache_again(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.revoked.invalidate_all();
         self.trusted.store(true, Ordering::Release);
     }
