@@ -197,9 +197,18 @@ impl Queues {
     }
 
     /// The user's queue (revision 0 and an empty state for a user without one).
+    ///
+    /// A queue served from the cache keeps answering while the store is away: tracks that
+    /// cannot be read then are left out and the view says `tracks_incomplete`.
     pub async fn read(&self, user: UserId) -> Result<QueueView, QueueError> {
         let current = self.current(user).await?;
-        self.view(current.state.clone(), current.revision).await
+        match self.view(current.state.clone(), current.revision).await {
+            Err(QueueError::Store(error)) if error.is_unavailable() => {
+                tracing::debug!(%error, %user, "tracks unreadable; serving the cached ones");
+                Ok(self.cached_view(current.state.clone(), current.revision))
+            }
+            other => other,
+        }
     }
 
     /// The cached queue, or the store's (cached when this replica hears the user's channel).
@@ -685,21 +694,27 @@ impl Queues {
             Ok(view) => view,
             Err(error) => {
                 tracing::warn!(%error, revision, "tracks of a stored queue could not be read; using the cached ones");
-                let mut tracks = Vec::with_capacity(state.track_ids.len());
-                let mut tracks_incomplete = false;
-                for id in &state.track_ids {
-                    match self.inner.tracks.get(id) {
-                        Some(track) => tracks.push(track),
-                        None => tracks_incomplete |= !self.inner.unknown_tracks.contains_key(id),
-                    }
-                }
-                QueueView {
-                    tracks,
-                    tracks_incomplete,
-                    state,
-                    revision,
-                }
+                self.cached_view(state, revision)
             }
+        }
+    }
+
+    /// `state` with the tracks this replica has cached; `tracks_incomplete` when some of its
+    /// ids are neither cached nor known to be missing from the catalog.
+    fn cached_view(&self, state: QueueState, revision: i64) -> QueueView {
+        let mut tracks = Vec::with_capacity(state.track_ids.len());
+        let mut tracks_incomplete = false;
+        for id in &state.track_ids {
+            match self.inner.tracks.get(id) {
+                Some(track) => tracks.push(track),
+                None => tracks_incomplete |= !self.inner.unknown_tracks.contains_key(id),
+            }
+        }
+        QueueView {
+            tracks,
+            tracks_incomplete,
+            state,
+            revision,
         }
     }
 
