@@ -67,8 +67,9 @@ pub struct QueueView {
     pub revision: i64,
     pub tracks: Vec<TrackView>,
     /// Set (and sent, as `"tracks_incomplete": true`) when some tracks could not be read: a
-    /// write that committed as the store went away is pushed with the tracks this replica had
-    /// cached. Missing ones are then not in the catalog's absence, only unread.
+    /// cached queue read, or a write that committed, as the store went away is served with the
+    /// tracks this replica had cached. Missing ones are then not known to be absent from the
+    /// catalog, only unread.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tracks_incomplete: bool,
 }

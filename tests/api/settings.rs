@@ -86,6 +86,14 @@ fn a_bad_value_stops_start_up_naming_the_setting() {
             "SEGUE_SCHEDULER_LEASE_MS",
         ),
         (("SEGUE_ADMIN_TOKEN", "short"), "SEGUE_ADMIN_TOKEN"),
+        (
+            ("SEGUE_TCP_SEND_BUFFER_BYTES", "100"),
+            "SEGUE_TCP_SEND_BUFFER_BYTES",
+        ),
+        (
+            ("SEGUE_TCP_SEND_BUFFER_BYTES", "lots"),
+            "SEGUE_TCP_SEND_BUFFER_BYTES",
+        ),
         (("S3_BUCKET", "artwork"), "S3_ACCESS_KEY_ID"),
     ];
     for ((key, value), named) in cases {

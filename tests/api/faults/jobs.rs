@@ -12,16 +12,33 @@ use crate::jobs_cluster::{Cluster, metric, pending, status};
 const PROBES: u32 = 600;
 const WORK_MS: u64 = 100;
 
+/// Two replicas' cluster whose jobs run ten at a time per replica (so the probes take 3 s in
+/// all, longer than the faults), on the Redis at `redis` (else the shared one).
+async fn cluster(redis: Option<&str>) -> Cluster {
+    let mut extra = vec![("SEGUE_JOBS_CONCURRENCY", "10")];
+    if let Some(url) = redis {
+        extra.push(("REDIS_URL", url));
+    }
+    Cluster::new(&extra).await
+}
+
+/// Waits until every probe of `ids` has its effect (none acknowledged is lost); how many runs
+/// there were beyond one each (delivery is at least once).
+async fn all_done_once_or_more(cluster: &Cluster, ids: &[i64]) -> i32 {
+    let runs = cluster.all_probes_done(ids, Duration::from_secs(60)).await;
+    assert_eq!(
+        runs.len(),
+        ids.len(),
+        "every acknowledged job had its effect"
+    );
+    runs.values().map(|n| n - 1).sum()
+}
+
 #[actix_web::test]
 async fn jobs_in_flight_survive_redis_hanging_losing_its_clients_and_being_killed() {
     let mut redis = PrivateRedis::start_durable();
     let url = redis.url();
-    // Ten at a time per replica: the probes take 3 s in all, longer than the faults.
-    let cluster = Cluster::new(&[
-        ("REDIS_URL", url.as_str()),
-        ("SEGUE_JOBS_CONCURRENCY", "10"),
-    ])
-    .await;
+    let cluster = cluster(Some(&url)).await;
     let a = cluster.hub().await;
     let b = cluster.hub().await;
     let ids = cluster.probes(&a, PROBES, WORK_MS).await;
@@ -59,14 +76,8 @@ async fn jobs_in_flight_survive_redis_hanging_losing_its_clients_and_being_kille
         "the faults came too late: every probe was done before the kill"
     );
 
-    let runs = cluster.all_probes_done(&ids, Duration::from_secs(60)).await;
+    let duplicates = all_done_once_or_more(&cluster, &ids).await;
     let finished = restarted.elapsed();
-    assert_eq!(
-        runs.len(),
-        ids.len(),
-        "every acknowledged job had its effect"
-    );
-    let duplicates: i32 = runs.values().map(|n| n - 1).sum();
     let deadline = Instant::now() + Duration::from_secs(15);
     for hub in [&a, &b] {
         while pending(&status(hub).await) > 0 {
@@ -99,11 +110,7 @@ async fn jobs_carry_on_after_the_link_to_redis_went_silent() {
     let redis = PrivateRedis::start_durable();
     let link = super::proxy::Link::start(([127, 0, 0, 1], redis.port).into());
     let url = link.redis_url();
-    let cluster = Cluster::new(&[
-        ("REDIS_URL", url.as_str()),
-        ("SEGUE_JOBS_CONCURRENCY", "10"),
-    ])
-    .await;
+    let cluster = cluster(Some(&url)).await;
     let a = cluster.hub().await;
     let b = cluster.hub().await;
     let ids = cluster.probes(&a, PROBES, WORK_MS).await;
@@ -117,14 +124,8 @@ async fn jobs_carry_on_after_the_link_to_redis_went_silent() {
         done_when_silenced < ids.len(),
         "the fault came too late: every probe was done"
     );
-    let runs = cluster.all_probes_done(&ids, Duration::from_secs(60)).await;
+    let duplicates = all_done_once_or_more(&cluster, &ids).await;
     let finished = healed.elapsed();
-    assert_eq!(
-        runs.len(),
-        ids.len(),
-        "every acknowledged job had its effect"
-    );
-    let duplicates: i32 = runs.values().map(|n| n - 1).sum();
     println!(
         "fault jobs, link to Redis silent 2 s: {done_when_silenced} of {PROBES} probes done when \
          it healed, all done {} ms later, 0 lost, {duplicates} run twice",
@@ -139,7 +140,7 @@ async fn jobs_carry_on_after_the_link_to_redis_went_silent() {
 #[actix_web::test]
 async fn jobs_of_a_paused_replica_are_reclaimed_and_none_is_lost() {
     use crate::jobs_cluster::signal;
-    let cluster = Cluster::new(&[("SEGUE_JOBS_CONCURRENCY", "10")]).await;
+    let cluster = cluster(None).await;
     let paused = cluster.hub().await;
     let ids = cluster.probes(&paused, 100, 300).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -158,13 +159,7 @@ async fn jobs_of_a_paused_replica_are_reclaimed_and_none_is_lost() {
     let reclaimed_after = stopped.elapsed();
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(stopped.elapsed())).await;
     signal(&paused, "CONT");
-    let runs = cluster.all_probes_done(&ids, Duration::from_secs(60)).await;
-    assert_eq!(
-        runs.len(),
-        ids.len(),
-        "every acknowledged job had its effect"
-    );
-    let duplicates: i32 = runs.values().map(|n| n - 1).sum();
+    let duplicates = all_done_once_or_more(&cluster, &ids).await;
     println!(
         "fault jobs, replica paused 5 s: the other reclaimed its jobs {} ms after the pause; all \
          100 done, 0 lost, {duplicates} run twice",
